@@ -1,0 +1,6 @@
+//! Parley: a secure office phone system (IP PBX) in one binary.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the layers and the path
+//! of a request through them.
+
+pub mod sip;

@@ -1,0 +1,195 @@
+//! Lexical helpers shared by the header and URI parsers (RFC 3261 §25.1).
+//!
+//! Everything here works on borrowed `&str` slices and never panics: every
+//! index comes from `find`/`char_indices` on the same string.
+
+/// `token` characters of RFC 3261 §25.1.
+pub fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
+}
+
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(is_token_byte)
+}
+
+/// Linear white space after unfolding: only SP and HT remain.
+pub fn trim_lws(s: &str) -> &str {
+    s.trim_matches(|c| c == ' ' || c == '\t')
+}
+
+/// Splits `s` at top-level occurrences of `sep`: separators inside a quoted
+/// string (with `\` escapes) or inside `<...>` do not count.
+pub fn split_top_level(s: &str, sep: u8) -> SplitTopLevel<'_> {
+    SplitTopLevel { rest: Some(s), sep }
+}
+
+pub struct SplitTopLevel<'a> {
+    rest: Option<&'a str>,
+    sep: u8,
+}
+
+impl<'a> Iterator for SplitTopLevel<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let s = self.rest?;
+        match find_top_level(s, self.sep) {
+            Some(i) => {
+                self.rest = Some(&s[i + 1..]);
+                Some(&s[..i])
+            }
+            None => {
+                self.rest = None;
+                Some(s)
+            }
+        }
+    }
+}
+
+/// Position of the first top-level `sep` in `s` (see [`split_top_level`]).
+pub fn find_top_level(s: &str, sep: u8) -> Option<usize> {
+    let bytes = s.as_bytes();
+    let mut in_quotes = false;
+    let mut in_angle = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_quotes {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_quotes = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_quotes = true,
+                b'<' => in_angle = true,
+                b'>' => in_angle = false,
+                _ if b == sep && !in_angle => return Some(i),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Removes the quotes and `\` escapes of a quoted-string. Returns `None` for
+/// an unterminated string. Borrowed when there is nothing to unescape.
+pub fn unquote(s: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let s = trim_lws(s);
+    let Some(inner) = s.strip_prefix('"') else {
+        return Some(s.into());
+    };
+    let inner = inner.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(inner.into());
+    }
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            out.push(chars.next()?);
+        } else {
+            out.push(c);
+        }
+    }
+    Some(out.into())
+}
+
+/// Writes `s` as a quoted-string, escaping `"` and `\`.
+pub fn quote_into(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// One `name[=value]` parameter from a `;`-separated list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Param<'a> {
+    pub name: &'a str,
+    pub value: Option<&'a str>,
+}
+
+/// Iterates the parameters of `;a=b;c` (the leading `;` is optional).
+/// Values keep their quotes; use [`unquote`] where the grammar allows them.
+pub fn params(s: &str) -> impl Iterator<Item = Param<'_>> {
+    split_top_level(s, b';').filter_map(|p| {
+        let p = trim_lws(p);
+        if p.is_empty() {
+            return None;
+        }
+        Some(match p.split_once('=') {
+            Some((n, v)) => Param {
+                name: trim_lws(n),
+                value: Some(trim_lws(v)),
+            },
+            None => Param {
+                name: p,
+                value: None,
+            },
+        })
+    })
+}
+
+/// Looks up one parameter by case-insensitive name. `Some(None)` means the
+/// parameter is present without a value (`;lr`).
+pub fn param<'a>(s: &'a str, name: &str) -> Option<Option<&'a str>> {
+    params(s)
+        .find(|p| p.name.eq_ignore_ascii_case(name))
+        .map(|p| p.value)
+}
+
+/// Parses a decimal number of at most `max_digits` digits, with no sign and
+/// no surrounding junk.
+pub fn parse_decimal_u32(s: &str, max_digits: usize) -> Option<u32> {
+    let s = trim_lws(s);
+    if s.is_empty() || s.len() > max_digits || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_ignores_separators_in_quotes_and_angles() {
+        let parts: Vec<_> =
+            split_top_level(r#""a, \"b\"" <sip:x;y,z>;p=1, <sip:w>"#, b',').collect();
+        assert_eq!(parts, vec![r#""a, \"b\"" <sip:x;y,z>;p=1"#, " <sip:w>"]);
+    }
+
+    #[test]
+    fn unquote_handles_escapes_and_rejects_unterminated() {
+        assert_eq!(unquote(r#""a\"b\\c""#).unwrap(), "a\"b\\c");
+        assert_eq!(unquote("plain").unwrap(), "plain");
+        assert!(unquote("\"open").is_none());
+        let mut q = String::new();
+        quote_into(&mut q, "a\"b\\c");
+        assert_eq!(unquote(&q).unwrap(), "a\"b\\c");
+    }
+
+    #[test]
+    fn params_are_case_insensitive_and_valueless_allowed() {
+        let p = ";Branch=z9hG4bK1; rport ;received=1.2.3.4";
+        assert_eq!(param(p, "branch"), Some(Some("z9hG4bK1")));
+        assert_eq!(param(p, "rport"), Some(None));
+        assert_eq!(param(p, "maddr"), None);
+    }
+
+    #[test]
+    fn decimal_is_bounded() {
+        assert_eq!(parse_decimal_u32(" 42 ", 10), Some(42));
+        assert_eq!(parse_decimal_u32("99999999999", 10), None);
+        assert_eq!(parse_decimal_u32("4294967296", 10), None);
+        assert_eq!(parse_decimal_u32("-1", 10), None);
+        assert_eq!(parse_decimal_u32("", 10), None);
+    }
+}
