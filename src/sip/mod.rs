@@ -4,3 +4,5 @@
 
 pub mod message;
 pub mod stream;
+pub mod transaction;
+pub mod transport;

@@ -1,0 +1,715 @@
+//! The transaction layer of RFC 3261 §17 (with RFC 6026's fixes for 2xx),
+//! sans-IO: requests and responses come in with the time, and what must be
+//! sent and when to wake up next go out through `poll_transmit` and
+//! `poll_timeout`, the shape quinn-proto uses.
+//!
+//! Server transactions absorb request retransmissions and repeat the last
+//! response; client transactions retransmit over UDP until answered. Over
+//! TCP and TLS nothing is retransmitted and the wait states last zero time.
+//!
+//! State is bounded: at most [`MAX_SERVER_TRANSACTIONS`] server
+//! transactions exist. When the table is full, the oldest transaction that
+//! has already sent its final response (and only waits to absorb
+//! retransmissions) is dropped early; if none can be dropped, the layer
+//! refuses the new request and the caller answers `503`.
+
+#[cfg(test)]
+mod tests;
+mod timer;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use slab::Slab;
+
+use timer::{Side, TimerEntry, TimerHeap};
+pub use timer::{TimerConfig, TimerKind};
+
+use super::message::{HeaderName, Message, MessageBuilder, Method};
+use super::transport::Flow;
+
+/// Most server transactions alive at once.
+pub const MAX_SERVER_TRANSACTIONS: usize = 65_536;
+/// Most client transactions alive at once.
+pub const MAX_CLIENT_TRANSACTIONS: usize = 65_536;
+
+/// Handle to a server transaction, valid until it terminates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServerTxId {
+    idx: usize,
+    uid: u64,
+}
+
+/// Handle to a client transaction, valid until it terminates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientTxId {
+    idx: usize,
+    uid: u64,
+}
+
+/// What the transaction layer hands to its user (the registrar, the call
+/// logic): everything that is not a retransmission.
+#[derive(Debug)]
+pub enum TuInput {
+    /// A new request, with the server transaction that will carry the answer.
+    Request {
+        tx: ServerTxId,
+        msg: Message,
+        flow: Flow,
+    },
+    /// An ACK that matched no transaction: the ACK for a 2xx, which
+    /// belongs to the dialog, not to the INVITE transaction.
+    Ack { msg: Message, flow: Flow },
+    /// A response for one of our client transactions (retransmissions of a
+    /// final non-2xx response are absorbed).
+    Response {
+        tx: ClientTxId,
+        msg: Message,
+        flow: Flow,
+    },
+    /// A response that matched no client transaction, such as a 2xx
+    /// retransmitted after Timer M; the dialog layer may still want it.
+    StrayResponse { msg: Message, flow: Flow },
+    /// Timer B or F fired: the peer never answered.
+    ClientTimeout { tx: ClientTxId },
+    /// Timer H fired: our final response to an INVITE was never acknowledged.
+    ServerNoAck { tx: ServerTxId },
+}
+
+/// Bytes to send on a flow.
+#[derive(Debug, Clone)]
+pub struct Transmit {
+    pub flow: Flow,
+    pub bytes: Bytes,
+}
+
+/// Why a request could not get a server transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TxError {
+    #[error("request has no usable Via or CSeq")]
+    Unmatchable,
+    #[error("transaction table full")]
+    Overloaded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerState {
+    Trying,
+    Proceeding,
+    Completed,
+    Confirmed,
+    Accepted,
+}
+
+#[derive(Debug)]
+struct ServerTx {
+    uid: u64,
+    key: Box<[u8]>,
+    invite: bool,
+    state: ServerState,
+    flow: Flow,
+    last_response: Option<Bytes>,
+    generations: [u32; 2],
+    /// Timer G's current interval.
+    interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientState {
+    /// INVITE "Calling" or non-INVITE "Trying".
+    Trying,
+    Proceeding,
+    Completed,
+    Accepted,
+}
+
+#[derive(Debug)]
+struct ClientTx {
+    uid: u64,
+    key: Box<[u8]>,
+    invite: bool,
+    state: ClientState,
+    flow: Flow,
+    request: Message,
+    ack: Option<Bytes>,
+    generations: [u32; 2],
+    interval: Duration,
+}
+
+pub struct TransactionLayer {
+    config: TimerConfig,
+    server: Slab<ServerTx>,
+    server_index: HashMap<Box<[u8]>, usize>,
+    /// Server transactions in the order they reached a final state, the
+    /// candidates for early eviction. May hold stale ids.
+    completed_order: VecDeque<(usize, u64)>,
+    client: Slab<ClientTx>,
+    client_index: HashMap<Box<[u8]>, usize>,
+    timers: TimerHeap,
+    transmits: VecDeque<Transmit>,
+    inputs: VecDeque<TuInput>,
+    next_uid: u64,
+    max_server: usize,
+}
+
+impl TransactionLayer {
+    pub fn new(config: TimerConfig) -> TransactionLayer {
+        TransactionLayer::with_capacity(config, MAX_SERVER_TRANSACTIONS)
+    }
+
+    /// A layer with a smaller server table, for tests of the bound.
+    pub fn with_capacity(config: TimerConfig, max_server: usize) -> TransactionLayer {
+        TransactionLayer {
+            config,
+            server: Slab::new(),
+            server_index: HashMap::new(),
+            completed_order: VecDeque::new(),
+            client: Slab::new(),
+            client_index: HashMap::new(),
+            timers: TimerHeap::default(),
+            transmits: VecDeque::new(),
+            inputs: VecDeque::new(),
+            next_uid: 1,
+            max_server: max_server.max(1),
+        }
+    }
+
+    pub fn config(&self) -> &TimerConfig {
+        &self.config
+    }
+
+    pub fn server_count(&self) -> usize {
+        self.server.len()
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.client.len()
+    }
+
+    /// The next message to put on the wire.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next input for the transaction user produced by a timer.
+    pub fn poll_input(&mut self) -> Option<TuInput> {
+        self.inputs.pop_front()
+    }
+
+    /// When `handle_timeout` must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    // ---- server side ------------------------------------------------------
+
+    /// Feeds a request that passed validation. Returns what the transaction
+    /// user must see, or `Ok(None)` when the request was a retransmission
+    /// (already answered here if there was something to repeat).
+    pub fn handle_request(
+        &mut self,
+        now: Instant,
+        msg: Message,
+        flow: Flow,
+    ) -> Result<Option<TuInput>, TxError> {
+        let method = msg.method().ok_or(TxError::Unmatchable)?;
+        let key = server_key(&msg, method == Method::Ack).ok_or(TxError::Unmatchable)?;
+        if method == Method::Ack {
+            return Ok(self.handle_ack(now, key, msg, flow));
+        }
+        if let Some(&idx) = self.server_index.get(&key) {
+            let tx = &self.server[idx];
+            if let Some(resp) = &tx.last_response {
+                self.transmits.push_back(Transmit {
+                    flow: tx.flow,
+                    bytes: resp.clone(),
+                });
+            }
+            return Ok(None);
+        }
+        if self.server.len() >= self.max_server && !self.evict_one_completed() {
+            return Err(TxError::Overloaded);
+        }
+        let uid = self.uid();
+        let invite = method == Method::Invite;
+        let idx = self.server.insert(ServerTx {
+            uid,
+            key: key.clone(),
+            invite,
+            state: if invite {
+                ServerState::Proceeding
+            } else {
+                ServerState::Trying
+            },
+            flow,
+            last_response: None,
+            generations: [0; 2],
+            interval: self.config.t1,
+        });
+        self.server_index.insert(key, idx);
+        Ok(Some(TuInput::Request {
+            tx: ServerTxId { idx, uid },
+            msg,
+            flow,
+        }))
+    }
+
+    fn handle_ack(
+        &mut self,
+        now: Instant,
+        key: Box<[u8]>,
+        msg: Message,
+        flow: Flow,
+    ) -> Option<TuInput> {
+        let Some(&idx) = self.server_index.get(&key) else {
+            return Some(TuInput::Ack { msg, flow });
+        };
+        let tx = &mut self.server[idx];
+        match tx.state {
+            ServerState::Completed => {
+                tx.state = ServerState::Confirmed;
+                // Timer G stops; Timer I replaces Timer H.
+                tx.generations[0] += 1;
+                let wait = if tx.flow.transport.is_reliable() {
+                    Duration::ZERO
+                } else {
+                    self.config.t4
+                };
+                self.arm(now, Side::Server, idx, TimerKind::I, wait);
+                None
+            }
+            ServerState::Confirmed => None,
+            _ => Some(TuInput::Ack { msg, flow }),
+        }
+    }
+
+    /// Sends a response through its server transaction. `status` must be
+    /// the status code written in `bytes`.
+    pub fn respond(&mut self, now: Instant, id: ServerTxId, status: u16, bytes: Bytes) {
+        let Some(tx) = self.server.get_mut(id.idx).filter(|t| t.uid == id.uid) else {
+            tracing::debug!(status, "response for a transaction that has ended");
+            return;
+        };
+        let reliable = tx.flow.transport.is_reliable();
+        let next = match (tx.invite, tx.state, status) {
+            (_, ServerState::Trying | ServerState::Proceeding, 100..=199) => {
+                ServerState::Proceeding
+            }
+            (false, ServerState::Trying | ServerState::Proceeding, _) => ServerState::Completed,
+            (true, ServerState::Proceeding, 200..=299) => ServerState::Accepted,
+            (true, ServerState::Proceeding, _) => ServerState::Completed,
+            // 2xx retransmissions pass through the Accepted state (RFC 6026).
+            (true, ServerState::Accepted, 200..=299) => ServerState::Accepted,
+            (_, state, _) => {
+                tracing::debug!(status, ?state, "response after the final one dropped");
+                return;
+            }
+        };
+        let entered = next != tx.state;
+        tx.state = next;
+        tx.last_response = Some(bytes.clone());
+        self.transmits.push_back(Transmit {
+            flow: tx.flow,
+            bytes,
+        });
+        if !entered {
+            return;
+        }
+        match next {
+            ServerState::Completed if tx.invite => {
+                if !reliable {
+                    let t1 = self.config.t1;
+                    self.arm(now, Side::Server, id.idx, TimerKind::G, t1);
+                }
+                let h = self.config.t1x64();
+                self.arm(now, Side::Server, id.idx, TimerKind::H, h);
+                self.completed_order.push_back((id.idx, id.uid));
+            }
+            ServerState::Completed => {
+                if reliable {
+                    self.remove_server(id.idx);
+                } else {
+                    let j = self.config.t1x64();
+                    self.arm(now, Side::Server, id.idx, TimerKind::J, j);
+                    self.completed_order.push_back((id.idx, id.uid));
+                }
+            }
+            ServerState::Accepted => {
+                let l = self.config.t1x64();
+                self.arm(now, Side::Server, id.idx, TimerKind::L, l);
+            }
+            _ => {}
+        }
+    }
+
+    /// The INVITE server transaction a CANCEL refers to (RFC 3261 §9.2).
+    pub fn find_invite_for_cancel(&self, cancel: &Message) -> Option<ServerTxId> {
+        let key = server_key_for_method(cancel, "INVITE")?;
+        let &idx = self.server_index.get(&key)?;
+        let tx = &self.server[idx];
+        Some(ServerTxId { idx, uid: tx.uid })
+    }
+
+    /// True while the server transaction exists and has sent no final response.
+    pub fn server_is_pending(&self, id: ServerTxId) -> bool {
+        self.server.get(id.idx).is_some_and(|t| {
+            t.uid == id.uid && matches!(t.state, ServerState::Trying | ServerState::Proceeding)
+        })
+    }
+
+    fn evict_one_completed(&mut self) -> bool {
+        while let Some((idx, uid)) = self.completed_order.pop_front() {
+            let done = self.server.get(idx).is_some_and(|t| {
+                t.uid == uid && matches!(t.state, ServerState::Completed | ServerState::Confirmed)
+            });
+            if done {
+                self.remove_server(idx);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn remove_server(&mut self, idx: usize) {
+        let tx = self.server.remove(idx);
+        self.server_index.remove(&tx.key);
+    }
+
+    // ---- client side ------------------------------------------------------
+
+    /// Starts a client transaction for a request Parley built. The request
+    /// must carry a Via with a unique `z9hG4bK` branch and a CSeq.
+    pub fn send_request(
+        &mut self,
+        now: Instant,
+        flow: Flow,
+        bytes: Bytes,
+    ) -> Result<ClientTxId, TxError> {
+        let request = Message::parse(bytes.clone(), super::message::Framing::Datagram)
+            .map_err(|_| TxError::Unmatchable)?;
+        let method = request.method().ok_or(TxError::Unmatchable)?;
+        let key = client_key(&request).ok_or(TxError::Unmatchable)?;
+        if self.client.len() >= MAX_CLIENT_TRANSACTIONS || self.client_index.contains_key(&key) {
+            return Err(TxError::Overloaded);
+        }
+        let uid = self.uid();
+        let invite = method == Method::Invite;
+        let idx = self.client.insert(ClientTx {
+            uid,
+            key: key.clone(),
+            invite,
+            state: ClientState::Trying,
+            flow,
+            request,
+            ack: None,
+            generations: [0; 2],
+            interval: self.config.t1,
+        });
+        self.client_index.insert(key, idx);
+        self.transmits.push_back(Transmit { flow, bytes });
+        let (retransmit, give_up) = if invite {
+            (TimerKind::A, TimerKind::B)
+        } else {
+            (TimerKind::E, TimerKind::F)
+        };
+        if !flow.transport.is_reliable() {
+            let t1 = self.config.t1;
+            self.arm(now, Side::Client, idx, retransmit, t1);
+        }
+        let t = self.config.t1x64();
+        self.arm(now, Side::Client, idx, give_up, t);
+        Ok(ClientTxId { idx, uid })
+    }
+
+    /// Feeds a response. Returns what the transaction user must see.
+    pub fn handle_response(&mut self, now: Instant, msg: Message, flow: Flow) -> Option<TuInput> {
+        let Some(idx) = client_key(&msg).and_then(|k| self.client_index.get(&k).copied()) else {
+            return Some(TuInput::StrayResponse { msg, flow });
+        };
+        let status = msg.status()?;
+        let tx = &mut self.client[idx];
+        let id = ClientTxId { idx, uid: tx.uid };
+        let reliable = tx.flow.transport.is_reliable();
+        match (tx.invite, tx.state, status) {
+            (_, ClientState::Trying | ClientState::Proceeding, 100..=199) => {
+                if tx.invite {
+                    // Proceeding stops retransmissions and Timer B (§17.1.1.2).
+                    tx.generations = [tx.generations[0] + 1, tx.generations[1] + 1];
+                }
+                tx.state = ClientState::Proceeding;
+            }
+            (true, ClientState::Trying | ClientState::Proceeding, 200..=299) => {
+                tx.state = ClientState::Accepted;
+                tx.generations[0] += 1;
+                let m = self.config.t1x64();
+                self.arm(now, Side::Client, idx, TimerKind::M, m);
+            }
+            (true, ClientState::Accepted, 200..=299) => {}
+            (true, ClientState::Trying | ClientState::Proceeding, _) => {
+                let ack = build_ack(&tx.request, &msg);
+                tx.ack = Some(ack.clone());
+                tx.state = ClientState::Completed;
+                tx.generations[0] += 1;
+                self.transmits.push_back(Transmit {
+                    flow: tx.flow,
+                    bytes: ack,
+                });
+                if reliable {
+                    self.remove_client(idx);
+                } else {
+                    self.arm(
+                        now,
+                        Side::Client,
+                        idx,
+                        TimerKind::D,
+                        Duration::from_secs(32),
+                    );
+                }
+            }
+            (true, ClientState::Completed, 300..) => {
+                if let Some(ack) = &tx.ack {
+                    self.transmits.push_back(Transmit {
+                        flow: tx.flow,
+                        bytes: ack.clone(),
+                    });
+                }
+                return None;
+            }
+            (false, ClientState::Trying | ClientState::Proceeding, _) => {
+                tx.state = ClientState::Completed;
+                tx.generations[0] += 1;
+                if reliable {
+                    self.remove_client(idx);
+                } else {
+                    let t4 = self.config.t4;
+                    self.arm(now, Side::Client, idx, TimerKind::K, t4);
+                }
+            }
+            _ => return None,
+        }
+        Some(TuInput::Response { tx: id, msg, flow })
+    }
+
+    /// The request a client transaction sent, to build a CANCEL or
+    /// follow-up from.
+    pub fn client_request(&self, id: ClientTxId) -> Option<&Message> {
+        self.client
+            .get(id.idx)
+            .filter(|t| t.uid == id.uid)
+            .map(|t| &t.request)
+    }
+
+    /// Ends every client transaction on a flow that broke (a closed
+    /// connection), each reported as a timeout at once.
+    pub fn flow_failed(&mut self, flow: &Flow) {
+        let failed: Vec<usize> = self
+            .client
+            .iter()
+            .filter(|(_, t)| {
+                t.flow == *flow && matches!(t.state, ClientState::Trying | ClientState::Proceeding)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for idx in failed {
+            let uid = self.client[idx].uid;
+            self.remove_client(idx);
+            self.inputs.push_back(TuInput::ClientTimeout {
+                tx: ClientTxId { idx, uid },
+            });
+        }
+    }
+
+    fn remove_client(&mut self, idx: usize) {
+        let tx = self.client.remove(idx);
+        self.client_index.remove(&tx.key);
+    }
+
+    // ---- timers -------------------------------------------------------------
+
+    fn uid(&mut self) -> u64 {
+        self.next_uid += 1;
+        self.next_uid
+    }
+
+    fn arm(&mut self, now: Instant, side: Side, idx: usize, kind: TimerKind, after: Duration) {
+        let (uid, generation) = match side {
+            Side::Server => {
+                let tx = &mut self.server[idx];
+                tx.generations[kind.slot()] += 1;
+                (tx.uid, tx.generations[kind.slot()])
+            }
+            Side::Client => {
+                let tx = &mut self.client[idx];
+                tx.generations[kind.slot()] += 1;
+                (tx.uid, tx.generations[kind.slot()])
+            }
+        };
+        self.timers
+            .push(now + after, side, idx, uid, kind, generation);
+        self.compact_timers();
+    }
+
+    fn timer_is_live(&self, e: &TimerEntry) -> bool {
+        let slot = e.kind.slot();
+        match e.side {
+            Side::Server => self
+                .server
+                .get(e.idx)
+                .is_some_and(|t| t.uid == e.uid && t.generations[slot] == e.generation),
+            Side::Client => self
+                .client
+                .get(e.idx)
+                .is_some_and(|t| t.uid == e.uid && t.generations[slot] == e.generation),
+        }
+    }
+
+    /// Rebuilds the heap when dead entries outnumber live timers by far.
+    fn compact_timers(&mut self) {
+        let live_bound = 2 * (self.server.len() + self.client.len()) + 1024;
+        if self.timers.len() > 4 * live_bound {
+            let mut heap = std::mem::take(&mut self.timers);
+            heap.retain(|e| self.timer_is_live(e));
+            self.timers = heap;
+        }
+    }
+
+    /// Fires every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(e) = self.timers.pop_due(now) {
+            if !self.timer_is_live(&e) {
+                continue;
+            }
+            match e.side {
+                Side::Server => self.server_timer(now, e),
+                Side::Client => self.client_timer(now, e),
+            }
+        }
+    }
+
+    fn server_timer(&mut self, now: Instant, e: TimerEntry) {
+        let id = ServerTxId {
+            idx: e.idx,
+            uid: e.uid,
+        };
+        match e.kind {
+            TimerKind::G => {
+                let tx = &mut self.server[e.idx];
+                if let Some(resp) = &tx.last_response {
+                    self.transmits.push_back(Transmit {
+                        flow: tx.flow,
+                        bytes: resp.clone(),
+                    });
+                }
+                tx.interval = (tx.interval * 2).min(self.config.t2);
+                let next = tx.interval;
+                self.arm(now, Side::Server, e.idx, TimerKind::G, next);
+            }
+            TimerKind::H => {
+                self.remove_server(e.idx);
+                self.inputs.push_back(TuInput::ServerNoAck { tx: id });
+            }
+            _ => self.remove_server(e.idx),
+        }
+    }
+
+    fn client_timer(&mut self, now: Instant, e: TimerEntry) {
+        let id = ClientTxId {
+            idx: e.idx,
+            uid: e.uid,
+        };
+        match e.kind {
+            TimerKind::A | TimerKind::E => {
+                let tx = &mut self.client[e.idx];
+                self.transmits.push_back(Transmit {
+                    flow: tx.flow,
+                    bytes: tx.request.as_bytes().clone(),
+                });
+                // A doubles without bound (§17.1.1.2); E is capped at T2 and
+                // stays at T2 once a provisional response arrived (§17.1.2.2).
+                tx.interval = match (e.kind, tx.state) {
+                    (TimerKind::A, _) => tx.interval * 2,
+                    (_, ClientState::Proceeding) => self.config.t2,
+                    _ => (tx.interval * 2).min(self.config.t2),
+                };
+                let next = tx.interval;
+                self.arm(now, Side::Client, e.idx, e.kind, next);
+            }
+            TimerKind::B | TimerKind::F => {
+                self.remove_client(e.idx);
+                self.inputs.push_back(TuInput::ClientTimeout { tx: id });
+            }
+            _ => self.remove_client(e.idx),
+        }
+    }
+}
+
+/// The key of RFC 3261 §17.2.3: branch, sent-by and method, with ACK
+/// matching its INVITE. Requests without the RFC 3261 magic cookie (RFC
+/// 2543 peers) are keyed by the fields §17.2.3 lists for them instead.
+fn server_key(msg: &Message, is_ack: bool) -> Option<Box<[u8]>> {
+    let method = if is_ack { "INVITE" } else { msg.method_str() };
+    server_key_for_method(msg, method)
+}
+
+fn server_key_for_method(msg: &Message, method: &str) -> Option<Box<[u8]>> {
+    let via = msg.top_via()?;
+    let mut key = Vec::with_capacity(96);
+    key.extend_from_slice(method.as_bytes());
+    key.push(0);
+    if via.has_rfc3261_branch() {
+        key.extend_from_slice(via.branch()?.as_bytes());
+        key.push(0);
+        key.extend_from_slice(via.sent_by.to_ascii_lowercase().as_bytes());
+    } else {
+        let cseq = msg.cseq()?;
+        key.extend_from_slice(b"2543\0");
+        key.extend_from_slice(msg.request_uri().as_bytes());
+        key.push(0);
+        key.extend_from_slice(msg.call_id()?.as_bytes());
+        key.push(0);
+        key.extend_from_slice(msg.from()?.tag().unwrap_or("").as_bytes());
+        key.push(0);
+        key.extend_from_slice(cseq.seq.to_string().as_bytes());
+        key.push(0);
+        key.extend_from_slice(msg.header_values(HeaderName::Via).next()?.as_bytes());
+    }
+    Some(key.into_boxed_slice())
+}
+
+/// The key of RFC 3261 §17.1.3: our branch and the CSeq method.
+fn client_key(msg: &Message) -> Option<Box<[u8]>> {
+    let via = msg.top_via()?;
+    let cseq = msg.cseq()?;
+    let branch = via.branch()?;
+    let mut key = Vec::with_capacity(64);
+    key.extend_from_slice(cseq.method_str.as_bytes());
+    key.push(0);
+    key.extend_from_slice(branch.as_bytes());
+    Some(key.into_boxed_slice())
+}
+
+/// The ACK for a non-2xx final response (RFC 3261 §17.1.1.3).
+fn build_ack(invite: &Message, response: &Message) -> Bytes {
+    let mut b = MessageBuilder::request("ACK", invite.request_uri());
+    if let Some(via) = invite.header_values(HeaderName::Via).next() {
+        b.header(HeaderName::Via, via);
+    }
+    for route in invite.headers(HeaderName::Route) {
+        b.header(HeaderName::Route, route);
+    }
+    b.header(HeaderName::MaxForwards, "70");
+    if let Some(from) = invite.header(HeaderName::From) {
+        b.header(HeaderName::From, from);
+    }
+    if let Some(to) = response.header(HeaderName::To) {
+        b.header(HeaderName::To, to);
+    }
+    if let Some(cid) = invite.call_id() {
+        b.header(HeaderName::CallId, cid);
+    }
+    if let Some(cseq) = invite.cseq() {
+        b.header_fmt(HeaderName::CSeq, format_args!("{} ACK", cseq.seq));
+    }
+    b.finish()
+}
