@@ -3,4 +3,5 @@
 //! See `ARCHITECTURE.md` at the repository root for the layers and the path
 //! of a request through them.
 
+pub mod pbx;
 pub mod sip;

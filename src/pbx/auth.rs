@@ -1,0 +1,417 @@
+//! Digest authentication of requests from extensions (REGISTER now, INVITE
+//! later): which challenge to send, and whether credentials hold.
+//!
+//! Known and unknown extensions take the same path and get the same
+//! answers: an unknown name is checked against a made-up HA1, so neither
+//! the response nor the work done tells them apart.
+//!
+//! Replays are caught by the nonce count. Only nonces that have already
+//! authenticated someone are remembered, a few per extension, so the table
+//! is bounded by the number of extensions, not by what strangers send.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use smallvec::SmallVec;
+
+use super::directory::{Directory, Extension};
+use crate::sip::digest::{self, Algorithm, Credentials, DigestError, NonceIssuer, NonceStatus};
+use crate::sip::message::{HeaderName, Message};
+
+/// Nonces remembered per extension for nonce-count checks. A phone that
+/// comes back with a nonce forgotten here is asked again (`stale=true`).
+pub const NONCES_PER_EXTENSION: usize = 8;
+
+#[derive(Debug)]
+pub enum AuthResult {
+    /// The credentials hold for this extension.
+    Authenticated(Arc<Extension>),
+    /// No credentials for our realm: send a challenge.
+    Challenge,
+    /// Right password, but the nonce is too old, not ours (a restart), or
+    /// was already used with this count: challenge with `stale=true`.
+    Stale,
+    /// Wrong password or unknown user. Counts toward lockout.
+    Failed { username: String },
+    /// Valid credentials of one extension used for another's address.
+    WrongUser { username: String },
+    /// Credentials that do not parse.
+    Malformed(DigestError),
+}
+
+pub struct Authenticator {
+    realm: String,
+    nonces: NonceIssuer,
+    dummy_key: [u8; 32],
+    seen: HashMap<Box<str>, SmallVec<[(Box<str>, u32); NONCES_PER_EXTENSION]>>,
+    /// User-Agent prefixes that get an MD5-only challenge.
+    md5_only_agents: Vec<String>,
+}
+
+impl Authenticator {
+    pub fn new(
+        realm: String,
+        nonce_key: [u8; 32],
+        dummy_key: [u8; 32],
+        nonce_lifetime_secs: u64,
+    ) -> Authenticator {
+        Authenticator {
+            realm,
+            nonces: NonceIssuer::new(nonce_key, nonce_lifetime_secs),
+            dummy_key,
+            seen: HashMap::new(),
+            md5_only_agents: Vec::new(),
+        }
+    }
+
+    /// Some clients abandon the whole 401 when any challenge in it is not
+    /// MD5 (baresip 1.x, through libre 1.x), instead of picking the one they
+    /// know. Requests whose User-Agent starts with one of these prefixes
+    /// are challenged with MD5 alone.
+    pub fn set_md5_only_agents(&mut self, prefixes: Vec<String>) {
+        self.md5_only_agents = prefixes;
+    }
+
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// The WWW-Authenticate (or Proxy-Authenticate) values for a challenge:
+    /// SHA-256 first, then MD5, one header each (RFC 8760 §2.4).
+    pub fn challenges(
+        &mut self,
+        now_secs: u64,
+        stale: bool,
+        user_agent: Option<&str>,
+    ) -> SmallVec<[String; 2]> {
+        let nonce = self.nonces.issue(now_secs);
+        let md5_only = user_agent.is_some_and(|ua| {
+            self.md5_only_agents
+                .iter()
+                .any(|p| ua.starts_with(p.as_str()))
+        });
+        let mut out = SmallVec::new();
+        if !md5_only {
+            out.push(digest::challenge(
+                &self.realm,
+                &nonce,
+                Algorithm::Sha256,
+                stale,
+            ));
+        }
+        out.push(digest::challenge(
+            &self.realm,
+            &nonce,
+            Algorithm::Md5,
+            stale,
+        ));
+        out
+    }
+
+    /// Checks the credentials in `header` of a request for `aor_user`.
+    pub fn check(
+        &mut self,
+        now_secs: u64,
+        msg: &Message,
+        header: HeaderName,
+        aor_user: &str,
+        directory: &Directory,
+    ) -> AuthResult {
+        let mut parse_error = None;
+        let mut creds = None;
+        for value in msg.headers(header) {
+            match Credentials::parse(value) {
+                Ok(c) if c.realm == self.realm => {
+                    creds = Some(c);
+                    break;
+                }
+                Ok(_) => {}
+                Err(DigestError::NotDigest) => {}
+                Err(e) => parse_error = Some(e),
+            }
+        }
+        let Some(creds) = creds else {
+            return match parse_error {
+                Some(e) => AuthResult::Malformed(e),
+                None => AuthResult::Challenge,
+            };
+        };
+        let method = msg.method_str();
+        let ext = directory
+            .get(&creds.username)
+            .filter(|e| e.realm == self.realm);
+        let ok = match ext {
+            Some(ext) => creds.verify(method, ext.ha1(creds.algorithm)),
+            None => {
+                // Same work as for a known name, and always false.
+                let dummy = self.dummy_ha1(&creds.username, creds.algorithm);
+                let _ = creds.verify(method, &dummy);
+                false
+            }
+        };
+        let Some(ext) = ext.filter(|_| ok) else {
+            return AuthResult::Failed {
+                username: creds.username,
+            };
+        };
+        if self.nonces.check(&creds.nonce, now_secs) != NonceStatus::Fresh {
+            return AuthResult::Stale;
+        }
+        if !self.note_nonce_count(&ext.number, &creds.nonce, creds.nc) {
+            tracing::info!(extension = %ext.number, nc = creds.nc, "replayed nonce count refused");
+            return AuthResult::Stale;
+        }
+        if creds.username != aor_user {
+            return AuthResult::WrongUser {
+                username: creds.username,
+            };
+        }
+        AuthResult::Authenticated(ext.clone())
+    }
+
+    /// Records `nc` for this nonce; false if it is not above the last one.
+    fn note_nonce_count(&mut self, extension: &str, nonce: &str, nc: u32) -> bool {
+        let list = self.seen.entry(extension.into()).or_default();
+        if let Some(entry) = list.iter_mut().find(|(n, _)| &**n == nonce) {
+            if nc <= entry.1 {
+                return false;
+            }
+            entry.1 = nc;
+            return true;
+        }
+        if list.len() == NONCES_PER_EXTENSION {
+            list.remove(0);
+        }
+        list.push((nonce.into(), nc));
+        true
+    }
+
+    /// Forgets nonce counts for extensions that no longer exist.
+    pub fn retain_extensions(&mut self, directory: &Directory) {
+        self.seen.retain(|ext, _| directory.get(ext).is_some());
+    }
+
+    fn dummy_ha1(&self, username: &str, algorithm: Algorithm) -> String {
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.dummy_key).expect("any key length");
+        mac.update(username.as_bytes());
+        let bytes = mac.finalize().into_bytes();
+        let hex = hex::encode(bytes);
+        match algorithm {
+            Algorithm::Md5 => hex[..32].to_owned(),
+            Algorithm::Sha256 => hex,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::pbx::policy::EncryptionPolicy;
+    use crate::sip::digest::{Challenge, ha1};
+    use crate::sip::message::Framing;
+
+    const REALM: &str = "parley.test";
+
+    fn directory() -> Directory {
+        Directory::new([ext("100", "pw100"), ext("101", "pw101")])
+    }
+
+    fn ext(number: &str, password: &str) -> Extension {
+        Extension {
+            number: number.into(),
+            name: None,
+            realm: REALM.into(),
+            ha1_md5: ha1(Algorithm::Md5, number, REALM, password),
+            ha1_sha256: ha1(Algorithm::Sha256, number, REALM, password),
+            encryption: EncryptionPolicy::default(),
+        }
+    }
+
+    fn register(auth: Option<&str>) -> Message {
+        let mut text = String::from(
+            "REGISTER sip:parley.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n\
+             From: <sip:100@parley.test>;tag=1\r\nTo: <sip:100@parley.test>\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\n",
+        );
+        if let Some(a) = auth {
+            text.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        text.push_str("Content-Length: 0\r\n\r\n");
+        Message::parse(Bytes::from(text), Framing::Datagram).unwrap()
+    }
+
+    fn answer(auth: &mut Authenticator, alg_index: usize, user: &str, pw: &str, nc: u32) -> String {
+        let ch = auth.challenges(100, false, None);
+        let c = Challenge::parse(&ch[alg_index]).unwrap();
+        c.answer("REGISTER", "sip:parley.test", user, pw, "cn", nc)
+            .to_header()
+    }
+
+    fn authenticator() -> Authenticator {
+        Authenticator::new(REALM.into(), [1; 32], [2; 32], 300)
+    }
+
+    #[test]
+    fn both_algorithms_offered_sha256_first_md5_only_for_listed_agents() {
+        let mut a = authenticator();
+        let ch = a.challenges(100, false, Some("Yealink SIP-T46U"));
+        assert_eq!(ch.len(), 2);
+        assert!(ch[0].contains("algorithm=SHA-256"));
+        assert!(ch[1].contains("algorithm=MD5"));
+        a.set_md5_only_agents(vec!["baresip v1.".into()]);
+        let ch = a.challenges(100, true, Some("baresip v1.0.0 (x86_64/linux)"));
+        assert_eq!(ch.len(), 1);
+        assert!(ch[0].contains("algorithm=MD5") && ch[0].contains("stale=true"));
+    }
+
+    #[test]
+    fn good_credentials_pass_with_either_algorithm() {
+        for idx in [0, 1] {
+            let mut a = authenticator();
+            let h = answer(&mut a, idx, "100", "pw100", 1);
+            match a.check(
+                100,
+                &register(Some(&h)),
+                HeaderName::Authorization,
+                "100",
+                &directory(),
+            ) {
+                AuthResult::Authenticated(e) => assert_eq!(e.number, "100"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_password_and_unknown_user_look_the_same() {
+        let mut a = authenticator();
+        let wrong = answer(&mut a, 0, "100", "nope", 1);
+        let unknown = answer(&mut a, 0, "555", "nope", 1);
+        let r1 = a.check(
+            100,
+            &register(Some(&wrong)),
+            HeaderName::Authorization,
+            "100",
+            &directory(),
+        );
+        let r2 = a.check(
+            100,
+            &register(Some(&unknown)),
+            HeaderName::Authorization,
+            "555",
+            &directory(),
+        );
+        assert!(matches!(r1, AuthResult::Failed { ref username } if username == "100"));
+        assert!(matches!(r2, AuthResult::Failed { ref username } if username == "555"));
+    }
+
+    #[test]
+    fn missing_or_foreign_realm_credentials_get_a_challenge() {
+        let mut a = authenticator();
+        assert!(matches!(
+            a.check(
+                100,
+                &register(None),
+                HeaderName::Authorization,
+                "100",
+                &directory()
+            ),
+            AuthResult::Challenge
+        ));
+        let foreign = answer(&mut a, 1, "100", "pw100", 1).replace(REALM, "elsewhere");
+        assert!(matches!(
+            a.check(
+                100,
+                &register(Some(&foreign)),
+                HeaderName::Authorization,
+                "100",
+                &directory()
+            ),
+            AuthResult::Challenge
+        ));
+        assert!(matches!(
+            a.check(
+                100,
+                &register(Some("Digest username=\"100\"")),
+                HeaderName::Authorization,
+                "100",
+                &directory()
+            ),
+            AuthResult::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn expired_or_foreign_nonce_with_right_password_is_stale() {
+        let mut a = authenticator();
+        let h = answer(&mut a, 0, "100", "pw100", 1);
+        assert!(matches!(
+            a.check(
+                100 + 301,
+                &register(Some(&h)),
+                HeaderName::Authorization,
+                "100",
+                &directory()
+            ),
+            AuthResult::Stale
+        ));
+        let mut restarted = Authenticator::new(REALM.into(), [9; 32], [2; 32], 300);
+        assert!(matches!(
+            restarted.check(
+                100,
+                &register(Some(&h)),
+                HeaderName::Authorization,
+                "100",
+                &directory()
+            ),
+            AuthResult::Stale
+        ));
+    }
+
+    #[test]
+    fn nonce_count_must_grow() {
+        let mut a = authenticator();
+        let ch = a.challenges(100, false, None);
+        let c = Challenge::parse(&ch[1]).unwrap();
+        let dir = directory();
+        let send = |a: &mut Authenticator, nc| {
+            let h = c
+                .answer("REGISTER", "sip:parley.test", "100", "pw100", "cn", nc)
+                .to_header();
+            a.check(
+                100,
+                &register(Some(&h)),
+                HeaderName::Authorization,
+                "100",
+                &dir,
+            )
+        };
+        assert!(matches!(send(&mut a, 1), AuthResult::Authenticated(_)));
+        assert!(
+            matches!(send(&mut a, 1), AuthResult::Stale),
+            "replay of nc=1"
+        );
+        assert!(matches!(send(&mut a, 2), AuthResult::Authenticated(_)));
+        assert!(matches!(send(&mut a, 2), AuthResult::Stale));
+    }
+
+    #[test]
+    fn credentials_of_one_extension_cannot_register_another() {
+        let mut a = authenticator();
+        let h = answer(&mut a, 0, "101", "pw101", 1);
+        assert!(matches!(
+            a.check(
+                100,
+                &register(Some(&h)),
+                HeaderName::Authorization,
+                "100",
+                &directory()
+            ),
+            AuthResult::WrongUser { .. }
+        ));
+    }
+}

@@ -1,0 +1,560 @@
+//! The location service behind REGISTER (RFC 3261 §10.3): bindings from an
+//! extension to the contacts where its devices can be reached, each tied to
+//! the flow it registered on.
+//!
+//! A binding is identified within its extension by `+sip.instance` (and
+//! `reg-id`) when the device sends them (RFC 5626/5627), so a phone that
+//! comes back from a new address replaces its old binding instead of
+//! leaving a dead one behind; otherwise by its Contact URI.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use smallvec::SmallVec;
+
+use crate::sip::message::grammar::{self, parse_decimal_u32};
+use crate::sip::message::limits::{MAX_CONTACTS_PER_REQUEST, MAX_NUMBER_DIGITS};
+use crate::sip::message::{HeaderName, Message, NameAddr, Uri};
+use crate::sip::transport::{ConnId, Flow, Transport};
+
+/// Longest `+sip.instance` value kept.
+const MAX_INSTANCE_BYTES: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistrarConfig {
+    /// Shortest registration accepted (`423 Interval Too Brief` below it).
+    pub min_expires: u32,
+    /// Longest registration granted; longer requests are shortened.
+    pub max_expires: u32,
+    /// Used when the device asks for nothing.
+    pub default_expires: u32,
+    /// Most bindings per extension; a new one replaces the one closest to
+    /// expiry.
+    pub max_contacts: usize,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> RegistrarConfig {
+        RegistrarConfig {
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 3600,
+            max_contacts: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// The extension number.
+    pub aor: String,
+    /// Identity of the binding within its extension.
+    pub key: String,
+    /// The Contact URI exactly as the device sent it (some devices look
+    /// for it byte for byte in the 200 OK).
+    pub contact: String,
+    pub instance: Option<String>,
+    pub reg_id: Option<u32>,
+    pub call_id: String,
+    pub cseq: u32,
+    pub expires_at: Instant,
+    /// Where the REGISTER came from: requests for this contact go back here.
+    pub flow: Flow,
+    pub user_agent: Option<String>,
+    uid: u64,
+}
+
+impl Binding {
+    /// Seconds left, rounded up, as shown in `;expires=`.
+    pub fn expires_in(&self, now: Instant) -> u32 {
+        let left = self.expires_at.saturating_duration_since(now);
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        u32::try_from(secs).unwrap_or(u32::MAX)
+    }
+
+    /// The Contact header value for a 200 OK to REGISTER.
+    pub fn contact_header(&self, now: Instant) -> String {
+        let mut out = format!("<{}>;expires={}", self.contact, self.expires_in(now));
+        if let Some(inst) = &self.instance {
+            out.push_str(";+sip.instance=");
+            grammar::quote_into(&mut out, inst);
+        }
+        if let Some(r) = self.reg_id {
+            out.push_str(&format!(";reg-id={r}"));
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Added,
+    Refreshed,
+    /// The device unregistered it.
+    Removed,
+    Expired,
+    /// Pushed out by a newer binding when the extension had too many.
+    Replaced,
+    /// Its TCP/TLS connection closed.
+    FlowClosed,
+    /// Its extension was deleted.
+    ExtensionRemoved,
+}
+
+impl Change {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Added => "added",
+            Change::Refreshed => "refreshed",
+            Change::Removed => "removed",
+            Change::Expired => "expired",
+            Change::Replaced => "replaced",
+            Change::FlowClosed => "connection-closed",
+            Change::ExtensionRemoved => "extension-removed",
+        }
+    }
+
+    pub fn is_removal(self) -> bool {
+        !matches!(self, Change::Added | Change::Refreshed)
+    }
+}
+
+/// One change to the location service. `previous_flow` is set when a
+/// refresh moved the binding to another flow.
+#[derive(Debug, Clone)]
+pub struct BindingChange {
+    pub change: Change,
+    pub binding: Binding,
+    pub previous_flow: Option<Flow>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("Interval Too Brief")]
+    IntervalTooBrief { min_expires: u32 },
+    #[error("Malformed Contact")]
+    MalformedContact,
+    #[error("Contact URI Must Be SIP Or SIPS")]
+    UnsupportedContact,
+    #[error("Too Many Contacts In One Request")]
+    TooManyContacts,
+    #[error("Wildcard Contact Needs Expires 0 And No Other Contact")]
+    BadWildcard,
+    #[error("CSeq Out Of Order")]
+    OutOfOrder,
+    #[error("Missing Call-ID Or CSeq")]
+    MissingHeaders,
+}
+
+/// A Contact of the request, checked but not yet applied.
+struct Requested {
+    key: String,
+    contact: String,
+    instance: Option<String>,
+    reg_id: Option<u32>,
+    expires: u32,
+}
+
+pub struct Registrar {
+    cfg: RegistrarConfig,
+    by_aor: HashMap<String, SmallVec<[Binding; 2]>>,
+    /// Stream connections and the bindings that use them.
+    by_conn: HashMap<ConnId, SmallVec<[u64; 2]>>,
+    expiry: BinaryHeap<Reverse<(Instant, u64, Box<str>)>>,
+    count: usize,
+    next_uid: u64,
+}
+
+impl Registrar {
+    pub fn new(cfg: RegistrarConfig) -> Registrar {
+        Registrar {
+            cfg,
+            by_aor: HashMap::new(),
+            by_conn: HashMap::new(),
+            expiry: BinaryHeap::new(),
+            count: 0,
+            next_uid: 0,
+        }
+    }
+
+    pub fn config(&self) -> &RegistrarConfig {
+        &self.cfg
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn bindings(&self, aor: &str) -> &[Binding] {
+        self.by_aor.get(aor).map(|v| &v[..]).unwrap_or(&[])
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Binding> {
+        self.by_aor.values().flatten()
+    }
+
+    /// Whether a TCP/TLS connection carries a registration (and so must
+    /// never be closed for being idle).
+    pub fn conn_has_bindings(&self, conn: ConnId) -> bool {
+        self.by_conn.get(&conn).is_some_and(|v| !v.is_empty())
+    }
+
+    /// Applies a REGISTER from an authenticated device of `aor`. Nothing
+    /// changes unless the whole request is acceptable.
+    pub fn register(
+        &mut self,
+        now: Instant,
+        aor: &str,
+        req: &Message,
+        flow: Flow,
+        user_agent: Option<&str>,
+    ) -> Result<Vec<BindingChange>, RegisterError> {
+        let call_id = req.call_id().ok_or(RegisterError::MissingHeaders)?;
+        let cseq = req.cseq().ok_or(RegisterError::MissingHeaders)?.seq;
+        let header_expires = req.header(HeaderName::Expires);
+        let contacts: SmallVec<[&str; 4]> = req.header_values(HeaderName::Contact).collect();
+        if contacts.len() > MAX_CONTACTS_PER_REQUEST {
+            return Err(RegisterError::TooManyContacts);
+        }
+        if contacts.contains(&"*") {
+            let zero =
+                header_expires.and_then(|e| parse_decimal_u32(e, MAX_NUMBER_DIGITS)) == Some(0);
+            if contacts.len() != 1 || !zero {
+                return Err(RegisterError::BadWildcard);
+            }
+            return self.remove_all(aor, call_id, cseq);
+        }
+
+        let default = header_expires
+            .and_then(|e| parse_decimal_u32(e, MAX_NUMBER_DIGITS))
+            .unwrap_or(self.cfg.default_expires);
+        let mut requested: SmallVec<[Requested; 4]> = SmallVec::new();
+        for value in &contacts {
+            let r = self.parse_contact(value, default)?;
+            if r.expires != 0 && r.expires < self.cfg.min_expires {
+                return Err(RegisterError::IntervalTooBrief {
+                    min_expires: self.cfg.min_expires,
+                });
+            }
+            if let Some(existing) = self.find(aor, &r.key)
+                && existing.call_id == call_id
+                && cseq <= existing.cseq
+            {
+                return Err(RegisterError::OutOfOrder);
+            }
+            requested.retain(|earlier| earlier.key != r.key);
+            requested.push(r);
+        }
+
+        let mut changes = Vec::new();
+        for r in requested {
+            self.apply(now, aor, r, call_id, cseq, flow, user_agent, &mut changes);
+        }
+        Ok(changes)
+    }
+
+    fn parse_contact(&self, value: &str, default_expires: u32) -> Result<Requested, RegisterError> {
+        let na = NameAddr::parse(value).ok_or(RegisterError::MalformedContact)?;
+        Uri::parse(na.uri).map_err(|_| RegisterError::UnsupportedContact)?;
+        // A malformed expires parameter falls back to the default (§10.3).
+        let expires = match na.param("expires") {
+            Some(Some(e)) => parse_decimal_u32(e, MAX_NUMBER_DIGITS).unwrap_or(default_expires),
+            _ => default_expires,
+        }
+        .min(self.cfg.max_expires);
+        let instance = na
+            .param("+sip.instance")
+            .flatten()
+            .and_then(grammar::unquote)
+            .map(|c| c.into_owned())
+            .filter(|i| !i.is_empty() && i.len() <= MAX_INSTANCE_BYTES);
+        let reg_id = na
+            .param("reg-id")
+            .flatten()
+            .and_then(|r| parse_decimal_u32(r, MAX_NUMBER_DIGITS));
+        let key = match (&instance, reg_id) {
+            (Some(i), Some(r)) => format!("{i};reg-id={r}"),
+            (Some(i), None) => i.clone(),
+            (None, _) => na.uri.to_owned(),
+        };
+        Ok(Requested {
+            key,
+            contact: na.uri.to_owned(),
+            instance,
+            reg_id,
+            expires,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &mut self,
+        now: Instant,
+        aor: &str,
+        r: Requested,
+        call_id: &str,
+        cseq: u32,
+        flow: Flow,
+        user_agent: Option<&str>,
+        changes: &mut Vec<BindingChange>,
+    ) {
+        let existing = self
+            .by_aor
+            .get(aor)
+            .and_then(|list| list.iter().position(|b| b.key == r.key));
+        if r.expires == 0 {
+            if let Some(pos) = existing {
+                let b = self.take(aor, pos);
+                changes.push(BindingChange {
+                    change: Change::Removed,
+                    binding: b,
+                    previous_flow: None,
+                });
+            }
+            return;
+        }
+        let expires_at = now + Duration::from_secs(u64::from(r.expires));
+        if let Some(pos) = existing {
+            let uid = {
+                let b = &mut self.by_aor.get_mut(aor).expect("present")[pos];
+                b.uid
+            };
+            let old_flow = self.by_aor[aor][pos].flow;
+            if old_flow != flow {
+                self.unlink_conn(&old_flow, uid);
+                self.link_conn(&flow, uid);
+            }
+            let b = &mut self.by_aor.get_mut(aor).expect("present")[pos];
+            b.contact = r.contact;
+            b.instance = r.instance;
+            b.reg_id = r.reg_id;
+            b.call_id = call_id.to_owned();
+            b.cseq = cseq;
+            b.expires_at = expires_at;
+            b.flow = flow;
+            b.user_agent = user_agent.map(str::to_owned);
+            let binding = b.clone();
+            self.schedule(expires_at, uid, aor);
+            changes.push(BindingChange {
+                change: Change::Refreshed,
+                binding,
+                previous_flow: (old_flow != flow).then_some(old_flow),
+            });
+            return;
+        }
+        if self.bindings(aor).len() >= self.cfg.max_contacts {
+            let list = &self.by_aor[aor];
+            let soonest = (0..list.len())
+                .min_by_key(|&i| list[i].expires_at)
+                .expect("non-empty");
+            let b = self.take(aor, soonest);
+            tracing::info!(extension = aor, contact = %b.contact, "binding replaced: extension has too many contacts");
+            changes.push(BindingChange {
+                change: Change::Replaced,
+                binding: b,
+                previous_flow: None,
+            });
+        }
+        self.next_uid += 1;
+        let binding = Binding {
+            aor: aor.to_owned(),
+            key: r.key,
+            contact: r.contact,
+            instance: r.instance,
+            reg_id: r.reg_id,
+            call_id: call_id.to_owned(),
+            cseq,
+            expires_at,
+            flow,
+            user_agent: user_agent.map(str::to_owned),
+            uid: self.next_uid,
+        };
+        self.insert(binding.clone());
+        changes.push(BindingChange {
+            change: Change::Added,
+            binding,
+            previous_flow: None,
+        });
+    }
+
+    fn remove_all(
+        &mut self,
+        aor: &str,
+        call_id: &str,
+        cseq: u32,
+    ) -> Result<Vec<BindingChange>, RegisterError> {
+        let list = self.bindings(aor);
+        if list.iter().any(|b| b.call_id == call_id && cseq <= b.cseq) {
+            return Err(RegisterError::OutOfOrder);
+        }
+        Ok(self.drain_aor(aor, Change::Removed))
+    }
+
+    /// Puts back a binding saved before a restart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        &mut self,
+        aor: &str,
+        key: &str,
+        contact: &str,
+        instance: Option<String>,
+        reg_id: Option<u32>,
+        call_id: &str,
+        cseq: u32,
+        expires_at: Instant,
+        flow: Flow,
+        user_agent: Option<String>,
+    ) {
+        if self.find(aor, key).is_some() || self.bindings(aor).len() >= self.cfg.max_contacts {
+            return;
+        }
+        self.next_uid += 1;
+        self.insert(Binding {
+            aor: aor.to_owned(),
+            key: key.to_owned(),
+            contact: contact.to_owned(),
+            instance,
+            reg_id,
+            call_id: call_id.to_owned(),
+            cseq,
+            expires_at,
+            flow,
+            user_agent,
+            uid: self.next_uid,
+        });
+    }
+
+    /// Removes every binding that has expired by `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<BindingChange> {
+        let mut changes = Vec::new();
+        while let Some(Reverse((at, _, _))) = self.expiry.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, uid, aor))) = self.expiry.pop() else {
+                break;
+            };
+            let pos = self
+                .by_aor
+                .get(&*aor)
+                .and_then(|list| list.iter().position(|b| b.uid == uid && b.expires_at == at));
+            if let Some(pos) = pos {
+                let b = self.take(&aor, pos);
+                changes.push(BindingChange {
+                    change: Change::Expired,
+                    binding: b,
+                    previous_flow: None,
+                });
+            }
+        }
+        changes
+    }
+
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.expiry.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// Drops the bindings of a TCP/TLS connection that closed.
+    pub fn flow_closed(&mut self, conn: ConnId) -> Vec<BindingChange> {
+        let Some(uids) = self.by_conn.remove(&conn) else {
+            return Vec::new();
+        };
+        let mut changes = Vec::new();
+        for uid in uids {
+            let found = self.by_aor.iter().find_map(|(aor, list)| {
+                list.iter()
+                    .position(|b| b.uid == uid)
+                    .map(|p| (aor.clone(), p))
+            });
+            if let Some((aor, pos)) = found {
+                let b = self.take(&aor, pos);
+                changes.push(BindingChange {
+                    change: Change::FlowClosed,
+                    binding: b,
+                    previous_flow: None,
+                });
+            }
+        }
+        changes
+    }
+
+    /// Drops every binding of extensions for which `keep` says no.
+    pub fn retain_aors(&mut self, mut keep: impl FnMut(&str) -> bool) -> Vec<BindingChange> {
+        let gone: Vec<String> = self.by_aor.keys().filter(|a| !keep(a)).cloned().collect();
+        gone.iter()
+            .flat_map(|aor| self.drain_aor(aor, Change::ExtensionRemoved))
+            .collect()
+    }
+
+    fn drain_aor(&mut self, aor: &str, change: Change) -> Vec<BindingChange> {
+        let mut changes = Vec::new();
+        while !self.bindings(aor).is_empty() {
+            let b = self.take(aor, 0);
+            changes.push(BindingChange {
+                change,
+                binding: b,
+                previous_flow: None,
+            });
+        }
+        changes
+    }
+
+    fn find(&self, aor: &str, key: &str) -> Option<&Binding> {
+        self.bindings(aor).iter().find(|b| b.key == key)
+    }
+
+    fn insert(&mut self, b: Binding) {
+        let (at, uid, aor) = (b.expires_at, b.uid, b.aor.clone());
+        self.link_conn(&b.flow, uid);
+        self.count += 1;
+        self.by_aor.entry(aor.clone()).or_default().push(b);
+        self.schedule(at, uid, &aor);
+    }
+
+    fn take(&mut self, aor: &str, pos: usize) -> Binding {
+        let list = self.by_aor.get_mut(aor).expect("caller found it");
+        let b = list.remove(pos);
+        if list.is_empty() {
+            self.by_aor.remove(aor);
+        }
+        self.count -= 1;
+        self.unlink_conn(&b.flow, b.uid);
+        b
+    }
+
+    fn link_conn(&mut self, flow: &Flow, uid: u64) {
+        if flow.transport != Transport::Udp {
+            self.by_conn.entry(flow.conn).or_default().push(uid);
+        }
+    }
+
+    fn unlink_conn(&mut self, flow: &Flow, uid: u64) {
+        if flow.transport == Transport::Udp {
+            return;
+        }
+        if let Some(list) = self.by_conn.get_mut(&flow.conn) {
+            list.retain(|u| *u != uid);
+            if list.is_empty() {
+                self.by_conn.remove(&flow.conn);
+            }
+        }
+    }
+
+    /// Arms the expiry of a binding. Refreshes leave stale entries behind;
+    /// when they outnumber live bindings the heap is rebuilt from scratch.
+    fn schedule(&mut self, at: Instant, uid: u64, aor: &str) {
+        self.expiry.push(Reverse((at, uid, aor.into())));
+        if self.expiry.len() > 2 * self.count + 1024 {
+            self.expiry = self
+                .by_aor
+                .values()
+                .flatten()
+                .map(|b| Reverse((b.expires_at, b.uid, b.aor.as_str().into())))
+                .collect();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,501 @@
+//! HTTP Digest authentication for SIP (RFC 3261 §22, RFC 7616, RFC 8760):
+//! challenges, credential parsing, response checking, and stateless nonces.
+//!
+//! A nonce is `base64url(timestamp ‖ counter ‖ HMAC-SHA-256(key, timestamp ‖ counter)[..16])`.
+//! The server keeps no table of issued nonces: the MAC proves Parley made
+//! it, the timestamp says whether it is still fresh.
+
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit, Mac};
+use md5::Md5;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::message::grammar;
+
+/// Longest credential header accepted, and longest single parameter value.
+pub const MAX_CREDENTIALS_BYTES: usize = 2048;
+pub const MAX_PARAM_VALUE_BYTES: usize = 512;
+const MAX_PARAMS: usize = 24;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    Md5,
+    Sha256,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Md5 => "MD5",
+            Algorithm::Sha256 => "SHA-256",
+        }
+    }
+
+    /// The token in an `algorithm=` parameter; absent means MD5 (RFC 2617).
+    pub fn parse(token: Option<&str>) -> Option<Algorithm> {
+        match token {
+            None => Some(Algorithm::Md5),
+            Some(t) if t.eq_ignore_ascii_case("MD5") => Some(Algorithm::Md5),
+            Some(t) if t.eq_ignore_ascii_case("SHA-256") => Some(Algorithm::Sha256),
+            Some(_) => None,
+        }
+    }
+
+    /// Lower-case hex of the hash of the parts joined by `:`.
+    pub fn hash_hex(self, parts: &[&[u8]]) -> String {
+        fn run<D: sha2::Digest>(mut d: D, parts: &[&[u8]]) -> String {
+            for (i, p) in parts.iter().enumerate() {
+                if i > 0 {
+                    d.update(b":");
+                }
+                d.update(p);
+            }
+            hex::encode(d.finalize())
+        }
+        match self {
+            Algorithm::Md5 => run(Md5::new(), parts),
+            Algorithm::Sha256 => run(Sha256::new(), parts),
+        }
+    }
+}
+
+/// `H(username:realm:password)`, the only form a SIP secret is stored in.
+pub fn ha1(algorithm: Algorithm, username: &str, realm: &str, password: &str) -> String {
+    algorithm.hash_hex(&[username.as_bytes(), realm.as_bytes(), password.as_bytes()])
+}
+
+/// One WWW-Authenticate / Proxy-Authenticate value.
+pub fn challenge(realm: &str, nonce: &str, algorithm: Algorithm, stale: bool) -> String {
+    let mut out = String::with_capacity(128);
+    out.push_str("Digest realm=");
+    grammar::quote_into(&mut out, realm);
+    let _ = write!(
+        out,
+        ", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"",
+        algorithm.as_str()
+    );
+    if stale {
+        out.push_str(", stale=true");
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    #[error("credentials too long")]
+    TooLong,
+    #[error("not Digest credentials")]
+    NotDigest,
+    #[error("malformed credentials")]
+    Malformed,
+    #[error("missing {0} parameter")]
+    Missing(&'static str),
+    #[error("unsupported algorithm")]
+    UnsupportedAlgorithm,
+    #[error("unsupported qop")]
+    UnsupportedQop,
+}
+
+/// Parsed `Authorization` / `Proxy-Authorization` Digest credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub realm: String,
+    pub nonce: String,
+    pub uri: String,
+    pub response: String,
+    pub algorithm: Algorithm,
+    pub cnonce: String,
+    /// The nonce count, parsed from its 8 hex digits.
+    pub nc: u32,
+}
+
+impl Credentials {
+    /// Parses credentials. Only `qop=auth` is accepted: without a qop there
+    /// is no nonce count, and so no replay protection.
+    pub fn parse(value: &str) -> Result<Credentials, DigestError> {
+        if value.len() > MAX_CREDENTIALS_BYTES {
+            return Err(DigestError::TooLong);
+        }
+        let value = grammar::trim_lws(value);
+        let (scheme, rest) = value
+            .split_once([' ', '\t'])
+            .ok_or(DigestError::NotDigest)?;
+        if !scheme.eq_ignore_ascii_case("Digest") {
+            return Err(DigestError::NotDigest);
+        }
+        let mut username = None;
+        let mut realm = None;
+        let mut nonce = None;
+        let mut uri = None;
+        let mut response = None;
+        let mut algorithm = None;
+        let mut cnonce = None;
+        let mut qop = None;
+        let mut nc = None;
+        for (i, part) in grammar::split_top_level(rest, b',').enumerate() {
+            if i >= MAX_PARAMS {
+                return Err(DigestError::Malformed);
+            }
+            let part = grammar::trim_lws(part);
+            if part.is_empty() {
+                continue;
+            }
+            let (name, raw) = part.split_once('=').ok_or(DigestError::Malformed)?;
+            let name = grammar::trim_lws(name);
+            let raw = grammar::trim_lws(raw);
+            if raw.len() > MAX_PARAM_VALUE_BYTES {
+                return Err(DigestError::TooLong);
+            }
+            let v = grammar::unquote(raw)
+                .ok_or(DigestError::Malformed)?
+                .into_owned();
+            let slot = match name.to_ascii_lowercase().as_str() {
+                "username" => &mut username,
+                "realm" => &mut realm,
+                "nonce" => &mut nonce,
+                "uri" => &mut uri,
+                "response" => &mut response,
+                "algorithm" => &mut algorithm,
+                "cnonce" => &mut cnonce,
+                "qop" => &mut qop,
+                "nc" => &mut nc,
+                _ => continue,
+            };
+            if slot.replace(v).is_some() {
+                return Err(DigestError::Malformed);
+            }
+        }
+        let algorithm =
+            Algorithm::parse(algorithm.as_deref()).ok_or(DigestError::UnsupportedAlgorithm)?;
+        match qop.as_deref() {
+            Some(q) if q.eq_ignore_ascii_case("auth") => {}
+            _ => return Err(DigestError::UnsupportedQop),
+        }
+        let nc = nc.ok_or(DigestError::Missing("nc"))?;
+        if nc.len() != 8 {
+            return Err(DigestError::Malformed);
+        }
+        let nc = u32::from_str_radix(&nc, 16).map_err(|_| DigestError::Malformed)?;
+        Ok(Credentials {
+            username: username.ok_or(DigestError::Missing("username"))?,
+            realm: realm.ok_or(DigestError::Missing("realm"))?,
+            nonce: nonce.ok_or(DigestError::Missing("nonce"))?,
+            uri: uri.ok_or(DigestError::Missing("uri"))?,
+            response: response.ok_or(DigestError::Missing("response"))?,
+            algorithm,
+            cnonce: cnonce.ok_or(DigestError::Missing("cnonce"))?,
+            nc,
+        })
+    }
+
+    /// The response a client knowing the password behind `ha1` would send.
+    pub fn expected_response(&self, method: &str, ha1: &str) -> String {
+        let ha2 = self
+            .algorithm
+            .hash_hex(&[method.as_bytes(), self.uri.as_bytes()]);
+        let nc = format!("{:08x}", self.nc);
+        self.algorithm.hash_hex(&[
+            ha1.as_bytes(),
+            self.nonce.as_bytes(),
+            nc.as_bytes(),
+            self.cnonce.as_bytes(),
+            b"auth",
+            ha2.as_bytes(),
+        ])
+    }
+
+    /// Checks the response in constant time.
+    pub fn verify(&self, method: &str, ha1: &str) -> bool {
+        let expected = self.expected_response(method, ha1);
+        let got = self.response.to_ascii_lowercase();
+        expected.as_bytes().ct_eq(got.as_bytes()).into()
+    }
+
+    /// Builds the header value a client would send (for tests and the load
+    /// generator).
+    pub fn to_header(&self) -> String {
+        format!(
+            "Digest username=\"{}\", realm=\"{}\", nonce=\"{}\", uri=\"{}\", response=\"{}\", algorithm={}, cnonce=\"{}\", qop=auth, nc={:08x}",
+            self.username,
+            self.realm,
+            self.nonce,
+            self.uri,
+            self.response,
+            self.algorithm.as_str(),
+            self.cnonce,
+            self.nc
+        )
+    }
+}
+
+/// A parsed challenge, as a client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub realm: String,
+    pub nonce: String,
+    pub algorithm: Algorithm,
+    pub stale: bool,
+}
+
+impl Challenge {
+    pub fn parse(value: &str) -> Option<Challenge> {
+        let value = grammar::trim_lws(value);
+        let (scheme, rest) = value.split_once([' ', '\t'])?;
+        if !scheme.eq_ignore_ascii_case("Digest") {
+            return None;
+        }
+        let mut realm = None;
+        let mut nonce = None;
+        let mut algorithm = None;
+        let mut stale = false;
+        for part in grammar::split_top_level(rest, b',').take(MAX_PARAMS) {
+            let (name, raw) = grammar::trim_lws(part).split_once('=')?;
+            let v = grammar::unquote(raw)?.into_owned();
+            match grammar::trim_lws(name).to_ascii_lowercase().as_str() {
+                "realm" => realm = Some(v),
+                "nonce" => nonce = Some(v),
+                "algorithm" => algorithm = Some(v),
+                "stale" => stale = v.eq_ignore_ascii_case("true"),
+                _ => {}
+            }
+        }
+        Some(Challenge {
+            realm: realm?,
+            nonce: nonce?,
+            algorithm: Algorithm::parse(algorithm.as_deref())?,
+            stale,
+        })
+    }
+
+    /// Answers this challenge (client side).
+    pub fn answer(
+        &self,
+        method: &str,
+        uri: &str,
+        username: &str,
+        password: &str,
+        cnonce: &str,
+        nc: u32,
+    ) -> Credentials {
+        let mut c = Credentials {
+            username: username.to_owned(),
+            realm: self.realm.clone(),
+            nonce: self.nonce.clone(),
+            uri: uri.to_owned(),
+            response: String::new(),
+            algorithm: self.algorithm,
+            cnonce: cnonce.to_owned(),
+            nc,
+        };
+        let h = ha1(self.algorithm, username, &self.realm, password);
+        c.response = c.expected_response(method, &h);
+        c
+    }
+}
+
+/// What a nonce is worth when it comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceStatus {
+    Fresh,
+    /// Made by this server but too old: ask again with `stale=true`.
+    Expired,
+    /// Not made by this server (forged, or from before a restart).
+    Unknown,
+}
+
+const NONCE_RAW_BYTES: usize = 8 + 4 + 16;
+
+/// Issues and checks stateless nonces.
+pub struct NonceIssuer {
+    key: [u8; 32],
+    lifetime_secs: u64,
+    counter: u32,
+}
+
+impl NonceIssuer {
+    pub fn new(key: [u8; 32], lifetime_secs: u64) -> NonceIssuer {
+        NonceIssuer {
+            key,
+            lifetime_secs,
+            counter: 0,
+        }
+    }
+
+    /// A fresh nonce. `now_secs` is any monotonic count of seconds.
+    pub fn issue(&mut self, now_secs: u64) -> String {
+        self.counter = self.counter.wrapping_add(1);
+        let mut raw = [0u8; NONCE_RAW_BYTES];
+        raw[..8].copy_from_slice(&now_secs.to_be_bytes());
+        raw[8..12].copy_from_slice(&self.counter.to_be_bytes());
+        let tag = self.mac(&raw[..12]);
+        raw[12..].copy_from_slice(&tag);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    pub fn check(&self, nonce: &str, now_secs: u64) -> NonceStatus {
+        let mut raw = [0u8; NONCE_RAW_BYTES + 3];
+        let Ok(NONCE_RAW_BYTES) = URL_SAFE_NO_PAD.decode_slice(nonce.as_bytes(), &mut raw) else {
+            return NonceStatus::Unknown;
+        };
+        let tag = self.mac(&raw[..12]);
+        if !bool::from(tag.ct_eq(&raw[12..NONCE_RAW_BYTES])) {
+            return NonceStatus::Unknown;
+        }
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&raw[..8]);
+        let issued = u64::from_be_bytes(ts);
+        if issued > now_secs || now_secs - issued > self.lifetime_secs {
+            NonceStatus::Expired
+        } else {
+            NonceStatus::Fresh
+        }
+    }
+
+    fn mac(&self, data: &[u8]) -> [u8; 16] {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
+            .expect("HMAC takes any key length");
+        mac.update(data);
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc2617_md5_example_with_sip_method() {
+        // RFC 2617 §3.5's worked example: same arithmetic, GET method.
+        let c = Credentials {
+            username: "Mufasa".into(),
+            realm: "testrealm@host.com".into(),
+            nonce: "dcd98b7102dd2f0e8b11d0f600bfb0c093".into(),
+            uri: "/dir/index.html".into(),
+            response: "6629fae49393a05397450978507c4ef1".into(),
+            algorithm: Algorithm::Md5,
+            cnonce: "0a4f113b".into(),
+            nc: 1,
+        };
+        let h = ha1(
+            Algorithm::Md5,
+            "Mufasa",
+            "testrealm@host.com",
+            "Circle Of Life",
+        );
+        assert!(c.verify("GET", &h));
+        assert!(!c.verify("POST", &h));
+    }
+
+    #[test]
+    fn rfc7616_sha256_example() {
+        // RFC 7616 §3.9.1, SHA-256 variant.
+        let c = Credentials {
+            username: "Mufasa".into(),
+            realm: "http-auth@example.org".into(),
+            nonce: "7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v".into(),
+            uri: "/dir/index.html".into(),
+            response: "753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1".into(),
+            algorithm: Algorithm::Sha256,
+            cnonce: "f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ".into(),
+            nc: 1,
+        };
+        let h = ha1(
+            Algorithm::Sha256,
+            "Mufasa",
+            "http-auth@example.org",
+            "Circle of Life",
+        );
+        assert!(c.verify("GET", &h));
+    }
+
+    #[test]
+    fn parses_credentials_and_round_trips() {
+        let v = r#"Digest username="100", realm="parley", nonce="abc", uri="sip:pbx;transport=tls", response="0123456789abcdef0123456789abcdef", cnonce="xyz", qop=auth, nc=0000000a"#;
+        let c = Credentials::parse(v).unwrap();
+        assert_eq!(c.username, "100");
+        assert_eq!(c.uri, "sip:pbx;transport=tls");
+        assert_eq!(c.algorithm, Algorithm::Md5);
+        assert_eq!(c.nc, 10);
+        assert_eq!(Credentials::parse(&c.to_header()).unwrap(), c);
+    }
+
+    #[test]
+    fn refuses_bad_credentials() {
+        let ok = r#"Digest username="u", realm="r", nonce="n", uri="sip:h", response="x", cnonce="c", qop=auth, nc=00000001"#;
+        assert!(Credentials::parse(ok).is_ok());
+        assert_eq!(
+            Credentials::parse("Basic dXNlcjpwdw==").unwrap_err(),
+            DigestError::NotDigest
+        );
+        assert_eq!(
+            Credentials::parse(&ok.replace("qop=auth", "qop=auth-int")).unwrap_err(),
+            DigestError::UnsupportedQop
+        );
+        assert_eq!(
+            Credentials::parse(&ok.replace(", qop=auth", "")).unwrap_err(),
+            DigestError::UnsupportedQop
+        );
+        assert_eq!(
+            Credentials::parse(&format!("{ok}, algorithm=SHA-512-256")).unwrap_err(),
+            DigestError::UnsupportedAlgorithm
+        );
+        assert_eq!(
+            Credentials::parse(&ok.replace("nc=00000001", "nc=1")).unwrap_err(),
+            DigestError::Malformed
+        );
+        assert_eq!(
+            Credentials::parse(&format!("{ok}, username=\"again\"")).unwrap_err(),
+            DigestError::Malformed
+        );
+        assert_eq!(
+            Credentials::parse(&ok.replace("username=\"u\", ", "")).unwrap_err(),
+            DigestError::Missing("username")
+        );
+        let long = format!("Digest username=\"{}\"", "a".repeat(MAX_CREDENTIALS_BYTES));
+        assert_eq!(Credentials::parse(&long).unwrap_err(), DigestError::TooLong);
+    }
+
+    #[test]
+    fn challenge_answer_verifies_for_both_algorithms() {
+        for alg in [Algorithm::Md5, Algorithm::Sha256] {
+            let text = challenge("parley \"office\"", "nonce1", alg, true);
+            let ch = Challenge::parse(&text).unwrap();
+            assert_eq!(ch.realm, "parley \"office\"");
+            assert!(ch.stale);
+            let creds = ch.answer("REGISTER", "sip:pbx", "100", "secret", "cn", 1);
+            let parsed = Credentials::parse(&creds.to_header()).unwrap();
+            assert!(parsed.verify("REGISTER", &ha1(alg, "100", "parley \"office\"", "secret")));
+            assert!(!parsed.verify("REGISTER", &ha1(alg, "100", "parley \"office\"", "wrong")));
+        }
+    }
+
+    #[test]
+    fn nonces_are_authentic_fresh_then_expired() {
+        let mut issuer = NonceIssuer::new([7; 32], 300);
+        let n1 = issuer.issue(1000);
+        let n2 = issuer.issue(1000);
+        assert_ne!(n1, n2);
+        assert_eq!(issuer.check(&n1, 1000), NonceStatus::Fresh);
+        assert_eq!(issuer.check(&n1, 1300), NonceStatus::Fresh);
+        assert_eq!(issuer.check(&n1, 1301), NonceStatus::Expired);
+        assert_eq!(issuer.check(&n1, 999), NonceStatus::Expired);
+        let other = NonceIssuer::new([8; 32], 300);
+        assert_eq!(other.check(&n1, 1000), NonceStatus::Unknown);
+        let mut tampered = n1.clone().into_bytes();
+        tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
+        assert_eq!(
+            issuer.check(std::str::from_utf8(&tampered).unwrap(), 1000),
+            NonceStatus::Unknown
+        );
+        assert_eq!(issuer.check("short", 1000), NonceStatus::Unknown);
+        assert_eq!(issuer.check(&"A".repeat(500), 1000), NonceStatus::Unknown);
+    }
+}
