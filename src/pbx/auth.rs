@@ -41,11 +41,14 @@ pub enum AuthResult {
     Malformed(DigestError),
 }
 
+/// The last nonce count seen for each recently used nonce of one extension.
+type NonceCounts = SmallVec<[(Box<str>, u32); NONCES_PER_EXTENSION]>;
+
 pub struct Authenticator {
     realm: String,
     nonces: NonceIssuer,
     dummy_key: [u8; 32],
-    seen: HashMap<Box<str>, SmallVec<[(Box<str>, u32); NONCES_PER_EXTENSION]>>,
+    seen: HashMap<Box<str>, NonceCounts>,
     /// User-Agent prefixes that get an MD5-only challenge.
     md5_only_agents: Vec<String>,
 }

@@ -3,7 +3,9 @@
 //! layer of `sip` and returns what to send, what to store and what happened.
 
 pub mod auth;
+pub mod core;
 pub mod directory;
+pub mod events;
 pub mod lockout;
 pub mod policy;
 pub mod registrar;

@@ -7,3 +7,4 @@ pub mod message;
 pub mod stream;
 pub mod transaction;
 pub mod transport;
+pub mod ua;

@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{HeaderName, Message};
+use std::net::SocketAddr;
+
+use super::{HeaderName, Message, grammar};
 
 /// Builds a request or response. Header values are written as given,
 /// except that CR and LF become spaces, so no value can start a new header.
@@ -43,9 +45,30 @@ impl MessageBuilder {
         reason: &str,
         to_tag: Option<&str>,
     ) -> MessageBuilder {
+        Self::response_to_peer(req, None, status, reason, to_tag)
+    }
+
+    /// Like [`MessageBuilder::response_to`], and also records where the
+    /// request really came from in the top Via: `received` (RFC 3261
+    /// §18.2.1) and the `rport` value when the client asked (RFC 3581).
+    pub fn response_to_peer(
+        req: &Message,
+        source: Option<SocketAddr>,
+        status: u16,
+        reason: &str,
+        to_tag: Option<&str>,
+    ) -> MessageBuilder {
         let mut b = MessageBuilder::response(status, reason);
+        let mut first_via = true;
         for (name, _, value) in req.fields() {
             match name {
+                HeaderName::Via if first_via => {
+                    first_via = false;
+                    match source {
+                        Some(src) => b.header(name, &stamp_top_via(value, src)),
+                        None => b.header(name, value),
+                    };
+                }
                 HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq => {
                     b.header(name, value);
                 }
@@ -66,6 +89,62 @@ impl MessageBuilder {
             }
         }
         b
+    }
+
+    /// An error response (`400`, or `505` for a bad version) for bytes that did not parse, built from whatever header
+    /// lines can still be read. `None` when the bytes are not a request
+    /// (or are an ACK, which is never answered) or lack the headers a
+    /// response must copy.
+    pub fn error_response_for_raw(
+        raw: &[u8],
+        source: SocketAddr,
+        status: u16,
+        reason: &str,
+    ) -> Option<Bytes> {
+        let text = std::str::from_utf8(raw).ok()?;
+        let mut lines = text.trim_start_matches(['\r', '\n']).lines();
+        let method = lines.next()?.split(' ').next()?;
+        if method.is_empty()
+            || method.starts_with("SIP/")
+            || method == "ACK"
+            || !grammar::is_token(method)
+        {
+            return None;
+        }
+        let mut b = MessageBuilder::response(status, reason);
+        let mut seen = [false; 5];
+        let mut first_via = true;
+        for line in lines {
+            if line.is_empty() {
+                break;
+            }
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let name = HeaderName::from_name(name.trim_end().as_bytes());
+            let value = grammar::trim_lws(value);
+            if value.bytes().any(|c| c < 0x20 && c != b'\t') {
+                continue;
+            }
+            let slot = match name {
+                HeaderName::Via => 0,
+                HeaderName::From => 1,
+                HeaderName::To => 2,
+                HeaderName::CallId => 3,
+                HeaderName::CSeq => 4,
+                _ => continue,
+            };
+            if slot == 0 && first_via {
+                first_via = false;
+                b.header(name, &stamp_top_via(value, source));
+            } else if slot != 0 && seen[slot] {
+                continue;
+            } else {
+                b.header(name, value);
+            }
+            seen[slot] = true;
+        }
+        seen.iter().all(|&s| s).then(|| b.finish())
     }
 
     pub fn header(&mut self, name: HeaderName, value: &str) -> &mut MessageBuilder {
@@ -123,5 +202,114 @@ impl std::fmt::Write for MessageBuilder {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         self.buf.put_slice(s.as_bytes());
         Ok(())
+    }
+}
+
+/// The top Via value with `received` and, when asked for, `rport` filled
+/// in. Only the first value of a comma list is touched.
+fn stamp_top_via(field: &str, source: SocketAddr) -> String {
+    let split = grammar::find_top_level(field, b',');
+    let (first, rest) = match split {
+        Some(i) => (&field[..i], Some(&field[i..])),
+        None => (field, None),
+    };
+    let (base, params) = match grammar::find_top_level(first, b';') {
+        Some(i) => (&first[..i], &first[i..]),
+        None => (first, ""),
+    };
+    let mut out = String::with_capacity(field.len() + 40);
+    out.push_str(base.trim_end());
+    for p in grammar::params(params) {
+        if p.name.eq_ignore_ascii_case("received") {
+            continue;
+        }
+        out.push(';');
+        if p.name.eq_ignore_ascii_case("rport") {
+            let _ = write!(out, "rport={}", source.port());
+            continue;
+        }
+        out.push_str(p.name);
+        if let Some(v) = p.value {
+            out.push('=');
+            out.push_str(v);
+        }
+    }
+    // The address of a dual-stack socket's IPv4 peer is written as IPv4.
+    let ip = match source.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(std::net::IpAddr::V4)
+            .unwrap_or(source.ip()),
+        ip => ip,
+    };
+    let _ = write!(out, ";received={ip}");
+    if let Some(rest) = rest {
+        out.push_str(rest);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::message::Framing;
+
+    #[test]
+    fn top_via_gets_received_and_rport() {
+        let src: SocketAddr = "203.0.113.5:40123".parse().unwrap();
+        assert_eq!(
+            stamp_top_via(
+                "SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK1;rport, SIP/2.0/UDP p;branch=z9hG4bK2",
+                src
+            ),
+            "SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK1;rport=40123;received=203.0.113.5, SIP/2.0/UDP p;branch=z9hG4bK2"
+        );
+        assert_eq!(
+            stamp_top_via("SIP/2.0/TLS h;received=1.1.1.1;branch=z9hG4bK1", src),
+            "SIP/2.0/TLS h;branch=z9hG4bK1;received=203.0.113.5"
+        );
+        let v6: SocketAddr = "[2001:db8::7]:5060".parse().unwrap();
+        assert!(stamp_top_via("SIP/2.0/UDP [2001:db8::7]", v6).ends_with(";received=2001:db8::7"));
+    }
+
+    #[test]
+    fn bad_request_salvages_what_it_can() {
+        let src: SocketAddr = "192.0.2.1:5060".parse().unwrap();
+        let raw = b"REGISTER sip:h SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\nFrom: <sip:a@h>;tag=1\r\n\
+To: <sip:a@h>\r\nCall-ID: x\r\nCSeq: 1 REGISTER\r\nContent-Length: 99\r\n\r\n";
+        let resp = MessageBuilder::error_response_for_raw(
+            raw,
+            src,
+            400,
+            "Body Shorter Than Content-Length",
+        )
+        .unwrap();
+        let m = Message::parse(resp, Framing::Datagram).unwrap();
+        assert_eq!(m.status(), Some(400));
+        assert_eq!(m.reason(), "Body Shorter Than Content-Length");
+        assert_eq!(m.call_id(), Some("x"));
+        assert_eq!(
+            m.top_via().unwrap().param("received"),
+            Some(Some("192.0.2.1"))
+        );
+        // No answer to ACKs, responses, or when headers are missing.
+        assert!(
+            MessageBuilder::error_response_for_raw(b"ACK sip:h SIP/2.0\r\n\r\n", src, 400, "x")
+                .is_none()
+        );
+        assert!(
+            MessageBuilder::error_response_for_raw(b"SIP/2.0 200 OK\r\n\r\n", src, 400, "x")
+                .is_none()
+        );
+        assert!(
+            MessageBuilder::error_response_for_raw(
+                b"OPTIONS sip:h SIP/2.0\r\nVia: x\r\n\r\n",
+                src,
+                400,
+                "x"
+            )
+            .is_none()
+        );
+        assert!(MessageBuilder::error_response_for_raw(&[0xff, 0xfe], src, 400, "x").is_none());
     }
 }

@@ -8,6 +8,7 @@
 //! turning the line break into spaces, so every span stays valid.
 
 pub mod builder;
+pub mod date;
 pub mod grammar;
 pub mod header;
 pub mod limits;

@@ -1,0 +1,579 @@
+//! The whole registrar path in virtual time: a phone (the client state
+//! machine of `sip::ua`) talks to the core; nothing touches a socket.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::pbx::directory::Extension;
+use crate::pbx::policy::EncryptionPolicy;
+use crate::sip::digest::{Algorithm, ha1};
+use crate::sip::ua::{RegisterOutcome, Registration};
+
+const REALM: &str = "parley.test";
+const UNIX_START: u64 = 1_795_824_000;
+
+struct Harness {
+    core: Core,
+    now: Instant,
+    events: Vec<Event>,
+    store: Vec<StoreOp>,
+    pins: Vec<(ConnId, bool)>,
+}
+
+impl Harness {
+    fn new(cfg: CoreConfig) -> Harness {
+        let now = Instant::now();
+        let mut core = Core::new(
+            cfg,
+            CoreKeys {
+                nonce: [3; 32],
+                dummy_ha1: [4; 32],
+            },
+            now,
+            Duration::from_secs(UNIX_START),
+        );
+        core.set_directory(
+            now,
+            Directory::new([
+                ext("100", "pw100", EncryptionPolicy::RequiredRemote),
+                ext("101", "pw101", EncryptionPolicy::Required),
+                ext("102", "pw102", EncryptionPolicy::Off),
+            ]),
+        );
+        Harness {
+            core,
+            now,
+            events: vec![],
+            store: vec![],
+            pins: vec![],
+        }
+    }
+
+    /// Feeds one message and returns every transmit it caused.
+    fn send(&mut self, flow: Flow, bytes: Bytes) -> Vec<Message> {
+        self.core.handle_message(self.now, flow, bytes);
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Message> {
+        let mut sent = vec![];
+        while let Some(o) = self.core.poll_output() {
+            match o {
+                Output::Transmit(t) => {
+                    sent.push(Message::parse(t.bytes, Framing::Datagram).unwrap())
+                }
+                Output::Event(e) => self.events.push(e),
+                Output::Store(s) => self.store.push(s),
+                Output::Pin { conn, pinned } => self.pins.push((conn, pinned)),
+            }
+        }
+        sent
+    }
+
+    fn advance(&mut self, d: Duration) {
+        let target = self.now + d;
+        while let Some(t) = self.core.poll_timeout().filter(|t| *t <= target) {
+            self.now = t.max(self.now);
+            self.core.handle_timeout(self.now);
+            self.drain();
+        }
+        self.now = target;
+    }
+
+    /// Runs a full registration; returns the last response.
+    fn register(&mut self, ua: &mut Registration, flow: Flow) -> (RegisterOutcome, Message) {
+        for _ in 0..3 {
+            let req = ua.build();
+            let resp = self.send(flow, req).pop().expect("an answer");
+            let outcome = ua.handle_response(&resp);
+            if outcome != RegisterOutcome::Challenged {
+                return (outcome, resp);
+            }
+        }
+        panic!("no final outcome");
+    }
+
+    fn registrations(&self) -> Vec<(String, Change)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Registration(r) => Some((r.extension.clone(), r.change)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn security(&self) -> Vec<&SecurityEvent> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Security(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn ext(number: &str, password: &str, encryption: EncryptionPolicy) -> Extension {
+    Extension {
+        number: number.into(),
+        name: None,
+        realm: REALM.into(),
+        ha1_md5: ha1(Algorithm::Md5, number, REALM, password),
+        ha1_sha256: ha1(Algorithm::Sha256, number, REALM, password),
+        encryption,
+    }
+}
+
+fn cfg() -> CoreConfig {
+    let mut c = CoreConfig::new(REALM);
+    c.lockout = LockoutConfig {
+        per_extension_failures: 3,
+        per_source_failures: 6,
+        window: Duration::from_secs(600),
+        block: Duration::from_secs(900),
+    };
+    c
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn udp_from(remote: &str) -> Flow {
+    Flow::udp(addr("127.0.0.1:5060"), addr(remote))
+}
+
+fn tls_from(remote: &str, conn: ConnId) -> Flow {
+    Flow::stream(Transport::Tls, addr("127.0.0.1:5061"), addr(remote), conn)
+}
+
+fn phone(user: &str, pw: &str, flow: Flow) -> Registration {
+    let mut r = Registration::new(user, pw, REALM, flow.transport, flow.remote);
+    r.expires = 600;
+    r
+}
+
+#[test]
+fn challenge_offers_sha256_then_md5_and_marks_the_via() {
+    let mut h = Harness::new(cfg());
+    let flow = udp_from("192.168.1.20:5062");
+    let mut ua = phone("100", "pw100", flow);
+    let resp = h.send(flow, ua.build()).pop().unwrap();
+    assert_eq!(resp.status(), Some(401));
+    let ch: Vec<_> = resp.headers(HeaderName::WwwAuthenticate).collect();
+    assert_eq!(ch.len(), 2);
+    assert!(ch[0].contains("algorithm=SHA-256") && ch[0].contains("qop=\"auth\""));
+    assert!(ch[1].contains("algorithm=MD5"));
+    assert!(resp.to().unwrap().tag().is_some());
+    let via = resp.top_via().unwrap();
+    assert_eq!(via.param("received"), Some(Some("192.168.1.20")));
+    assert_eq!(via.param("rport"), Some(Some("5062")));
+    assert_eq!(resp.header(HeaderName::Server), Some("Parley"));
+}
+
+#[test]
+fn register_with_either_algorithm_then_refresh_and_unregister() {
+    for prefer in [Algorithm::Sha256, Algorithm::Md5] {
+        let mut h = Harness::new(cfg());
+        let flow = udp_from("192.168.1.20:5062");
+        let mut ua = phone("100", "pw100", flow);
+        ua.prefer = prefer;
+        let (outcome, resp) = h.register(&mut ua, flow);
+        assert_eq!(outcome, RegisterOutcome::Registered { expires: 600 });
+        assert_eq!(
+            resp.header(HeaderName::Date),
+            Some("Sat, 28 Nov 2026 00:00:00 GMT")
+        );
+        assert_eq!(h.registrations(), vec![("100".into(), Change::Added)]);
+        assert!(
+            matches!(&h.store[..], [StoreOp::SaveBinding(b)] if b.expires_at_unix == UNIX_START + 600 && b.remote == flow.remote)
+        );
+
+        // A refresh reuses the nonce with the next nonce count: no new challenge.
+        h.advance(Duration::from_secs(100));
+        let resp = h.send(flow, ua.build()).pop().unwrap();
+        assert_eq!(
+            ua.handle_response(&resp),
+            RegisterOutcome::Registered { expires: 600 }
+        );
+
+        ua.expires = 0;
+        let resp = h.send(flow, ua.build()).pop().unwrap();
+        assert_eq!(ua.handle_response(&resp), RegisterOutcome::Unregistered);
+        assert_eq!(
+            h.registrations(),
+            vec![
+                ("100".into(), Change::Added),
+                ("100".into(), Change::Refreshed),
+                ("100".into(), Change::Removed)
+            ]
+        );
+        assert!(matches!(
+            h.store.last(),
+            Some(StoreOp::DeleteBinding { .. })
+        ));
+        assert_eq!(h.core.registrar().count(), 0);
+    }
+}
+
+#[test]
+fn retransmitted_register_gets_the_same_answer_without_being_processed_again() {
+    let mut h = Harness::new(cfg());
+    let flow = udp_from("192.168.1.20:5062");
+    let mut ua = phone("100", "pw100", flow);
+    let first = ua.build();
+    h.send(flow, first.clone());
+    let challenge = h.send(flow, first).pop().unwrap();
+    ua.handle_response(&challenge);
+    let req = ua.build();
+    let a = h.send(flow, req.clone()).pop().unwrap();
+    let b = h.send(flow, req).pop().unwrap();
+    assert_eq!(a.as_bytes(), b.as_bytes());
+    assert_eq!(h.registrations().len(), 1);
+}
+
+#[test]
+fn wrong_password_and_unknown_extension_get_identical_answers() {
+    let mut h = Harness::new(cfg());
+    let flow = udp_from("192.168.1.20:5062");
+    let mut wrong = phone("100", "bad", flow);
+    let mut unknown = phone("555", "bad", flow);
+    let (o1, r1) = h.register(&mut wrong, flow);
+    let (o2, r2) = h.register(&mut unknown, flow);
+    assert!(matches!(o1, RegisterOutcome::Failed { status: 401, .. }));
+    assert!(matches!(o2, RegisterOutcome::Failed { status: 401, .. }));
+    // Same status, reason and header names in the same order.
+    let shape =
+        |m: &Message| -> Vec<String> { m.fields().map(|(_, n, _)| n.to_string()).collect() };
+    assert_eq!(
+        (r1.status(), r1.reason(), shape(&r1)),
+        (r2.status(), r2.reason(), shape(&r2))
+    );
+    let www = |m: &Message| -> Vec<String> {
+        m.headers(HeaderName::WwwAuthenticate)
+            .map(|v| v.split("nonce").next().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(www(&r1), www(&r2));
+    assert_eq!(h.security().len(), 2);
+}
+
+#[test]
+fn repeated_failures_block_the_pair_then_the_source() {
+    let mut h = Harness::new(cfg());
+    let office = udp_from("192.168.1.20:5062");
+    let mut stale_phone = phone("100", "old-password", office);
+    for _ in 0..3 {
+        h.register(&mut stale_phone, office);
+    }
+    assert!(h.security().iter().any(|e| matches!(
+        e,
+        SecurityEvent::Blocked {
+            scope: BlockScope::SourceAndExtension,
+            ..
+        }
+    )));
+    // Now even the right password from that address for 100 is refused...
+    let mut right = phone("100", "pw100", office);
+    let resp = h.send(office, right.build()).pop().unwrap();
+    assert_eq!(
+        (resp.status(), resp.reason()),
+        (Some(403), "Too Many Failed Attempts")
+    );
+    // ...but another phone behind the same NAT registers fine.
+    let colleague_flow = udp_from("192.168.1.20:5070");
+    let mut colleague = phone("102", "pw102", colleague_flow);
+    assert!(matches!(
+        h.register(&mut colleague, colleague_flow).0,
+        RegisterOutcome::Registered { .. }
+    ));
+
+    // A scanner trying many extensions from one address trips the source block.
+    let scanner = udp_from("203.0.113.50:5060");
+    for n in 0..6 {
+        let mut s = phone(&format!("{}", 200 + n), "guess", scanner);
+        h.register(&mut s, scanner);
+    }
+    let mut real = phone("102", "pw102", scanner);
+    let resp = h.send(scanner, real.build()).pop().unwrap();
+    assert_eq!(resp.status(), Some(403));
+    // Blocks end.
+    h.advance(Duration::from_secs(901));
+    let mut right = phone("100", "pw100", office);
+    assert!(matches!(
+        h.register(&mut right, office).0,
+        RegisterOutcome::Registered { .. }
+    ));
+}
+
+#[test]
+fn policy_requires_tls_outside_the_lan_but_only_after_credentials_check_out() {
+    let mut c = cfg();
+    c.lan = LanNetworks::new(vec!["192.168.0.0/16".parse().unwrap()]);
+    let mut h = Harness::new(c);
+    let road_udp = udp_from("198.51.100.9:5060");
+    let mut ua = phone("100", "pw100", road_udp);
+    let (outcome, _) = h.register(&mut ua, road_udp);
+    assert_eq!(
+        outcome,
+        RegisterOutcome::Failed {
+            status: 403,
+            reason: "TLS Required Outside The LAN".into(),
+            min_expires: None
+        }
+    );
+    assert!(
+        h.security()
+            .iter()
+            .any(|e| matches!(e, SecurityEvent::PolicyViolation { .. }))
+    );
+    // A stranger with a wrong password learns nothing about the policy.
+    let mut stranger = phone("100", "guess", road_udp);
+    assert!(matches!(
+        h.register(&mut stranger, road_udp).0,
+        RegisterOutcome::Failed { status: 401, .. }
+    ));
+    // Over TLS the same phone registers.
+    let road_tls = tls_from("198.51.100.9:40000", 11);
+    let mut ua = phone("100", "pw100", road_tls);
+    assert!(matches!(
+        h.register(&mut ua, road_tls).0,
+        RegisterOutcome::Registered { .. }
+    ));
+    // From the LAN, UDP is fine for required-remote but not for required.
+    let lan = udp_from("192.168.1.30:5060");
+    let mut desk = phone("100", "pw100", lan);
+    assert!(matches!(
+        h.register(&mut desk, lan).0,
+        RegisterOutcome::Registered { .. }
+    ));
+    let mut strict = phone("101", "pw101", lan);
+    assert_eq!(
+        h.register(&mut strict, lan).0,
+        RegisterOutcome::Failed {
+            status: 403,
+            reason: "TLS Required By Encryption Policy".into(),
+            min_expires: None
+        }
+    );
+}
+
+#[test]
+fn too_brief_interval_gets_423_with_min_expires() {
+    let mut h = Harness::new(cfg());
+    let flow = udp_from("192.168.1.20:5062");
+    let mut ua = phone("100", "pw100", flow);
+    ua.expires = 10;
+    let (outcome, _) = h.register(&mut ua, flow);
+    assert_eq!(
+        outcome,
+        RegisterOutcome::Failed {
+            status: 423,
+            reason: "Interval Too Brief".into(),
+            min_expires: Some(60)
+        }
+    );
+}
+
+#[test]
+fn stale_nonce_is_rechallenged_with_stale_true() {
+    let mut h = Harness::new(cfg());
+    let flow = udp_from("192.168.1.20:5062");
+    let mut ua = phone("100", "pw100", flow);
+    h.register(&mut ua, flow);
+    h.advance(Duration::from_secs(301));
+    let resp = h.send(flow, ua.build()).pop().unwrap();
+    assert_eq!(resp.status(), Some(401));
+    assert!(
+        resp.headers(HeaderName::WwwAuthenticate)
+            .all(|v| v.contains("stale=true"))
+    );
+    assert_eq!(ua.handle_response(&resp), RegisterOutcome::Challenged);
+    assert!(h.security().is_empty(), "a stale nonce is not a failure");
+    let resp = h.send(flow, ua.build()).pop().unwrap();
+    assert!(matches!(
+        ua.handle_response(&resp),
+        RegisterOutcome::Registered { .. }
+    ));
+}
+
+#[test]
+fn bindings_expire_in_virtual_time() {
+    let mut h = Harness::new(cfg());
+    let flow = udp_from("192.168.1.20:5062");
+    let mut ua = phone("100", "pw100", flow);
+    ua.expires = 60;
+    h.register(&mut ua, flow);
+    h.advance(Duration::from_secs(59));
+    assert_eq!(h.core.registrar().count(), 1);
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.core.registrar().count(), 0);
+    assert_eq!(
+        h.registrations().last(),
+        Some(&("100".into(), Change::Expired))
+    );
+    assert!(matches!(
+        h.store.last(),
+        Some(StoreOp::DeleteBinding { .. })
+    ));
+}
+
+#[test]
+fn tls_bindings_pin_their_connection_and_die_with_it() {
+    let mut h = Harness::new(cfg());
+    let flow = tls_from("198.51.100.9:40000", 42);
+    let mut ua = phone("100", "pw100", flow);
+    h.register(&mut ua, flow);
+    assert_eq!(h.pins, vec![(42, true)]);
+    assert!(h.store.is_empty(), "TLS bindings are not persisted");
+    h.core.handle_flow_closed(h.now, flow);
+    h.drain();
+    assert_eq!(h.pins, vec![(42, true), (42, false)]);
+    assert_eq!(
+        h.registrations().last(),
+        Some(&("100".into(), Change::FlowClosed))
+    );
+    assert_eq!(h.core.registrar().count(), 0);
+}
+
+#[test]
+fn options_lists_capabilities() {
+    let mut h = Harness::new(cfg());
+    let flow = tls_from("198.51.100.9:40000", 1);
+    let req = Bytes::from_static(
+        b"OPTIONS sip:parley.test SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.9:40000;branch=z9hG4bKo1\r\n\
+          From: <sip:x@y>;tag=1\r\nTo: <sip:parley.test>\r\nCall-ID: o1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n\
+          Content-Length: 0\r\n\r\n",
+    );
+    let resp = h.send(flow, req).pop().unwrap();
+    assert_eq!(resp.status(), Some(200));
+    assert_eq!(resp.header(HeaderName::Allow), Some(ALLOWED_METHODS));
+    assert_eq!(resp.header(HeaderName::Accept), Some("application/sdp"));
+    assert!(resp.header(HeaderName::Supported).is_some());
+}
+
+fn request(method: &str, extra: &str) -> Bytes {
+    Bytes::from(format!(
+        "{method} sip:100@parley.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK{method}{}\r\n\
+         From: <sip:x@y>;tag=1\r\nTo: <sip:100@parley.test>\r\nCall-ID: c\r\nCSeq: 1 {method}\r\n{extra}Content-Length: 0\r\n\r\n",
+        extra.len()
+    ))
+}
+
+#[test]
+fn bad_and_unsupported_requests_get_clear_errors() {
+    let mut h = Harness::new(cfg());
+    let flow = udp_from("192.0.2.1:5060");
+    let cases: Vec<(Bytes, u16, &str)> = vec![
+        (request("FOO", ""), 501, "Not Implemented"),
+        (request("INVITE", ""), 405, "Method Not Allowed"),
+        (request("OPTIONS", "Require: 100rel, timer\r\n"), 420, "Bad Extension"),
+        (request("CANCEL", ""), 481, "Call/Transaction Does Not Exist"),
+        (
+            Bytes::from_static(b"OPTIONS sip:h SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKq\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:h>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n"),
+            400,
+            "CSeq Method Does Not Match",
+        ),
+        (
+            Bytes::from_static(b"OPTIONS sip:h SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKr\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:h>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 40\r\n\r\n"),
+            400,
+            "Body Shorter Than Content-Length",
+        ),
+        (
+            Bytes::from_static(b"OPTIONS sip:h SIP/3.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKs\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:h>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n\r\n"),
+            505,
+            "Version Not Supported",
+        ),
+        (
+            Bytes::from_static(b"OPTIONS tel:+1555 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKt\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:h>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n\r\n"),
+            416,
+            "Unsupported URI Scheme",
+        ),
+    ];
+    for (req, status, reason) in cases {
+        let resp = h.send(flow, req.clone());
+        assert_eq!(resp.len(), 1, "one answer to {req:?}");
+        assert_eq!(
+            (resp[0].status(), resp[0].reason()),
+            (Some(status), reason),
+            "for {req:?}"
+        );
+    }
+    assert_eq!(
+        h.send(flow, request("REGISTER", "").slice(..40)).len(),
+        0,
+        "nothing to answer with when the headers are cut off"
+    );
+    assert!(
+        h.send(flow, request("ACK", "Content-Length: 99\r\n"))
+            .is_empty(),
+        "ACK is never answered"
+    );
+}
+
+#[test]
+fn deleted_extensions_lose_bindings_and_restarts_restore_udp_ones() {
+    let mut h = Harness::new(cfg());
+    let flow = udp_from("192.168.1.20:5062");
+    let mut ua = phone("100", "pw100", flow);
+    h.register(&mut ua, flow);
+    let saved: Vec<StoredBinding> = h
+        .store
+        .iter()
+        .filter_map(|s| match s {
+            StoreOp::SaveBinding(b) => Some(b.clone()),
+            _ => None,
+        })
+        .collect();
+
+    let now = h.now;
+    h.core.set_directory(
+        now,
+        Directory::new([ext("102", "pw102", EncryptionPolicy::Off)]),
+    );
+    h.drain();
+    assert_eq!(
+        h.registrations().last(),
+        Some(&("100".into(), Change::ExtensionRemoved))
+    );
+
+    // A new core (a restart, 100 s later) with the same extensions restores it.
+    let mut h2 = Harness::new(cfg());
+    h2.now = h.now;
+    let later = h2.now + Duration::from_secs(100);
+    let mut core = Core::new(
+        cfg(),
+        CoreKeys {
+            nonce: [5; 32],
+            dummy_ha1: [6; 32],
+        },
+        later,
+        Duration::from_secs(UNIX_START + 100),
+    );
+    core.set_directory(
+        later,
+        Directory::new([ext("100", "pw100", EncryptionPolicy::RequiredRemote)]),
+    );
+    assert_eq!(core.restore_bindings(later, saved.clone()), 1);
+    let b = &core.registrar().bindings("100")[0];
+    assert_eq!(b.expires_in(later), 500);
+    assert_eq!(b.flow, flow);
+    // Expired ones are not restored.
+    let much_later = later + Duration::from_secs(1000);
+    let mut core = Core::new(
+        cfg(),
+        CoreKeys {
+            nonce: [5; 32],
+            dummy_ha1: [6; 32],
+        },
+        much_later,
+        Duration::from_secs(UNIX_START + 1100),
+    );
+    core.set_directory(
+        much_later,
+        Directory::new([ext("100", "pw100", EncryptionPolicy::RequiredRemote)]),
+    );
+    assert_eq!(core.restore_bindings(much_later, saved), 0);
+}

@@ -1,0 +1,83 @@
+//! What the core tells the rest of Parley: events a console can subscribe
+//! to, and the writes the store must make.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::lockout::BlockScope;
+use super::policy::PolicyViolation;
+use super::registrar::Change;
+use crate::sip::transport::Transport;
+
+/// A registration appeared, was refreshed or went away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationEvent {
+    pub extension: String,
+    pub contact: String,
+    pub transport: Transport,
+    pub remote: SocketAddr,
+    pub user_agent: Option<String>,
+    pub change: Change,
+    /// Seconds the binding has left (0 for removals).
+    pub expires_in: u32,
+}
+
+/// Something an administrator should be able to review.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecurityEvent {
+    /// Wrong password or unknown extension.
+    AuthFailed {
+        source: IpAddr,
+        extension: String,
+        transport: Transport,
+    },
+    /// Repeated failures started a temporary block.
+    Blocked {
+        source: IpAddr,
+        extension: String,
+        scope: BlockScope,
+        failures: u32,
+        seconds: u64,
+    },
+    /// Valid credentials, refused by the encryption policy.
+    PolicyViolation {
+        source: IpAddr,
+        extension: String,
+        transport: Transport,
+        violation: PolicyViolation,
+    },
+    /// One extension's credentials used for another's address.
+    WrongUser {
+        source: IpAddr,
+        extension: String,
+        username: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Registration(RegistrationEvent),
+    Security(SecurityEvent),
+}
+
+/// A UDP binding as the store keeps it, so it survives a restart. (TCP and
+/// TLS bindings die with their connection and are never stored.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBinding {
+    pub extension: String,
+    pub key: String,
+    pub contact: String,
+    pub instance: Option<String>,
+    pub reg_id: Option<u32>,
+    pub call_id: String,
+    pub cseq: u32,
+    pub expires_at_unix: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub user_agent: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    SaveBinding(StoredBinding),
+    DeleteBinding { extension: String, key: String },
+}
