@@ -3,5 +3,10 @@
 //! See `ARCHITECTURE.md` at the repository root for the layers and the path
 //! of a request through them.
 
+pub mod config;
 pub mod pbx;
+pub mod runtime;
 pub mod sip;
+pub mod store;
+pub mod tls;
+pub mod web;

@@ -58,3 +58,23 @@ impl Directory {
         self.by_number.values()
     }
 }
+
+/// Longest extension number.
+pub const MAX_NUMBER_CHARS: usize = 32;
+
+/// Extension numbers are 1-32 letters, digits, `.`, `_` or `-`: safe in a
+/// SIP URI user part without escaping, and easy to dial.
+pub fn validate_number(number: &str) -> Result<(), String> {
+    let ok = !number.is_empty()
+        && number.len() <= MAX_NUMBER_CHARS
+        && number
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid extension number {number:?}: use 1 to {MAX_NUMBER_CHARS} letters, digits, '.', '_' or '-'"
+        ))
+    }
+}

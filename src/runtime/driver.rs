@@ -1,0 +1,265 @@
+//! The driver: the one task that owns the protocol core. It reads the UDP
+//! socket itself, takes messages from connection tasks through a channel,
+//! sleeps until the core's next timer, and carries out what the core
+//! returns. No lock guards the core: it has exactly one owner.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use super::uptime_millis;
+use crate::pbx::core::{Core, Output};
+use crate::pbx::directory::Directory;
+use crate::pbx::events::{Event, StoreOp};
+use crate::sip::message::ParseError;
+use crate::sip::message::limits::MAX_MESSAGE_BYTES;
+use crate::sip::transport::{ConnId, Flow, Transport};
+
+/// Datagrams read in one go before the driver looks at its other inputs.
+const UDP_BATCH: usize = 64;
+/// Stream messages taken from the channel in one go.
+const STREAM_BATCH: usize = 64;
+
+/// What connection tasks tell the driver.
+#[derive(Debug)]
+pub enum Inbound {
+    Opened {
+        flow: Flow,
+        handle: ConnHandle,
+    },
+    Message {
+        flow: Flow,
+        bytes: Bytes,
+    },
+    FramingError {
+        flow: Flow,
+        head: Bytes,
+        error: ParseError,
+    },
+    Closed {
+        flow: Flow,
+    },
+}
+
+/// The driver's way to a connection task.
+#[derive(Debug)]
+pub struct ConnHandle {
+    pub tx: mpsc::Sender<Bytes>,
+    /// Last time the connection received anything, in `uptime_millis`.
+    pub activity: Arc<AtomicU64>,
+}
+
+struct Conn {
+    handle: ConnHandle,
+    flow: Flow,
+    pinned: bool,
+}
+
+pub struct Driver {
+    pub core: Core,
+    pub udp: Option<Arc<UdpSocket>>,
+    pub inbound: mpsc::Receiver<Inbound>,
+    pub store: mpsc::Sender<StoreOp>,
+    pub events: broadcast::Sender<Event>,
+    /// New extension sets from the store watcher (`None` once it stopped).
+    pub directory: Option<watch::Receiver<Directory>>,
+    pub shutdown: watch::Receiver<bool>,
+    pub idle_timeout: Duration,
+}
+
+impl Driver {
+    pub async fn run(mut self) {
+        let mut conns: HashMap<ConnId, Conn> = HashMap::new();
+        let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        let mut batch = Vec::with_capacity(STREAM_BATCH);
+        let reap_every =
+            (self.idle_timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(10));
+        let mut reaper = tokio::time::interval(reap_every);
+        reaper.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let udp = self.udp.clone();
+        let udp_local = udp.as_ref().and_then(|u| u.local_addr().ok());
+
+        loop {
+            let deadline = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => break,
+                n = self.inbound.recv_many(&mut batch, STREAM_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    let now = Instant::now();
+                    for item in batch.drain(..) {
+                        self.handle_inbound(now, item, &mut conns);
+                    }
+                }
+                ready = readable(udp.as_deref()) => {
+                    if ready.is_ok() && let (Some(sock), Some(local)) = (&udp, udp_local) {
+                        let now = Instant::now();
+                        for _ in 0..UDP_BATCH {
+                            match sock.try_recv_from(&mut buf) {
+                                Ok((n, from)) => {
+                                    if n > MAX_MESSAGE_BYTES {
+                                        continue;
+                                    }
+                                    let bytes = Bytes::copy_from_slice(&buf[..n]);
+                                    self.core.handle_message(now, Flow::udp(local, from), bytes);
+                                }
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                                // ICMP errors surface here on Linux; nothing to do.
+                                Err(_) => continue,
+                            }
+                        }
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    self.core.handle_timeout(Instant::now());
+                }
+                changed = directory_changed(&mut self.directory) => {
+                    match changed {
+                        Some(dir) => {
+                            tracing::info!(extensions = dir.len(), "extensions reloaded");
+                            self.core.set_directory(Instant::now(), dir);
+                        }
+                        None => self.directory = None,
+                    }
+                }
+                _ = reaper.tick() => self.reap_idle(&mut conns),
+            }
+            self.flush(&mut conns, udp.as_deref(), udp_local).await;
+        }
+        // Let the last store writes out before the writer stops.
+        self.flush(&mut conns, udp.as_deref(), udp_local).await;
+    }
+
+    fn handle_inbound(&mut self, now: Instant, item: Inbound, conns: &mut HashMap<ConnId, Conn>) {
+        match item {
+            Inbound::Opened { flow, handle } => {
+                conns.insert(
+                    flow.conn,
+                    Conn {
+                        handle,
+                        flow,
+                        pinned: false,
+                    },
+                );
+            }
+            Inbound::Message { flow, bytes } => self.core.handle_message(now, flow, bytes),
+            Inbound::FramingError { flow, head, error } => {
+                self.core.handle_stream_error(flow, &head, error)
+            }
+            Inbound::Closed { flow } => {
+                conns.remove(&flow.conn);
+                self.core.handle_flow_closed(now, flow);
+            }
+        }
+    }
+
+    /// Carries out everything the core asked for.
+    async fn flush(
+        &mut self,
+        conns: &mut HashMap<ConnId, Conn>,
+        udp: Option<&UdpSocket>,
+        udp_local: Option<SocketAddr>,
+    ) {
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::Transmit(t) => match t.flow.transport {
+                    Transport::Udp => {
+                        let Some(sock) = udp else { continue };
+                        if Some(t.flow.local) != udp_local {
+                            tracing::debug!(flow = %t.flow, "UDP flow on a socket no longer open; sending from the current one");
+                        }
+                        send_udp(sock, &t.bytes, t.flow.remote).await;
+                    }
+                    Transport::Tcp | Transport::Tls => {
+                        let Some(conn) = conns.get(&t.flow.conn) else {
+                            tracing::debug!(flow = %t.flow, "connection gone; message dropped");
+                            continue;
+                        };
+                        if conn.handle.tx.try_send(t.bytes).is_err() {
+                            tracing::warn!(flow = %t.flow, "peer is not reading; closing the connection");
+                            conns.remove(&t.flow.conn);
+                        }
+                    }
+                },
+                Output::Event(e) => {
+                    // Nobody listening is fine.
+                    let _ = self.events.send(e);
+                }
+                Output::Store(op) => {
+                    if self.store.try_send(op).is_err() {
+                        tracing::warn!(
+                            "store writer is behind; a binding update was dropped and will be written at the next refresh"
+                        );
+                    }
+                }
+                Output::Pin { conn, pinned } => {
+                    if let Some(c) = conns.get_mut(&conn) {
+                        c.pinned = pinned;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes connections that carry no registration and have been quiet
+    /// for the idle timeout. A registered connection is never closed here.
+    fn reap_idle(&mut self, conns: &mut HashMap<ConnId, Conn>) {
+        let now = uptime_millis();
+        let limit = self.idle_timeout.as_millis() as u64;
+        conns.retain(|_, c| {
+            let idle = now.saturating_sub(c.handle.activity.load(Ordering::Relaxed));
+            let keep = c.pinned || idle < limit;
+            if !keep {
+                tracing::debug!(flow = %c.flow, idle_ms = idle, "closing idle connection");
+            }
+            keep
+        });
+    }
+}
+
+/// The next extension set, or `None` when the watcher is gone.
+async fn directory_changed(rx: &mut Option<watch::Receiver<Directory>>) -> Option<Directory> {
+    match rx {
+        Some(r) => match r.changed().await {
+            Ok(()) => Some(r.borrow_and_update().clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn readable(sock: Option<&UdpSocket>) -> io::Result<()> {
+    match sock {
+        Some(s) => s.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send_udp(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    match sock.try_send_to(bytes, to) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            // The send buffer is full: wait for room rather than drop.
+            if let Err(e) = sock.send_to(bytes, to).await {
+                tracing::debug!(%to, "UDP send failed: {e}");
+            }
+        }
+        Err(e) => tracing::debug!(%to, "UDP send failed: {e}"),
+    }
+}

@@ -1,0 +1,304 @@
+//! The thin layer that touches sockets, clocks and files: it wires the
+//! store, certificates, listeners and the protocol core together and runs
+//! them until a shutdown signal.
+
+mod driver;
+mod stream;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::pbx::core::{Core, CoreKeys};
+use crate::pbx::directory::Directory;
+use crate::pbx::events::{Event, StoreOp};
+use crate::sip::transport::Transport;
+use crate::store::Store;
+use crate::tls::{CertPaths, Identity, ReloadingResolver};
+use crate::web::{self, WebState};
+
+/// Store writes waiting to be batched.
+const STORE_QUEUE: usize = 65_536;
+/// Messages from connection tasks waiting for the driver.
+const INBOUND_QUEUE: usize = 4096;
+/// How often the store is asked whether extensions changed.
+const EXTENSION_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot listen on {transport} {addr}: {source}")]
+    Bind {
+        transport: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Milliseconds since the process started; cheap to store in an atomic.
+pub(crate) fn uptime_millis() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Runs the PBX until Ctrl-C or SIGTERM.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    uptime_millis();
+    let store = Store::open(&config.data_dir).await?;
+    let realm = store.realm(config.realm.as_deref()).await?;
+    let extensions = store.list_extensions().await?;
+    let purged = store.purge_expired_bindings().await?;
+    let saved_bindings = store.load_bindings().await?;
+    tracing::info!(
+        data_dir = %config.data_dir.display(), %realm, extensions = extensions.len(),
+        saved_bindings = saved_bindings.len(), purged, "store opened"
+    );
+
+    let cert_paths = CertPaths::new(
+        &config.data_dir,
+        config.cert_file.clone(),
+        config.key_file.clone(),
+    );
+    let mut cert_ips: Vec<IpAddr> = config.advertise.into_iter().collect();
+    cert_ips.extend(
+        [config.sip_udp, config.sip_tcp, config.sip_tls, config.https]
+            .iter()
+            .flatten()
+            .map(|a| a.ip()),
+    );
+    crate::tls::ensure_certificates(&cert_paths, &Identity::new(&config.domain, cert_ips))?;
+    tracing::info!(
+        ca = %cert_paths.ca_cert.display(),
+        "phones verify Parley with this CA certificate (also served at https://<host>/ca.crt)"
+    );
+    let resolver = ReloadingResolver::new(config.cert_file.clone(), config.key_file.clone())?;
+    resolver.spawn_watcher(config.cert_reload_interval);
+
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let conn_limit = Arc::new(Semaphore::new(config.max_connections));
+    let mut listening: HashMap<&'static str, SocketAddr> = HashMap::new();
+
+    let udp = match config.sip_udp {
+        Some(addr) => {
+            let sock = bind_udp(addr).map_err(|source| ServeError::Bind {
+                transport: "udp",
+                addr,
+                source,
+            })?;
+            listening.insert("udp", sock.local_addr().unwrap_or(addr));
+            Some(Arc::new(sock))
+        }
+        None => None,
+    };
+    if let Some(addr) = config.sip_tcp {
+        let l = bind_tcp(addr).map_err(|source| ServeError::Bind {
+            transport: "tcp",
+            addr,
+            source,
+        })?;
+        listening.insert("tcp", stream::bound(&l).unwrap_or(addr));
+        tokio::spawn(stream::accept_loop(
+            l,
+            Transport::Tcp,
+            None,
+            inbound_tx.clone(),
+            conn_limit.clone(),
+        ));
+    }
+    if let Some(addr) = config.sip_tls {
+        let l = bind_tcp(addr).map_err(|source| ServeError::Bind {
+            transport: "tls",
+            addr,
+            source,
+        })?;
+        listening.insert("tls", stream::bound(&l).unwrap_or(addr));
+        let acceptor = TlsAcceptor::from(crate::tls::server_config(resolver.clone(), &[])?);
+        tokio::spawn(stream::accept_loop(
+            l,
+            Transport::Tls,
+            Some(acceptor),
+            inbound_tx.clone(),
+            conn_limit.clone(),
+        ));
+    }
+    if let Some(addr) = config.https {
+        let l = bind_tcp(addr).map_err(|source| ServeError::Bind {
+            transport: "https",
+            addr,
+            source,
+        })?;
+        listening.insert("https", stream::bound(&l).unwrap_or(addr));
+        let acceptor = TlsAcceptor::from(crate::tls::server_config(
+            resolver.clone(),
+            &[b"h2", b"http/1.1"],
+        )?);
+        let app = web::app(WebState {
+            ca_cert: cert_paths.ca_cert.clone(),
+            domain: config.domain.clone(),
+        });
+        tokio::spawn(web::serve_https(l, acceptor, app));
+    }
+    for (name, addr) in {
+        let mut v: Vec<_> = listening.into_iter().collect();
+        v.sort();
+        v
+    } {
+        tracing::info!(transport = name, %addr, "listening");
+    }
+
+    let now = Instant::now();
+    let unix_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let keys = CoreKeys {
+        nonce: rand::random(),
+        dummy_ha1: rand::random(),
+    };
+    let mut core = Core::new(config.core_config(&realm), keys, now, unix_now);
+    core.set_directory(now, Directory::new(extensions));
+    let restored = core.restore_bindings(now, saved_bindings);
+    if restored > 0 {
+        tracing::info!(
+            restored,
+            "UDP registrations restored from before the restart"
+        );
+    }
+    while core.poll_output().is_some() {}
+
+    let (store_tx, store_rx) = mpsc::channel(STORE_QUEUE);
+    let writer = tokio::spawn(store_writer(store.clone(), store_rx));
+    let (dir_tx, dir_rx) = watch::channel(Directory::default());
+    tokio::spawn(watch_extensions(store.clone(), dir_tx));
+    let (events_tx, _) = broadcast::channel::<Event>(1024);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = shutdown_tx.send(true);
+    });
+
+    let driver = driver::Driver {
+        core,
+        udp,
+        inbound: inbound_rx,
+        store: store_tx,
+        events: events_tx,
+        directory: Some(dir_rx),
+        shutdown: shutdown_rx,
+        idle_timeout: config.idle_timeout,
+    };
+    tracing::info!(domain = %config.domain, "Parley is ready");
+    driver.run().await;
+    // The driver dropped its sender: the writer drains and stops.
+    let _ = writer.await;
+    store.close().await;
+    Ok(())
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // [::] takes IPv4 peers too, as ::ffff:a.b.c.d.
+        sock.set_only_v6(false)?;
+    }
+    // Large buffers ride out bursts (a whole office re-registering).
+    let _ = sock.set_recv_buffer_size(4 << 20);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Writes binding changes in batches: whatever queued up while the last
+/// transaction ran goes into the next one, the latest write per binding
+/// winning.
+async fn store_writer(store: Store, mut rx: mpsc::Receiver<StoreOp>) {
+    let mut batch = Vec::with_capacity(4096);
+    while rx.recv_many(&mut batch, 4096).await > 0 {
+        let mut latest: HashMap<(String, String), StoreOp> = HashMap::with_capacity(batch.len());
+        for op in batch.drain(..) {
+            let key = match &op {
+                StoreOp::SaveBinding(b) => (b.extension.clone(), b.key.clone()),
+                StoreOp::DeleteBinding { extension, key } => (extension.clone(), key.clone()),
+            };
+            latest.insert(key, op);
+        }
+        let ops: Vec<StoreOp> = latest.into_values().collect();
+        if let Err(e) = store.apply(&ops).await {
+            tracing::error!(writes = ops.len(), "saving registrations failed: {e}");
+        }
+    }
+}
+
+/// Reloads the extensions whenever the store says they changed, so
+/// command-line edits reach a running server without a restart.
+async fn watch_extensions(store: Store, tx: watch::Sender<Directory>) {
+    let mut seen = store.extensions_revision().await.ok();
+    let mut tick = tokio::time::interval(EXTENSION_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let rev = match store.extensions_revision().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot read extension revision: {e}");
+                continue;
+            }
+        };
+        if Some(rev) == seen {
+            continue;
+        }
+        match store.list_extensions().await {
+            Ok(list) => {
+                seen = Some(rev);
+                if tx.send(Directory::new(list)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!("cannot reload extensions: {e}"),
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
