@@ -2,6 +2,7 @@
 //! fresh data directory, run its CLI, read its log, and talk SIP to it.
 #![allow(dead_code)]
 
+pub mod baresip;
 pub mod phone;
 
 use std::fs;
