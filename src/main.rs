@@ -115,6 +115,11 @@ enum ExtensionCommand {
     },
 }
 
+// The protocol core allocates many small, short-lived buffers per message;
+// mimalloc serves those faster than glibc's allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shortest password accepted: SIP digest can be guessed offline from one
 /// captured exchange, so short secrets fall quickly.
 const MIN_PASSWORD_CHARS: usize = 8;

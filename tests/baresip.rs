@@ -11,7 +11,11 @@ use support::phone::Phone;
 use support::{DOMAIN, Parley};
 
 fn account(ext: &str, password: &str, server: std::net::SocketAddr, transport: &str) -> String {
-    let t = if transport == "udp" { String::new() } else { format!(";transport={transport}") };
+    let t = if transport == "udp" {
+        String::new()
+    } else {
+        format!(";transport={transport}")
+    };
     format!(
         "<sip:{ext}@{DOMAIN}{t}>;auth_pass={password};outbound=\"sip:{server}{t}\";regint=600;mediaenc=srtp-mand;answermode=auto;audio_codecs=pcmu"
     )
@@ -21,7 +25,12 @@ fn account(ext: &str, password: &str, server: std::net::SocketAddr, transport: &
 async fn baresip_registers_over_tls_and_its_binding_ends_with_the_connection() {
     let p = Parley::start("");
     p.add_extension("100", "password100", "required");
-    let mut phone = Baresip::start(p.data_dir(), "a", &account("100", "password100", p.tls, "tls"), &p.ca_cert());
+    let mut phone = Baresip::start(
+        p.data_dir(),
+        "a",
+        &account("100", "password100", p.tls, "tls"),
+        &p.ca_cert(),
+    );
     assert!(
         phone.wait_log("200 OK", Duration::from_secs(15)) && phone.log().contains("[1 binding]"),
         "baresip did not register"
@@ -34,7 +43,10 @@ async fn baresip_registers_over_tls_and_its_binding_ends_with_the_connection() {
     let mut probe = Phone::tls(p.tls, &p.ca_cert(), DOMAIN, "100", "password100").await;
     let bindings = probe.fetch_bindings().await;
     assert_eq!(bindings.len(), 1);
-    assert!(bindings[0].contains("transport=tls") && bindings[0].contains("+sip.instance"), "{bindings:?}");
+    assert!(
+        bindings[0].contains("transport=tls") && bindings[0].contains("+sip.instance"),
+        "{bindings:?}"
+    );
 
     phone.kill();
     assert!(p.wait_log("change=\"connection-closed\"", Duration::from_secs(10)));
@@ -45,19 +57,35 @@ async fn baresip_registers_over_tls_and_its_binding_ends_with_the_connection() {
 async fn baresip_over_udp_is_told_tls_is_required() {
     let p = Parley::start("");
     p.add_extension("101", "password101", "required");
-    let phone = Baresip::start(p.data_dir(), "b", &account("101", "password101", p.udp, "udp"), &p.ca_cert());
+    let phone = Baresip::start(
+        p.data_dir(),
+        "b",
+        &account("101", "password101", p.udp, "udp"),
+        &p.ca_cert(),
+    );
     assert!(
-        phone.wait_log("403 TLS Required By Encryption Policy", Duration::from_secs(15)),
+        phone.wait_log(
+            "403 TLS Required By Encryption Policy",
+            Duration::from_secs(15)
+        ),
         "baresip did not see the policy's reason"
     );
-    assert!(p.log().contains("registration refused by encryption policy"));
+    assert!(
+        p.log()
+            .contains("registration refused by encryption policy")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn baresip_with_a_wrong_password_trips_the_lockout() {
     let p = Parley::start("");
     p.add_extension("102", "password102", "off");
-    let phone = Baresip::start(p.data_dir(), "c", &account("102", "wrong-password", p.tls, "tls"), &p.ca_cert());
+    let phone = Baresip::start(
+        p.data_dir(),
+        "c",
+        &account("102", "wrong-password", p.tls, "tls"),
+        &p.ca_cert(),
+    );
     assert!(
         p.wait_log("source blocked for this extension", Duration::from_secs(20)),
         "repeated failures did not lead to a block"
@@ -67,5 +95,8 @@ async fn baresip_with_a_wrong_password_trips_the_lockout() {
     // Another extension from the same address is not affected.
     p.add_extension("103", "password103", "off");
     let mut other = Phone::tls(p.tls, &p.ca_cert(), DOMAIN, "103", "password103").await;
-    assert!(matches!(other.register().await.0, parley::sip::ua::RegisterOutcome::Registered { .. }));
+    assert!(matches!(
+        other.register().await.0,
+        parley::sip::ua::RegisterOutcome::Registered { .. }
+    ));
 }

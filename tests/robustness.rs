@@ -17,7 +17,11 @@ From: <sip:a@parley.test>;tag=1\r\nTo: <sip:parley.test>\r\nCall-ID: bad-1\r\nCS
 async fn alive(p: &Parley) {
     let mut phone = Phone::udp(p.udp, "x", "y").await;
     let req = phone.options("alive");
-    assert_eq!(phone.request(req).await.status(), Some(200), "server stopped answering");
+    assert_eq!(
+        phone.request(req).await.status(),
+        Some(200),
+        "server stopped answering"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,9 +52,15 @@ async fn udp_garbage_is_dropped_and_answerable_mistakes_get_400() {
     let phone_sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     phone_sock.send_to(bad.as_bytes(), p.udp).await.unwrap();
     let mut buf = vec![0u8; 4096];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(5), phone_sock.recv_from(&mut buf)).await.unwrap().unwrap();
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), phone_sock.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
-    assert!(text.starts_with("SIP/2.0 400 Body Shorter Than Content-Length"), "{text}");
+    assert!(
+        text.starts_with("SIP/2.0 400 Body Shorter Than Content-Length"),
+        "{text}"
+    );
 
     alive(&p).await;
     assert!(p.is_running());
@@ -67,7 +77,10 @@ async fn a_broken_stream_gets_400_and_is_closed_without_hurting_others() {
         slow.write_all(&[*b]).await.unwrap();
     }
     let mut phone = Phone::tcp(p.tcp, "100", "password100").await;
-    assert!(matches!(phone.register().await.0, RegisterOutcome::Registered { .. }));
+    assert!(matches!(
+        phone.register().await.0,
+        RegisterOutcome::Registered { .. }
+    ));
 
     // Unframeable: a Content-Length that is not a number.
     let mut broken = TcpStream::connect(p.tcp).await.unwrap();
@@ -78,7 +91,10 @@ async fn a_broken_stream_gets_400_and_is_closed_without_hurting_others() {
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), broken.read_to_end(&mut got)).await;
     let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("SIP/2.0 400 Invalid Content-Length"), "{text}");
+    assert!(
+        text.starts_with("SIP/2.0 400 Invalid Content-Length"),
+        "{text}"
+    );
 
     // A header section that never ends is cut off at the limit.
     let mut endless = TcpStream::connect(p.tcp).await.unwrap();
@@ -93,7 +109,10 @@ async fn a_broken_stream_gets_400_and_is_closed_without_hurting_others() {
     }
     let mut rest = Vec::new();
     let eof = tokio::time::timeout(Duration::from_secs(5), endless.read_to_end(&mut rest)).await;
-    assert!(closed || eof.is_ok(), "an endless header section must end the connection");
+    assert!(
+        closed || eof.is_ok(),
+        "an endless header section must end the connection"
+    );
 
     let opts = phone.options("still-here");
     assert_eq!(phone.request(opts).await.status(), Some(200));
@@ -104,7 +123,9 @@ async fn a_broken_stream_gets_400_and_is_closed_without_hurting_others() {
 async fn junk_on_the_tls_port_fails_the_handshake_only() {
     let p = Parley::start("");
     let mut junk = TcpStream::connect(p.tls).await.unwrap();
-    junk.write_all(b"REGISTER sip:x SIP/2.0\r\n\r\n").await.unwrap();
+    junk.write_all(b"REGISTER sip:x SIP/2.0\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), junk.read_to_end(&mut buf)).await;
     // A handshake that never starts is dropped after the handshake timeout.

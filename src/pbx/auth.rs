@@ -17,7 +17,9 @@ use sha2::Sha256;
 use smallvec::SmallVec;
 
 use super::directory::{Directory, Extension};
-use crate::sip::digest::{self, Algorithm, Credentials, DigestError, NonceIssuer, NonceStatus};
+use crate::sip::digest::{
+    Algorithm, ChallengeHeader, Credentials, DigestError, Nonce, NonceIssuer, NonceStatus,
+};
 use crate::sip::message::{HeaderName, Message};
 
 /// Nonces remembered per extension for nonce-count checks. A phone that
@@ -44,10 +46,40 @@ pub enum AuthResult {
 /// The last nonce count seen for each recently used nonce of one extension.
 type NonceCounts = SmallVec<[(Box<str>, u32); NONCES_PER_EXTENSION]>;
 
+/// The challenges of one 401 or 407, to write as one header each.
+pub struct Challenges<'a> {
+    realm: &'a str,
+    nonce: Nonce,
+    stale: bool,
+    md5_only: bool,
+}
+
+impl Challenges<'_> {
+    pub fn headers(&self) -> impl Iterator<Item = ChallengeHeader<'_>> {
+        let algorithms: &[Algorithm] = if self.md5_only {
+            &[Algorithm::Md5]
+        } else {
+            &[Algorithm::Sha256, Algorithm::Md5]
+        };
+        algorithms.iter().map(|&algorithm| ChallengeHeader {
+            realm: self.realm,
+            nonce: self.nonce.as_str(),
+            algorithm,
+            stale: self.stale,
+        })
+    }
+
+    /// The header values as strings (for tests).
+    pub fn to_strings(&self) -> Vec<String> {
+        self.headers().map(|h| h.to_string()).collect()
+    }
+}
+
 pub struct Authenticator {
     realm: String,
     nonces: NonceIssuer,
-    dummy_key: [u8; 32],
+    /// Keyed state for made-up HA1 values of unknown users.
+    dummy_key: Hmac<Sha256>,
     seen: HashMap<Box<str>, NonceCounts>,
     /// User-Agent prefixes that get an MD5-only challenge.
     md5_only_agents: Vec<String>,
@@ -63,7 +95,8 @@ impl Authenticator {
         Authenticator {
             realm,
             nonces: NonceIssuer::new(nonce_key, nonce_lifetime_secs),
-            dummy_key,
+            dummy_key: <Hmac<Sha256> as KeyInit>::new_from_slice(&dummy_key)
+                .expect("HMAC takes any key length"),
             seen: HashMap::new(),
             md5_only_agents: Vec::new(),
         }
@@ -81,36 +114,26 @@ impl Authenticator {
         &self.realm
     }
 
-    /// The WWW-Authenticate (or Proxy-Authenticate) values for a challenge:
-    /// SHA-256 first, then MD5, one header each (RFC 8760 §2.4).
+    /// A challenge: SHA-256 first, then MD5, one header each (RFC 8760
+    /// §2.4), sharing one fresh nonce.
     pub fn challenges(
         &mut self,
         now_secs: u64,
         stale: bool,
         user_agent: Option<&str>,
-    ) -> SmallVec<[String; 2]> {
+    ) -> Challenges<'_> {
         let nonce = self.nonces.issue(now_secs);
         let md5_only = user_agent.is_some_and(|ua| {
             self.md5_only_agents
                 .iter()
                 .any(|p| ua.starts_with(p.as_str()))
         });
-        let mut out = SmallVec::new();
-        if !md5_only {
-            out.push(digest::challenge(
-                &self.realm,
-                &nonce,
-                Algorithm::Sha256,
-                stale,
-            ));
-        }
-        out.push(digest::challenge(
-            &self.realm,
-            &nonce,
-            Algorithm::Md5,
+        Challenges {
+            realm: &self.realm,
+            nonce,
             stale,
-        ));
-        out
+            md5_only,
+        }
     }
 
     /// Checks the credentials in `header` of a request for `aor_user`.
@@ -156,7 +179,7 @@ impl Authenticator {
         };
         let Some(ext) = ext.filter(|_| ok) else {
             return AuthResult::Failed {
-                username: creds.username,
+                username: creds.username.into_owned(),
             };
         };
         if self.nonces.check(&creds.nonce, now_secs) != NonceStatus::Fresh {
@@ -168,7 +191,7 @@ impl Authenticator {
         }
         if creds.username != aor_user {
             return AuthResult::WrongUser {
-                username: creds.username,
+                username: creds.username.into_owned(),
             };
         }
         AuthResult::Authenticated(ext.clone())
@@ -176,7 +199,10 @@ impl Authenticator {
 
     /// Records `nc` for this nonce; false if it is not above the last one.
     fn note_nonce_count(&mut self, extension: &str, nonce: &str, nc: u32) -> bool {
-        let list = self.seen.entry(extension.into()).or_default();
+        if !self.seen.contains_key(extension) {
+            self.seen.insert(extension.into(), NonceCounts::new());
+        }
+        let list = self.seen.get_mut(extension).expect("just inserted");
         if let Some(entry) = list.iter_mut().find(|(n, _)| &**n == nonce) {
             if nc <= entry.1 {
                 return false;
@@ -197,8 +223,7 @@ impl Authenticator {
     }
 
     fn dummy_ha1(&self, username: &str, algorithm: Algorithm) -> String {
-        let mut mac =
-            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.dummy_key).expect("any key length");
+        let mut mac = self.dummy_key.clone();
         mac.update(username.as_bytes());
         let bytes = mac.finalize().into_bytes();
         let hex = hex::encode(bytes);
@@ -248,7 +273,7 @@ mod tests {
     }
 
     fn answer(auth: &mut Authenticator, alg_index: usize, user: &str, pw: &str, nc: u32) -> String {
-        let ch = auth.challenges(100, false, None);
+        let ch = auth.challenges(100, false, None).to_strings();
         let c = Challenge::parse(&ch[alg_index]).unwrap();
         c.answer("REGISTER", "sip:parley.test", user, pw, "cn", nc)
             .to_header()
@@ -261,12 +286,16 @@ mod tests {
     #[test]
     fn both_algorithms_offered_sha256_first_md5_only_for_listed_agents() {
         let mut a = authenticator();
-        let ch = a.challenges(100, false, Some("Yealink SIP-T46U"));
+        let ch = a
+            .challenges(100, false, Some("Yealink SIP-T46U"))
+            .to_strings();
         assert_eq!(ch.len(), 2);
         assert!(ch[0].contains("algorithm=SHA-256"));
         assert!(ch[1].contains("algorithm=MD5"));
         a.set_md5_only_agents(vec!["baresip v1.".into()]);
-        let ch = a.challenges(100, true, Some("baresip v1.0.0 (x86_64/linux)"));
+        let ch = a
+            .challenges(100, true, Some("baresip v1.0.0 (x86_64/linux)"))
+            .to_strings();
         assert_eq!(ch.len(), 1);
         assert!(ch[0].contains("algorithm=MD5") && ch[0].contains("stale=true"));
     }
@@ -378,7 +407,7 @@ mod tests {
     #[test]
     fn nonce_count_must_grow() {
         let mut a = authenticator();
-        let ch = a.challenges(100, false, None);
+        let ch = a.challenges(100, false, None).to_strings();
         let c = Challenge::parse(&ch[1]).unwrap();
         let dir = directory();
         let send = |a: &mut Authenticator, nc| {

@@ -23,7 +23,7 @@ use crate::sip::message::date::format_sip_date;
 use crate::sip::message::limits::MAX_VIA_COUNT;
 use crate::sip::message::{Framing, HeaderName, Message, MessageBuilder, Method, ParseError, Uri};
 use crate::sip::transaction::{
-    ServerTxId, TimerConfig, TransactionLayer, Transmit, TuInput, TxError,
+    Refused, ServerTxId, TimerConfig, TransactionLayer, Transmit, TuInput, TxError,
 };
 use crate::sip::transport::{ConnId, Flow, Transport};
 
@@ -109,6 +109,8 @@ pub struct Core {
     out: VecDeque<Output>,
     tag_hasher: std::collections::hash_map::RandomState,
     next_sweep: Instant,
+    /// The Date header of the current second, made once per second.
+    date: (u64, String),
 }
 
 impl Core {
@@ -134,6 +136,7 @@ impl Core {
             out: VecDeque::new(),
             tag_hasher: Default::default(),
             next_sweep: now + SWEEP_INTERVAL,
+            date: (0, String::new()),
             cfg,
         }
     }
@@ -277,10 +280,13 @@ impl Core {
             }
             return;
         }
-        match self.tx.handle_request(now, msg.clone(), flow) {
+        match self.tx.handle_request(now, msg, flow) {
             Ok(Some(input)) => self.handle_tu_input(now, input),
             Ok(None) => {}
-            Err(TxError::Overloaded) => {
+            Err(Refused {
+                error: TxError::Overloaded,
+                msg,
+            }) => {
                 tracing::warn!(%flow, "transaction table full; refusing request");
                 let mut b = self.response_builder(&msg, flow, 503, "Service Unavailable");
                 b.header(HeaderName::RetryAfter, "5");
@@ -289,9 +295,10 @@ impl Core {
                     bytes: b.finish(),
                 }));
             }
-            Err(TxError::Unmatchable) => {
-                self.send_stateless(flow, &msg, 400, "Malformed Via Or CSeq")
-            }
+            Err(Refused {
+                error: TxError::Unmatchable,
+                msg,
+            }) => self.send_stateless(flow, &msg, 400, "Malformed Via Or CSeq"),
         }
     }
 
@@ -474,21 +481,27 @@ impl Core {
         };
         let mut b = self.response_builder(msg, flow, 200, "OK");
         for binding in self.registrar.bindings(&ext.number) {
-            b.header(HeaderName::Contact, &binding.contact_header(now));
+            b.header_fmt(
+                HeaderName::Contact,
+                format_args!("{}", binding.contact_value(now)),
+            );
         }
-        b.header(HeaderName::Date, &format_sip_date(unix_secs));
+        if self.date.0 != unix_secs {
+            self.date = (unix_secs, format_sip_date(unix_secs));
+        }
+        b.header(HeaderName::Date, &self.date.1);
         self.respond(now, tx, 200, b.finish());
         self.report(now, changes);
     }
 
     fn challenge(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow, stale: bool) {
         let unix_secs = self.clock.unix(now).as_secs();
+        let mut b = self.response_builder(msg, flow, 401, "Unauthorized");
         let challenges = self
             .auth
             .challenges(unix_secs, stale, msg.header(HeaderName::UserAgent));
-        let mut b = self.response_builder(msg, flow, 401, "Unauthorized");
-        for c in &challenges {
-            b.header(HeaderName::WwwAuthenticate, c);
+        for c in challenges.headers() {
+            b.header_fmt(HeaderName::WwwAuthenticate, format_args!("{c}"));
         }
         self.respond(now, tx, 401, b.finish());
     }
@@ -506,7 +519,10 @@ impl Core {
                 }
             }
             let udp = b.flow.transport == Transport::Udp;
-            if !c.change.is_removal() && udp {
+            let was_udp = c
+                .previous_flow
+                .is_some_and(|f| f.transport == Transport::Udp);
+            if !c.change.is_removal() && udp && c.store {
                 self.out
                     .push_back(Output::Store(StoreOp::SaveBinding(StoredBinding {
                         extension: b.aor.clone(),
@@ -521,10 +537,7 @@ impl Core {
                         remote: b.flow.remote,
                         user_agent: b.user_agent.clone(),
                     })));
-            } else if udp
-                || c.previous_flow
-                    .is_some_and(|f| f.transport == Transport::Udp)
-            {
+            } else if (c.change.is_removal() && udp && c.store) || (!udp && was_udp) {
                 self.out.push_back(Output::Store(StoreOp::DeleteBinding {
                     extension: b.aor.clone(),
                     key: b.key.clone(),
@@ -571,14 +584,16 @@ impl Core {
         reason: &str,
     ) -> MessageBuilder {
         let tag = self.to_tag(req);
+        let tag = std::str::from_utf8(&tag).unwrap_or_default();
         let mut b =
-            MessageBuilder::response_to_peer(req, Some(flow.remote), status, reason, Some(&tag));
+            MessageBuilder::response_to_peer(req, Some(flow.remote), status, reason, Some(tag));
         b.header(HeaderName::Server, &self.cfg.server_name);
         b
     }
 
-    /// A To tag that is the same for every retransmission of a request.
-    fn to_tag(&self, req: &Message) -> String {
+    /// A To tag that is the same for every retransmission of a request:
+    /// 16 hex digits of a keyed hash.
+    fn to_tag(&self, req: &Message) -> [u8; 16] {
         let mut h = self.tag_hasher.build_hasher();
         h.write(req.call_id().unwrap_or("").as_bytes());
         h.write(req.from().and_then(|f| f.tag()).unwrap_or("").as_bytes());
@@ -588,7 +603,13 @@ impl Core {
                 .unwrap_or("")
                 .as_bytes(),
         );
-        format!("{:016x}", h.finish())
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let v = h.finish();
+        let mut out = [0u8; 16];
+        for (i, d) in out.iter_mut().enumerate() {
+            *d = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        out
     }
 
     fn send_stateless(&mut self, flow: Flow, req: &Message, status: u16, reason: &str) {

@@ -116,6 +116,10 @@ impl Lockout {
 
     /// Whether requests from `source` for `extension` are refused right now.
     pub fn blocked(&self, now: Instant, source: IpAddr, extension: &str) -> Option<BlockScope> {
+        if self.sources.is_empty() {
+            // Nothing failed recently from anywhere: the common case.
+            return None;
+        }
         if self.sources.get(&source).is_some_and(|c| c.blocked(now)) {
             return Some(BlockScope::Source);
         }

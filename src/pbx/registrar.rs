@@ -62,6 +62,8 @@ pub struct Binding {
     /// Where the REGISTER came from: requests for this contact go back here.
     pub flow: Flow,
     pub user_agent: Option<String>,
+    /// The expiry the store last recorded, if it recorded this binding.
+    stored_until: Option<Instant>,
     uid: u64,
 }
 
@@ -74,16 +76,39 @@ impl Binding {
     }
 
     /// The Contact header value for a 200 OK to REGISTER.
+    pub fn contact_value(&self, now: Instant) -> ContactValue<'_> {
+        ContactValue { binding: self, now }
+    }
+
     pub fn contact_header(&self, now: Instant) -> String {
-        let mut out = format!("<{}>;expires={}", self.contact, self.expires_in(now));
-        if let Some(inst) = &self.instance {
-            out.push_str(";+sip.instance=");
-            grammar::quote_into(&mut out, inst);
+        self.contact_value(now).to_string()
+    }
+}
+
+/// Writes a binding as `<uri>;expires=N[;+sip.instance="..."][;reg-id=N]`.
+pub struct ContactValue<'a> {
+    binding: &'a Binding,
+    now: Instant,
+}
+
+use std::fmt::Write as _;
+
+impl std::fmt::Display for ContactValue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.binding;
+        f.write_char('<')?;
+        f.write_str(&b.contact)?;
+        f.write_str(">;expires=")?;
+        f.write_str(itoa::Buffer::new().format(b.expires_in(self.now)))?;
+        if let Some(inst) = &b.instance {
+            let mut quoted = String::with_capacity(inst.len() + 2);
+            grammar::quote_into(&mut quoted, inst);
+            write!(f, ";+sip.instance={quoted}")?;
         }
-        if let Some(r) = self.reg_id {
-            out.push_str(&format!(";reg-id={r}"));
+        if let Some(r) = b.reg_id {
+            write!(f, ";reg-id={r}")?;
         }
-        out
+        Ok(())
     }
 }
 
@@ -127,6 +152,24 @@ pub struct BindingChange {
     pub change: Change,
     pub binding: Binding,
     pub previous_flow: Option<Flow>,
+    /// Whether the store's copy must be written. A refresh that only moves
+    /// the expiry is written once the stored expiry has less than half the
+    /// granted time left: a restart then never loses a binding before the
+    /// phone's next refresh (phones refresh at 50-90% of the expiry), and a
+    /// busy registrar does not write on every refresh.
+    pub store: bool,
+}
+
+impl BindingChange {
+    fn removal(change: Change, binding: Binding) -> BindingChange {
+        let store = binding.stored_until.is_some();
+        BindingChange {
+            change,
+            binding,
+            previous_flow: None,
+            store,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -306,11 +349,7 @@ impl Registrar {
         if r.expires == 0 {
             if let Some(pos) = existing {
                 let b = self.take(aor, pos);
-                changes.push(BindingChange {
-                    change: Change::Removed,
-                    binding: b,
-                    previous_flow: None,
-                });
+                changes.push(BindingChange::removal(Change::Removed, b));
             }
             return;
         }
@@ -326,6 +365,13 @@ impl Registrar {
                 self.link_conn(&flow, uid);
             }
             let b = &mut self.by_aor.get_mut(aor).expect("present")[pos];
+            let half_left = b.stored_until.is_some_and(|stored| {
+                stored.saturating_duration_since(now) * 2 >= expires_at - now
+            });
+            let store = old_flow != flow || b.contact != r.contact || !half_left;
+            if store {
+                b.stored_until = Some(expires_at);
+            }
             b.contact = r.contact;
             b.instance = r.instance;
             b.reg_id = r.reg_id;
@@ -340,6 +386,7 @@ impl Registrar {
                 change: Change::Refreshed,
                 binding,
                 previous_flow: (old_flow != flow).then_some(old_flow),
+                store,
             });
             return;
         }
@@ -350,11 +397,7 @@ impl Registrar {
                 .expect("non-empty");
             let b = self.take(aor, soonest);
             tracing::info!(extension = aor, contact = %b.contact, "binding replaced: extension has too many contacts");
-            changes.push(BindingChange {
-                change: Change::Replaced,
-                binding: b,
-                previous_flow: None,
-            });
+            changes.push(BindingChange::removal(Change::Replaced, b));
         }
         self.next_uid += 1;
         let binding = Binding {
@@ -368,6 +411,7 @@ impl Registrar {
             expires_at,
             flow,
             user_agent: user_agent.map(str::to_owned),
+            stored_until: Some(expires_at),
             uid: self.next_uid,
         };
         self.insert(binding.clone());
@@ -375,6 +419,7 @@ impl Registrar {
             change: Change::Added,
             binding,
             previous_flow: None,
+            store: true,
         });
     }
 
@@ -421,6 +466,7 @@ impl Registrar {
             expires_at,
             flow,
             user_agent,
+            stored_until: Some(expires_at),
             uid: self.next_uid,
         });
     }
@@ -441,11 +487,7 @@ impl Registrar {
                 .and_then(|list| list.iter().position(|b| b.uid == uid && b.expires_at == at));
             if let Some(pos) = pos {
                 let b = self.take(&aor, pos);
-                changes.push(BindingChange {
-                    change: Change::Expired,
-                    binding: b,
-                    previous_flow: None,
-                });
+                changes.push(BindingChange::removal(Change::Expired, b));
             }
         }
         changes
@@ -469,11 +511,7 @@ impl Registrar {
             });
             if let Some((aor, pos)) = found {
                 let b = self.take(&aor, pos);
-                changes.push(BindingChange {
-                    change: Change::FlowClosed,
-                    binding: b,
-                    previous_flow: None,
-                });
+                changes.push(BindingChange::removal(Change::FlowClosed, b));
             }
         }
         changes
@@ -491,11 +529,7 @@ impl Registrar {
         let mut changes = Vec::new();
         while !self.bindings(aor).is_empty() {
             let b = self.take(aor, 0);
-            changes.push(BindingChange {
-                change,
-                binding: b,
-                previous_flow: None,
-            });
+            changes.push(BindingChange::removal(change, b));
         }
         changes
     }

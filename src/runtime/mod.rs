@@ -26,6 +26,10 @@ use crate::web::{self, WebState};
 
 /// Store writes waiting to be batched.
 const STORE_QUEUE: usize = 65_536;
+/// How long a binding write may wait to share a transaction with others.
+const STORE_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+/// Most writes in one transaction.
+const STORE_MAX_BATCH: usize = 50_000;
 /// Messages from connection tasks waiting for the driver.
 const INBOUND_QUEUE: usize = 4096;
 /// How often the store is asked whether extensions changed.
@@ -198,7 +202,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         idle_timeout: config.idle_timeout,
     };
     tracing::info!(domain = %config.domain, "Parley is ready");
-    driver.run().await;
+    // On a worker thread, next to the connection tasks that feed it.
+    let _ = tokio::spawn(driver.run()).await;
     // The driver dropped its sender: the writer drains and stops.
     let _ = writer.await;
     store.close().await;
@@ -231,23 +236,29 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
-/// Writes binding changes in batches: whatever queued up while the last
-/// transaction ran goes into the next one, the latest write per binding
-/// winning.
+/// Writes binding changes in batches: everything that arrives within
+/// `STORE_FLUSH_INTERVAL` of the first pending write goes into one
+/// transaction, so a busy registrar costs the disk a write or two a second.
 async fn store_writer(store: Store, mut rx: mpsc::Receiver<StoreOp>) {
     let mut batch = Vec::with_capacity(4096);
-    while rx.recv_many(&mut batch, 4096).await > 0 {
-        let mut latest: HashMap<(String, String), StoreOp> = HashMap::with_capacity(batch.len());
-        for op in batch.drain(..) {
-            let key = match &op {
-                StoreOp::SaveBinding(b) => (b.extension.clone(), b.key.clone()),
-                StoreOp::DeleteBinding { extension, key } => (extension.clone(), key.clone()),
-            };
-            latest.insert(key, op);
+    loop {
+        if rx.recv_many(&mut batch, 4096).await == 0 {
+            return;
         }
-        let ops: Vec<StoreOp> = latest.into_values().collect();
-        if let Err(e) = store.apply(&ops).await {
-            tracing::error!(writes = ops.len(), "saving registrations failed: {e}");
+        let deadline = tokio::time::Instant::now() + STORE_FLUSH_INTERVAL;
+        let mut open = true;
+        while open && batch.len() < STORE_MAX_BATCH {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 4096) => open = n > 0,
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if let Err(e) = store.apply(&batch).await {
+            tracing::error!(writes = batch.len(), "saving registrations failed: {e}");
+        }
+        batch.clear();
+        if !open {
+            return;
         }
     }
 }

@@ -5,6 +5,7 @@
 //! The server keeps no table of issued nonces: the MAC proves Parley made
 //! it, the timestamp says whether it is still fresh.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use base64::Engine as _;
@@ -46,15 +47,15 @@ impl Algorithm {
     }
 
     /// Lower-case hex of the hash of the parts joined by `:`.
-    pub fn hash_hex(self, parts: &[&[u8]]) -> String {
-        fn run<D: sha2::Digest>(mut d: D, parts: &[&[u8]]) -> String {
+    pub fn hash_hex(self, parts: &[&[u8]]) -> HexDigest {
+        fn run<D: sha2::Digest>(mut d: D, parts: &[&[u8]]) -> HexDigest {
             for (i, p) in parts.iter().enumerate() {
                 if i > 0 {
                     d.update(b":");
                 }
                 d.update(p);
             }
-            hex::encode(d.finalize())
+            HexDigest::new(&d.finalize())
         }
         match self {
             Algorithm::Md5 => run(Md5::new(), parts),
@@ -63,25 +64,94 @@ impl Algorithm {
     }
 }
 
-/// `H(username:realm:password)`, the only form a SIP secret is stored in.
-pub fn ha1(algorithm: Algorithm, username: &str, realm: &str, password: &str) -> String {
-    algorithm.hash_hex(&[username.as_bytes(), realm.as_bytes(), password.as_bytes()])
+/// A digest in lower-case hex, kept on the stack (at most SHA-256's 64 digits).
+#[derive(Clone, Copy)]
+pub struct HexDigest {
+    digits: [u8; 64],
+    len: u8,
 }
 
-/// One WWW-Authenticate / Proxy-Authenticate value.
-pub fn challenge(realm: &str, nonce: &str, algorithm: Algorithm, stale: bool) -> String {
-    let mut out = String::with_capacity(128);
-    out.push_str("Digest realm=");
-    grammar::quote_into(&mut out, realm);
-    let _ = write!(
-        out,
-        ", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"",
-        algorithm.as_str()
-    );
-    if stale {
-        out.push_str(", stale=true");
+impl HexDigest {
+    fn new(bytes: &[u8]) -> HexDigest {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut digits = [0u8; 64];
+        for (i, &b) in bytes.iter().take(32).enumerate() {
+            digits[2 * i] = DIGITS[usize::from(b >> 4)];
+            digits[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+        }
+        HexDigest {
+            digits,
+            len: (bytes.len().min(32) * 2) as u8,
+        }
     }
-    out
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.digits[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for HexDigest {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for HexDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `H(username:realm:password)`, the only form a SIP secret is stored in.
+pub fn ha1(algorithm: Algorithm, username: &str, realm: &str, password: &str) -> String {
+    algorithm
+        .hash_hex(&[username.as_bytes(), realm.as_bytes(), password.as_bytes()])
+        .as_str()
+        .to_owned()
+}
+
+/// One WWW-Authenticate / Proxy-Authenticate value, written straight into
+/// a message with `format_args!("{}", ...)`.
+pub struct ChallengeHeader<'a> {
+    pub realm: &'a str,
+    pub nonce: &'a str,
+    pub algorithm: Algorithm,
+    pub stale: bool,
+}
+
+impl std::fmt::Display for ChallengeHeader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Digest realm=\"")?;
+        for c in self.realm.chars() {
+            if c == '"' || c == '\\' {
+                f.write_str("\\")?;
+            }
+            f.write_char(c)?;
+        }
+        write!(
+            f,
+            "\", nonce=\"{}\", algorithm={}, qop=\"auth\"",
+            self.nonce,
+            self.algorithm.as_str()
+        )?;
+        if self.stale {
+            f.write_str(", stale=true")?;
+        }
+        Ok(())
+    }
+}
+
+/// One WWW-Authenticate / Proxy-Authenticate value, as a string.
+pub fn challenge(realm: &str, nonce: &str, algorithm: Algorithm, stale: bool) -> String {
+    ChallengeHeader {
+        realm,
+        nonce,
+        algorithm,
+        stale,
+    }
+    .to_string()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -100,24 +170,25 @@ pub enum DigestError {
     UnsupportedQop,
 }
 
-/// Parsed `Authorization` / `Proxy-Authorization` Digest credentials.
+/// Parsed `Authorization` / `Proxy-Authorization` Digest credentials,
+/// borrowed from the header unless a value needed unescaping.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub realm: String,
-    pub nonce: String,
-    pub uri: String,
-    pub response: String,
+pub struct Credentials<'a> {
+    pub username: Cow<'a, str>,
+    pub realm: Cow<'a, str>,
+    pub nonce: Cow<'a, str>,
+    pub uri: Cow<'a, str>,
+    pub response: Cow<'a, str>,
     pub algorithm: Algorithm,
-    pub cnonce: String,
+    pub cnonce: Cow<'a, str>,
     /// The nonce count, parsed from its 8 hex digits.
     pub nc: u32,
 }
 
-impl Credentials {
+impl<'a> Credentials<'a> {
     /// Parses credentials. Only `qop=auth` is accepted: without a qop there
     /// is no nonce count, and so no replay protection.
-    pub fn parse(value: &str) -> Result<Credentials, DigestError> {
+    pub fn parse(value: &'a str) -> Result<Credentials<'a>, DigestError> {
         if value.len() > MAX_CREDENTIALS_BYTES {
             return Err(DigestError::TooLong);
         }
@@ -145,25 +216,23 @@ impl Credentials {
             if part.is_empty() {
                 continue;
             }
-            let (name, raw) = part.split_once('=').ok_or(DigestError::Malformed)?;
+            let (name, raw) = grammar::split_once_byte(part, b'=').ok_or(DigestError::Malformed)?;
             let name = grammar::trim_lws(name);
             let raw = grammar::trim_lws(raw);
             if raw.len() > MAX_PARAM_VALUE_BYTES {
                 return Err(DigestError::TooLong);
             }
-            let v = grammar::unquote(raw)
-                .ok_or(DigestError::Malformed)?
-                .into_owned();
-            let slot = match name.to_ascii_lowercase().as_str() {
-                "username" => &mut username,
-                "realm" => &mut realm,
-                "nonce" => &mut nonce,
-                "uri" => &mut uri,
-                "response" => &mut response,
-                "algorithm" => &mut algorithm,
-                "cnonce" => &mut cnonce,
-                "qop" => &mut qop,
-                "nc" => &mut nc,
+            let v = grammar::unquote(raw).ok_or(DigestError::Malformed)?;
+            let slot = match name {
+                n if n.eq_ignore_ascii_case("username") => &mut username,
+                n if n.eq_ignore_ascii_case("realm") => &mut realm,
+                n if n.eq_ignore_ascii_case("nonce") => &mut nonce,
+                n if n.eq_ignore_ascii_case("uri") => &mut uri,
+                n if n.eq_ignore_ascii_case("response") => &mut response,
+                n if n.eq_ignore_ascii_case("algorithm") => &mut algorithm,
+                n if n.eq_ignore_ascii_case("cnonce") => &mut cnonce,
+                n if n.eq_ignore_ascii_case("qop") => &mut qop,
+                n if n.eq_ignore_ascii_case("nc") => &mut nc,
                 _ => continue,
             };
             if slot.replace(v).is_some() {
@@ -194,26 +263,47 @@ impl Credentials {
     }
 
     /// The response a client knowing the password behind `ha1` would send.
-    pub fn expected_response(&self, method: &str, ha1: &str) -> String {
+    pub fn expected_response(&self, method: &str, ha1: &str) -> HexDigest {
         let ha2 = self
             .algorithm
             .hash_hex(&[method.as_bytes(), self.uri.as_bytes()]);
-        let nc = format!("{:08x}", self.nc);
+        let nc = nc_hex(self.nc);
         self.algorithm.hash_hex(&[
             ha1.as_bytes(),
             self.nonce.as_bytes(),
-            nc.as_bytes(),
+            &nc,
             self.cnonce.as_bytes(),
             b"auth",
             ha2.as_bytes(),
         ])
     }
 
-    /// Checks the response in constant time.
+    /// Checks the response in constant time (hex digits in either case).
     pub fn verify(&self, method: &str, ha1: &str) -> bool {
         let expected = self.expected_response(method, ha1);
-        let got = self.response.to_ascii_lowercase();
-        expected.as_bytes().ct_eq(got.as_bytes()).into()
+        let got = self.response.as_bytes();
+        if got.len() != expected.len() {
+            return false;
+        }
+        let mut lowered = [0u8; 64];
+        for (d, s) in lowered.iter_mut().zip(got) {
+            *d = s.to_ascii_lowercase();
+        }
+        expected.as_bytes().ct_eq(&lowered[..got.len()]).into()
+    }
+
+    /// The same credentials, owning their text.
+    pub fn into_owned(self) -> Credentials<'static> {
+        Credentials {
+            username: Cow::Owned(self.username.into_owned()),
+            realm: Cow::Owned(self.realm.into_owned()),
+            nonce: Cow::Owned(self.nonce.into_owned()),
+            uri: Cow::Owned(self.uri.into_owned()),
+            response: Cow::Owned(self.response.into_owned()),
+            algorithm: self.algorithm,
+            cnonce: Cow::Owned(self.cnonce.into_owned()),
+            nc: self.nc,
+        }
     }
 
     /// Builds the header value a client would send (for tests and the load
@@ -281,21 +371,31 @@ impl Challenge {
         password: &str,
         cnonce: &str,
         nc: u32,
-    ) -> Credentials {
+    ) -> Credentials<'static> {
         let mut c = Credentials {
-            username: username.to_owned(),
-            realm: self.realm.clone(),
-            nonce: self.nonce.clone(),
-            uri: uri.to_owned(),
-            response: String::new(),
+            username: Cow::Owned(username.to_owned()),
+            realm: Cow::Owned(self.realm.clone()),
+            nonce: Cow::Owned(self.nonce.clone()),
+            uri: Cow::Owned(uri.to_owned()),
+            response: Cow::Borrowed(""),
             algorithm: self.algorithm,
-            cnonce: cnonce.to_owned(),
+            cnonce: Cow::Owned(cnonce.to_owned()),
             nc,
         };
         let h = ha1(self.algorithm, username, &self.realm, password);
-        c.response = c.expected_response(method, &h);
+        c.response = Cow::Owned(c.expected_response(method, &h).as_str().to_owned());
         c
     }
+}
+
+/// The nonce count as the 8 lower-case hex digits digest uses.
+fn nc_hex(nc: u32) -> [u8; 8] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 8];
+    for (i, d) in out.iter_mut().enumerate() {
+        *d = DIGITS[((nc >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 /// What a nonce is worth when it comes back.
@@ -309,10 +409,36 @@ pub enum NonceStatus {
 }
 
 const NONCE_RAW_BYTES: usize = 8 + 4 + 16;
+/// Unpadded base64 of the raw nonce.
+const NONCE_TEXT_BYTES: usize = (NONCE_RAW_BYTES * 4).div_ceil(3);
+
+/// A nonce as sent, kept on the stack.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Nonce([u8; NONCE_TEXT_BYTES]);
+
+impl Nonce {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Nonce {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Nonce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Issues and checks stateless nonces.
 pub struct NonceIssuer {
-    key: [u8; 32],
+    keyed: Hmac<Sha256>,
     lifetime_secs: u64,
     counter: u32,
 }
@@ -320,21 +446,27 @@ pub struct NonceIssuer {
 impl NonceIssuer {
     pub fn new(key: [u8; 32], lifetime_secs: u64) -> NonceIssuer {
         NonceIssuer {
-            key,
+            keyed: <Hmac<Sha256> as KeyInit>::new_from_slice(&key)
+                .expect("HMAC takes any key length"),
             lifetime_secs,
             counter: 0,
         }
     }
 
     /// A fresh nonce. `now_secs` is any monotonic count of seconds.
-    pub fn issue(&mut self, now_secs: u64) -> String {
+    pub fn issue(&mut self, now_secs: u64) -> Nonce {
         self.counter = self.counter.wrapping_add(1);
         let mut raw = [0u8; NONCE_RAW_BYTES];
         raw[..8].copy_from_slice(&now_secs.to_be_bytes());
         raw[8..12].copy_from_slice(&self.counter.to_be_bytes());
         let tag = self.mac(&raw[..12]);
         raw[12..].copy_from_slice(&tag);
-        URL_SAFE_NO_PAD.encode(raw)
+        let mut text = [0u8; NONCE_TEXT_BYTES];
+        let n = URL_SAFE_NO_PAD
+            .encode_slice(raw, &mut text)
+            .expect("28 bytes encode to 38 characters");
+        debug_assert_eq!(n, NONCE_TEXT_BYTES);
+        Nonce(text)
     }
 
     pub fn check(&self, nonce: &str, now_secs: u64) -> NonceStatus {
@@ -357,8 +489,8 @@ impl NonceIssuer {
     }
 
     fn mac(&self, data: &[u8]) -> [u8; 16] {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
-            .expect("HMAC takes any key length");
+        // The keyed state is computed once; each nonce costs two blocks.
+        let mut mac = self.keyed.clone();
         mac.update(data);
         let full = mac.finalize().into_bytes();
         let mut out = [0u8; 16];
@@ -471,7 +603,8 @@ mod tests {
             assert_eq!(ch.realm, "parley \"office\"");
             assert!(ch.stale);
             let creds = ch.answer("REGISTER", "sip:pbx", "100", "secret", "cn", 1);
-            let parsed = Credentials::parse(&creds.to_header()).unwrap();
+            let header = creds.to_header();
+            let parsed = Credentials::parse(&header).unwrap();
             assert!(parsed.verify("REGISTER", &ha1(alg, "100", "parley \"office\"", "secret")));
             assert!(!parsed.verify("REGISTER", &ha1(alg, "100", "parley \"office\"", "wrong")));
         }
@@ -489,7 +622,7 @@ mod tests {
         assert_eq!(issuer.check(&n1, 999), NonceStatus::Expired);
         let other = NonceIssuer::new([8; 32], 300);
         assert_eq!(other.check(&n1, 1000), NonceStatus::Unknown);
-        let mut tampered = n1.clone().into_bytes();
+        let mut tampered = n1.as_str().as_bytes().to_vec();
         tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
         assert_eq!(
             issuer.check(std::str::from_utf8(&tampered).unwrap(), 1000),

@@ -1,6 +1,7 @@
 //! The embedded SQLite store: the only place with SQL. Migrations are
 //! compiled into the binary and applied when the store opens.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -242,42 +243,68 @@ impl Store {
         Ok(out)
     }
 
-    /// Applies binding writes in one transaction.
+    /// Applies binding writes in one transaction, as two statements whatever
+    /// the number of writes: each hop to SQLite's thread costs more than the
+    /// rows themselves. Later writes to the same binding win.
     pub async fn apply(&self, ops: &[StoreOp]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut latest: HashMap<(&str, &str), &StoreOp> = HashMap::with_capacity(ops.len());
         for op in ops {
+            let key = match op {
+                StoreOp::SaveBinding(b) => (b.extension.as_str(), b.key.as_str()),
+                StoreOp::DeleteBinding { extension, key } => (extension.as_str(), key.as_str()),
+            };
+            latest.insert(key, op);
+        }
+        let mut saves = Vec::new();
+        let mut deletes = Vec::new();
+        for op in latest.into_values() {
             match op {
-                StoreOp::SaveBinding(b) => {
-                    sqlx::query(
-                        "INSERT INTO bindings (extension, binding_key, contact, instance, reg_id, call_id, cseq, expires_at, local_addr, remote_addr, user_agent)
-                         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 WHERE EXISTS (SELECT 1 FROM extensions WHERE number = ?1)
-                         ON CONFLICT (extension, binding_key) DO UPDATE SET
-                           contact = excluded.contact, instance = excluded.instance, reg_id = excluded.reg_id,
-                           call_id = excluded.call_id, cseq = excluded.cseq, expires_at = excluded.expires_at,
-                           local_addr = excluded.local_addr, remote_addr = excluded.remote_addr, user_agent = excluded.user_agent",
-                    )
-                    .bind(&b.extension)
-                    .bind(&b.key)
-                    .bind(&b.contact)
-                    .bind(&b.instance)
-                    .bind(b.reg_id.map(i64::from))
-                    .bind(&b.call_id)
-                    .bind(i64::from(b.cseq))
-                    .bind(i64::try_from(b.expires_at_unix).unwrap_or(i64::MAX))
-                    .bind(b.local.to_string())
-                    .bind(b.remote.to_string())
-                    .bind(&b.user_agent)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                StoreOp::SaveBinding(b) => saves.push(serde_json::json!([
+                    b.extension,
+                    b.key,
+                    b.contact,
+                    b.instance,
+                    b.reg_id,
+                    b.call_id,
+                    b.cseq,
+                    b.expires_at_unix,
+                    b.local.to_string(),
+                    b.remote.to_string(),
+                    b.user_agent,
+                ])),
                 StoreOp::DeleteBinding { extension, key } => {
-                    sqlx::query("DELETE FROM bindings WHERE extension = ? AND binding_key = ?")
-                        .bind(extension)
-                        .bind(key)
-                        .execute(&mut *tx)
-                        .await?;
+                    deletes.push(serde_json::json!([extension, key]))
                 }
             }
+        }
+        let mut tx = self.pool.begin().await?;
+        if !saves.is_empty() {
+            sqlx::query(
+                "INSERT INTO bindings (extension, binding_key, contact, instance, reg_id, call_id, cseq, expires_at, local_addr, remote_addr, user_agent)
+                 SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),
+                        json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]'),
+                        json_extract(j.value, '$[6]'), json_extract(j.value, '$[7]'), json_extract(j.value, '$[8]'),
+                        json_extract(j.value, '$[9]'), json_extract(j.value, '$[10]')
+                 FROM json_each(?1) AS j
+                 WHERE EXISTS (SELECT 1 FROM extensions e WHERE e.number = json_extract(j.value, '$[0]'))
+                 ORDER BY j.key
+                 ON CONFLICT (extension, binding_key) DO UPDATE SET
+                   contact = excluded.contact, instance = excluded.instance, reg_id = excluded.reg_id,
+                   call_id = excluded.call_id, cseq = excluded.cseq, expires_at = excluded.expires_at,
+                   local_addr = excluded.local_addr, remote_addr = excluded.remote_addr, user_agent = excluded.user_agent",
+            )
+            .bind(serde_json::Value::Array(saves).to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !deletes.is_empty() {
+            sqlx::query(
+                "DELETE FROM bindings WHERE (extension, binding_key) IN
+                   (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?1))",
+            )
+            .bind(serde_json::Value::Array(deletes).to_string())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -393,6 +420,12 @@ mod tests {
                     },
                     // A binding for an extension that is gone is skipped, not an error.
                     StoreOp::SaveBinding(binding("555", "k", 4_000_000_000)),
+                    // The last write to a binding wins, whatever its kind.
+                    StoreOp::DeleteBinding {
+                        extension: "100".into(),
+                        key: "k3".into(),
+                    },
+                    StoreOp::SaveBinding(binding("100", "k3", 4_000_000_200)),
                 ])
                 .await
                 .unwrap();
@@ -400,7 +433,15 @@ mod tests {
         }
         let store = Store::open(dir.path()).await.unwrap();
         let b = store.load_bindings().await.unwrap();
-        assert_eq!(b, vec![binding("100", "k2", 4_000_000_100)]);
+        let mut b = b;
+        b.sort_by(|x, y| x.key.cmp(&y.key));
+        assert_eq!(
+            b,
+            vec![
+                binding("100", "k2", 4_000_000_100),
+                binding("100", "k3", 4_000_000_200)
+            ]
+        );
         store
             .apply(&[StoreOp::SaveBinding(binding("100", "old", 5))])
             .await

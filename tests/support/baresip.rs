@@ -23,8 +23,12 @@ pub struct Baresip {
 fn free_port_pair() -> u16 {
     for _ in 0..200 {
         let p = super::free_port();
-        let Some(next) = p.checked_add(1) else { continue };
-        if TcpListener::bind(("127.0.0.1", next)).is_ok() && UdpSocket::bind(("127.0.0.1", next)).is_ok() {
+        let Some(next) = p.checked_add(1) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", next)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", next)).is_ok()
+        {
             return p;
         }
     }
@@ -79,7 +83,10 @@ impl Baresip {
             .stderr(log)
             .spawn()
             .expect("start baresip");
-        Baresip { dir, child: Some(child) }
+        Baresip {
+            dir,
+            child: Some(child),
+        }
     }
 
     /// The log without colour codes.
@@ -105,7 +112,11 @@ impl Baresip {
 impl Drop for Baresip {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- baresip {} log ----\n{}", self.dir.display(), self.log());
+            eprintln!(
+                "---- baresip {} log ----\n{}",
+                self.dir.display(),
+                self.log()
+            );
         }
         self.kill();
     }

@@ -500,3 +500,62 @@ fn removed_extensions_lose_their_bindings() {
     assert_eq!(kinds(&c), vec![Change::ExtensionRemoved]);
     assert_eq!(r.count(), 1);
 }
+
+#[test]
+fn refreshes_are_stored_only_when_the_stored_expiry_runs_low() {
+    let t0 = Instant::now();
+    let mut r = reg();
+    let c = r
+        .register(
+            t0,
+            "100",
+            &register("c", 1, &["<sip:a@h>;expires=600"], None),
+            udp(5060),
+            None,
+        )
+        .unwrap();
+    assert!(c[0].store, "a new binding is stored");
+    // 100 s later the stored expiry still has 500 of 600 s: no write.
+    let c = r
+        .register(
+            t0 + Duration::from_secs(100),
+            "100",
+            &register("c", 2, &["<sip:a@h>;expires=600"], None),
+            udp(5060),
+            None,
+        )
+        .unwrap();
+    assert!(!c[0].store);
+    // 350 s in, only 250 s of the stored 600 are left: write.
+    let c = r
+        .register(
+            t0 + Duration::from_secs(350),
+            "100",
+            &register("c", 3, &["<sip:a@h>;expires=600"], None),
+            udp(5060),
+            None,
+        )
+        .unwrap();
+    assert!(c[0].store);
+    // A new source address is always written, however recent the last write.
+    let c = r
+        .register(
+            t0 + Duration::from_secs(351),
+            "100",
+            &register("c", 4, &["<sip:a@h>;expires=600"], None),
+            udp(7000),
+            None,
+        )
+        .unwrap();
+    assert!(c[0].store);
+    let c = r
+        .register(
+            t0 + Duration::from_secs(352),
+            "100",
+            &register("c", 5, &["<sip:a@h>;expires=0"], None),
+            udp(7000),
+            None,
+        )
+        .unwrap();
+    assert!(c[0].store, "a removal is stored");
+}

@@ -8,6 +8,10 @@ use std::net::SocketAddr;
 
 use super::{HeaderName, Message, grammar};
 
+/// Enough for a 401 with two challenges or a 200 listing a few contacts,
+/// so most messages are written without growing the buffer.
+const INITIAL_CAPACITY: usize = 1024;
+
 /// Builds a request or response. Header values are written as given,
 /// except that CR and LF become spaces, so no value can start a new header.
 pub struct MessageBuilder {
@@ -17,7 +21,7 @@ pub struct MessageBuilder {
 impl MessageBuilder {
     pub fn request(method: &str, uri: &str) -> MessageBuilder {
         let mut b = MessageBuilder {
-            buf: BytesMut::with_capacity(512),
+            buf: BytesMut::with_capacity(INITIAL_CAPACITY),
         };
         b.put_clean(method);
         b.buf.put_u8(b' ');
@@ -28,9 +32,12 @@ impl MessageBuilder {
 
     pub fn response(status: u16, reason: &str) -> MessageBuilder {
         let mut b = MessageBuilder {
-            buf: BytesMut::with_capacity(512),
+            buf: BytesMut::with_capacity(INITIAL_CAPACITY),
         };
-        let _ = write!(b, "SIP/2.0 {status} ");
+        b.buf.put_slice(b"SIP/2.0 ");
+        b.buf
+            .put_slice(itoa::Buffer::new().format(status).as_bytes());
+        b.buf.put_u8(b' ');
         b.put_clean(reason);
         b.buf.put_slice(b"\r\n");
         b
@@ -65,7 +72,16 @@ impl MessageBuilder {
                 HeaderName::Via if first_via => {
                     first_via = false;
                     match source {
-                        Some(src) => b.header(name, &stamp_top_via(value, src)),
+                        Some(source) => b.header_fmt(
+                            name,
+                            format_args!(
+                                "{}",
+                                StampedVia {
+                                    field: value,
+                                    source
+                                }
+                            ),
+                        ),
                         None => b.header(name, value),
                     };
                 }
@@ -136,7 +152,16 @@ impl MessageBuilder {
             };
             if slot == 0 && first_via {
                 first_via = false;
-                b.header(name, &stamp_top_via(value, source));
+                b.header_fmt(
+                    name,
+                    format_args!(
+                        "{}",
+                        StampedVia {
+                            field: value,
+                            source
+                        }
+                    ),
+                );
             } else if slot != 0 && seen[slot] {
                 continue;
             } else {
@@ -151,15 +176,18 @@ impl MessageBuilder {
         self.header_raw(name.as_str(), value)
     }
 
+    /// A header whose value is formatted straight into the message, with
+    /// the same CR/LF cleaning as [`MessageBuilder::header`].
     pub fn header_fmt(
         &mut self,
         name: HeaderName,
         value: std::fmt::Arguments<'_>,
     ) -> &mut MessageBuilder {
-        match value.as_str() {
-            Some(s) => self.header(name, s),
-            None => self.header(name, &value.to_string()),
-        }
+        self.put_clean(name.as_str());
+        self.buf.put_slice(b": ");
+        let _ = CleanWriter(&mut self.buf).write_fmt(value);
+        self.buf.put_slice(b"\r\n");
+        self
     }
 
     /// A header Parley has no [`HeaderName`] for, or whose spelling must be kept.
@@ -181,20 +209,37 @@ impl MessageBuilder {
         if let Some(ct) = content_type {
             self.header(HeaderName::ContentType, ct);
         }
-        let _ = write!(self, "Content-Length: {}\r\n\r\n", body.len());
+        self.buf.put_slice(b"Content-Length: ");
+        self.buf
+            .put_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        self.buf.put_slice(b"\r\n\r\n");
         self.buf.put_slice(body);
         self.buf.freeze()
     }
 
     fn put_clean(&mut self, s: &str) {
-        if s.bytes().any(|b| b == b'\r' || b == b'\n') {
-            for b in s.bytes() {
-                self.buf
-                    .put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
-            }
-        } else {
-            self.buf.put_slice(s.as_bytes());
+        put_clean(&mut self.buf, s);
+    }
+}
+
+/// Appends `s`, turning CR and LF into spaces.
+fn put_clean(buf: &mut BytesMut, s: &str) {
+    if memchr::memchr2(b'\r', b'\n', s.as_bytes()).is_some() {
+        for b in s.bytes() {
+            buf.put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
         }
+    } else {
+        buf.put_slice(s.as_bytes());
+    }
+}
+
+/// Formats into a message buffer, cleaning every piece as it goes.
+struct CleanWriter<'a>(&'a mut BytesMut);
+
+impl std::fmt::Write for CleanWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        put_clean(self.0, s);
+        Ok(())
     }
 }
 
@@ -207,46 +252,74 @@ impl std::fmt::Write for MessageBuilder {
 
 /// The top Via value with `received` and, when asked for, `rport` filled
 /// in. Only the first value of a comma list is touched.
+struct StampedVia<'a> {
+    field: &'a str,
+    source: SocketAddr,
+}
+
+impl std::fmt::Display for StampedVia<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let field = self.field;
+        let (first, rest) = match grammar::find_top_level(field, b',') {
+            Some(i) => (&field[..i], &field[i..]),
+            None => (field, ""),
+        };
+        let (base, params) = match grammar::find_top_level(first, b';') {
+            Some(i) => (&first[..i], &first[i..]),
+            None => (first, ""),
+        };
+        f.write_str(base.trim_end())?;
+        for p in grammar::params(params) {
+            if p.name.eq_ignore_ascii_case("received") {
+                continue;
+            }
+            if p.name.eq_ignore_ascii_case("rport") {
+                f.write_str(";rport=")?;
+                f.write_str(itoa::Buffer::new().format(self.source.port()))?;
+                continue;
+            }
+            f.write_str(";")?;
+            f.write_str(p.name)?;
+            if let Some(v) = p.value {
+                f.write_str("=")?;
+                f.write_str(v)?;
+            }
+        }
+        // The address of a dual-stack socket's IPv4 peer is written as IPv4.
+        let ip = match self.source.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(self.source.ip()),
+            ip => ip,
+        };
+        f.write_str(";received=")?;
+        write_ip(f, ip)?;
+        f.write_str(rest)
+    }
+}
+
+/// Writes an address as Display does, without the formatting machinery
+/// (IPv4 is the common case on every response).
+pub(crate) fn write_ip(f: &mut impl std::fmt::Write, ip: std::net::IpAddr) -> std::fmt::Result {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    f.write_char('.')?;
+                }
+                f.write_str(digits.format(*octet))?;
+            }
+            Ok(())
+        }
+        v6 => write!(f, "{v6}"),
+    }
+}
+
+#[cfg(test)]
 fn stamp_top_via(field: &str, source: SocketAddr) -> String {
-    let split = grammar::find_top_level(field, b',');
-    let (first, rest) = match split {
-        Some(i) => (&field[..i], Some(&field[i..])),
-        None => (field, None),
-    };
-    let (base, params) = match grammar::find_top_level(first, b';') {
-        Some(i) => (&first[..i], &first[i..]),
-        None => (first, ""),
-    };
-    let mut out = String::with_capacity(field.len() + 40);
-    out.push_str(base.trim_end());
-    for p in grammar::params(params) {
-        if p.name.eq_ignore_ascii_case("received") {
-            continue;
-        }
-        out.push(';');
-        if p.name.eq_ignore_ascii_case("rport") {
-            let _ = write!(out, "rport={}", source.port());
-            continue;
-        }
-        out.push_str(p.name);
-        if let Some(v) = p.value {
-            out.push('=');
-            out.push_str(v);
-        }
-    }
-    // The address of a dual-stack socket's IPv4 peer is written as IPv4.
-    let ip = match source.ip() {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(std::net::IpAddr::V4)
-            .unwrap_or(source.ip()),
-        ip => ip,
-    };
-    let _ = write!(out, ";received={ip}");
-    if let Some(rest) = rest {
-        out.push_str(rest);
-    }
-    out
+    StampedVia { field, source }.to_string()
 }
 
 #[cfg(test)]

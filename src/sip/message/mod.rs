@@ -252,9 +252,14 @@ impl Message {
     }
 
     fn text(&self, span: Span) -> &str {
-        // Spans only ever cover the header section, validated as UTF-8 in
-        // `parse`, at character boundaries found by searching ASCII bytes.
-        std::str::from_utf8(&self.buf[span.range()]).unwrap_or_default()
+        let bytes = &self.buf[span.range()];
+        debug_assert!(std::str::from_utf8(bytes).is_ok());
+        // SAFETY: spans are made only in `parse`, only inside the header
+        // section, which `parse` validated as UTF-8 before making any, and
+        // only at positions found by searching for ASCII bytes (line ends,
+        // ':', ' ', tabs), which are always character boundaries. The
+        // buffer is immutable (`Bytes`) for the message's whole life.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
     }
 
     pub fn is_request(&self) -> bool {
@@ -420,21 +425,17 @@ impl Message {
 /// Both CRLF and bare LF line ends are accepted, as robust parsers do.
 fn find_head_end(buf: &[u8], from: usize) -> Result<(usize, usize), ParseError> {
     let limit = buf.len().min(from + MAX_HEAD_BYTES + 4);
-    let mut i = from;
-    while i < limit {
-        if buf[i] == b'\n' {
-            let line_end = if i > from && buf[i - 1] == b'\r' {
-                i - 1
-            } else {
-                i
-            };
-            match buf.get(i + 1..) {
-                Some([b'\n', ..]) => return Ok((line_end, i + 2)),
-                Some([b'\r', b'\n', ..]) => return Ok((line_end, i + 3)),
-                _ => {}
-            }
+    for i in memchr::memchr_iter(b'\n', &buf[from..limit]).map(|i| i + from) {
+        let line_end = if i > from && buf[i - 1] == b'\r' {
+            i - 1
+        } else {
+            i
+        };
+        match buf.get(i + 1..) {
+            Some([b'\n', ..]) => return Ok((line_end, i + 2)),
+            Some([b'\r', b'\n', ..]) => return Ok((line_end, i + 3)),
+            _ => {}
         }
-        i += 1;
     }
     if limit < buf.len() {
         Err(ParseError::HeadTooLarge)
@@ -448,9 +449,8 @@ fn find_head_end(buf: &[u8], from: usize) -> Result<(usize, usize), ParseError> 
 /// so the copy is made only when a fold exists.
 fn unfold(buf: Bytes, start: usize, end: usize) -> Bytes {
     let head = &buf[start..end];
-    let folded = head
-        .windows(2)
-        .any(|w| w[0] == b'\n' && (w[1] == b' ' || w[1] == b'\t'));
+    let folded =
+        memchr::memchr_iter(b'\n', head).any(|i| matches!(head.get(i + 1), Some(b' ' | b'\t')));
     if !folded {
         return buf;
     }
@@ -481,7 +481,7 @@ impl<'a> Iterator for LineIter<'a> {
         }
         let rest = &self.s[self.pos..];
         let start = self.pos;
-        let (line, advance) = match rest.find('\n') {
+        let (line, advance) = match memchr::memchr(b'\n', rest.as_bytes()) {
             Some(i) => (&rest[..i], i + 1),
             None => (rest, rest.len() + 1),
         };
@@ -569,6 +569,17 @@ fn parse_header_line(line: &str, off: usize) -> Result<Field, ParseError> {
 /// Header text may hold HT and line breaks, but no other control byte, and a
 /// CR only as part of CRLF: anything else is a smuggling or injection attempt.
 fn has_control_bytes(head: &[u8]) -> bool {
+    // Fast pass: is there any byte below 0x20 besides HT, LF, CR, or DEL?
+    let suspicious = head.iter().fold(false, |acc, &b| {
+        acc | ((b < 0x20) & (b != b'\t') & (b != b'\n') & (b != b'\r')) | (b == 0x7f)
+    });
+    if !suspicious && memchr::memchr(b'\r', head).is_none() {
+        return false;
+    }
+    if !suspicious {
+        // Only CRs to check: each must start a CRLF.
+        return memchr::memchr_iter(b'\r', head).any(|i| head.get(i + 1) != Some(&b'\n'));
+    }
     head.iter().enumerate().any(|(i, &b)| match b {
         b'\t' | b'\n' => false,
         b'\r' => head.get(i + 1) != Some(&b'\n'),

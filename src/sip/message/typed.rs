@@ -29,14 +29,13 @@ impl<'a> Via<'a> {
         };
         // sent-protocol = name SLASH version SLASH transport, where SLASH
         // may carry white space around it (RFC 3261 §25.1).
-        let mut parts = proto_and_host.splitn(3, '/');
-        let name = trim_lws(parts.next()?);
-        let version = trim_lws(parts.next()?);
-        let rest = trim_lws(parts.next()?);
+        let (name, rest) = grammar::split_once_byte(proto_and_host, b'/')?;
+        let (version, rest) = grammar::split_once_byte(rest, b'/')?;
+        let (name, version, rest) = (trim_lws(name), trim_lws(version), trim_lws(rest));
         if !name.eq_ignore_ascii_case("SIP") || version != "2.0" {
             return None;
         }
-        let split = rest.find([' ', '\t'])?;
+        let split = grammar::find_ws(rest)?;
         let transport = &rest[..split];
         let sent_by = trim_lws(&rest[split..]);
         if !grammar::is_token(transport) {
@@ -89,7 +88,10 @@ impl<'a> NameAddr<'a> {
             let end = quoted_end(value)?;
             (Some(&value[..end]), trim_lws(&value[end..]))
         } else {
-            match (value.find('<'), grammar::find_top_level(value, b';')) {
+            match (
+                grammar::find_byte(value, b'<'),
+                grammar::find_top_level(value, b';'),
+            ) {
                 (Some(lt), semi) if semi.is_none_or(|s| lt < s) => {
                     let d = trim_lws(&value[..lt]);
                     (if d.is_empty() { None } else { Some(d) }, &value[lt..])
@@ -98,7 +100,7 @@ impl<'a> NameAddr<'a> {
             }
         };
         if let Some(inner) = after_display.strip_prefix('<') {
-            let close = inner.find('>')?;
+            let close = grammar::find_byte(inner, b'>')?;
             let uri = trim_lws(&inner[..close]);
             let params = trim_lws(&inner[close + 1..]);
             if uri.is_empty() || !(params.is_empty() || params.starts_with(';')) {
@@ -114,7 +116,7 @@ impl<'a> NameAddr<'a> {
             None
         } else {
             // addr-spec: parameters after the URI belong to the header.
-            let (uri, params) = match after_display.find(';') {
+            let (uri, params) = match grammar::find_byte(after_display, b';') {
                 Some(i) => (&after_display[..i], &after_display[i..]),
                 None => (after_display, ""),
             };
@@ -168,7 +170,7 @@ pub struct CSeq<'a> {
 impl<'a> CSeq<'a> {
     pub fn parse(value: &'a str) -> Option<CSeq<'a>> {
         let value = trim_lws(value);
-        let split = value.find([' ', '\t'])?;
+        let split = grammar::find_ws(value)?;
         let seq = grammar::parse_decimal_u32(&value[..split], MAX_NUMBER_DIGITS)?;
         // RFC 3261 §8.1.1.5: the sequence number must be below 2**31.
         if seq >= 1 << 31 {

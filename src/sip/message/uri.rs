@@ -102,15 +102,15 @@ impl<'a> Uri<'a> {
         if s.len() > MAX_URI_BYTES {
             return Err(UriError::TooLong);
         }
-        let (scheme, rest) = match s.split_once(':') {
+        let (scheme, rest) = match grammar::split_once_byte(s, b':') {
             Some((sc, rest)) if sc.eq_ignore_ascii_case("sip") => (Scheme::Sip, rest),
             Some((sc, rest)) if sc.eq_ignore_ascii_case("sips") => (Scheme::Sips, rest),
             _ => return Err(UriError::UnsupportedScheme),
         };
-        let (user, password, hostport) = match rest.find('@') {
+        let (user, password, hostport) = match grammar::find_byte(rest, b'@') {
             Some(at) => {
                 let userinfo = &rest[..at];
-                let (user, password) = match userinfo.split_once(':') {
+                let (user, password) = match grammar::split_once_byte(userinfo, b':') {
                     Some((u, p)) => (u, Some(p)),
                     None => (userinfo, None),
                 };
@@ -121,11 +121,11 @@ impl<'a> Uri<'a> {
             }
             None => (None, None, rest),
         };
-        let (hostport, headers) = match hostport.split_once('?') {
+        let (hostport, headers) = match grammar::split_once_byte(hostport, b'?') {
             Some((h, hd)) => (h, hd),
             None => (hostport, ""),
         };
-        let (hostport, params) = match hostport.find(';') {
+        let (hostport, params) = match grammar::find_byte(hostport, b';') {
             Some(i) => (&hostport[..i], &hostport[i..]),
             None => (hostport, ""),
         };
@@ -186,7 +186,7 @@ impl fmt::Display for Uri<'_> {
 /// Splits `host[:port]`, where host may be a bracketed IPv6 reference.
 pub fn split_host_port(s: &str) -> Result<(Host<'_>, Option<u16>), UriError> {
     let (host, port) = if s.starts_with('[') {
-        let close = s.find(']').ok_or(UriError::BadHost)?;
+        let close = grammar::find_byte(s, b']').ok_or(UriError::BadHost)?;
         let after = &s[close + 1..];
         let port = match after.strip_prefix(':') {
             Some(p) => Some(p),
@@ -195,7 +195,7 @@ pub fn split_host_port(s: &str) -> Result<(Host<'_>, Option<u16>), UriError> {
         };
         (&s[..=close], port)
     } else {
-        match s.split_once(':') {
+        match grammar::split_once_byte(s, b':') {
             Some((h, p)) => (h, Some(p)),
             None => (s, None),
         }

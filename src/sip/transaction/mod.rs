@@ -84,6 +84,14 @@ pub struct Transmit {
     pub bytes: Bytes,
 }
 
+/// A request that could not get a server transaction, handed back so the
+/// caller can still answer it.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: TxError,
+    pub msg: Message,
+}
+
 /// Why a request could not get a server transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TxError {
@@ -212,9 +220,19 @@ impl TransactionLayer {
         now: Instant,
         msg: Message,
         flow: Flow,
-    ) -> Result<Option<TuInput>, TxError> {
-        let method = msg.method().ok_or(TxError::Unmatchable)?;
-        let key = server_key(&msg, method == Method::Ack).ok_or(TxError::Unmatchable)?;
+    ) -> Result<Option<TuInput>, Refused> {
+        let Some(method) = msg.method() else {
+            return Err(Refused {
+                error: TxError::Unmatchable,
+                msg,
+            });
+        };
+        let Some(key) = server_key(&msg, method == Method::Ack) else {
+            return Err(Refused {
+                error: TxError::Unmatchable,
+                msg,
+            });
+        };
         if method == Method::Ack {
             return Ok(self.handle_ack(now, key, msg, flow));
         }
@@ -229,7 +247,10 @@ impl TransactionLayer {
             return Ok(None);
         }
         if self.server.len() >= self.max_server && !self.evict_one_completed() {
-            return Err(TxError::Overloaded);
+            return Err(Refused {
+                error: TxError::Overloaded,
+                msg,
+            });
         }
         let uid = self.uid();
         let invite = method == Method::Invite;

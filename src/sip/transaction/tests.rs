@@ -290,7 +290,8 @@ fn full_table_evicts_oldest_completed_then_refuses() {
     assert_eq!(
         layer
             .handle_request(t0, request("REGISTER", "z9hG4bK4"), udp())
-            .unwrap_err(),
+            .unwrap_err()
+            .error,
         TxError::Overloaded
     );
     // The evicted transaction's timers are harmless when they fire.
