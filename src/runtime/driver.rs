@@ -7,13 +7,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use super::stream::ConnShared;
 use super::uptime_millis;
 use crate::pbx::core::{Core, Output};
 use crate::pbx::directory::Directory;
@@ -32,7 +32,7 @@ const STREAM_BATCH: usize = 64;
 pub enum Inbound {
     Opened {
         flow: Flow,
-        handle: ConnHandle,
+        handle: Arc<ConnShared>,
     },
     Message {
         flow: Flow,
@@ -48,16 +48,8 @@ pub enum Inbound {
     },
 }
 
-/// The driver's way to a connection task.
-#[derive(Debug)]
-pub struct ConnHandle {
-    pub tx: mpsc::Sender<Bytes>,
-    /// Last time the connection received anything, in `uptime_millis`.
-    pub activity: Arc<AtomicU64>,
-}
-
 struct Conn {
-    handle: ConnHandle,
+    handle: Arc<ConnShared>,
     flow: Flow,
     pinned: bool,
 }
@@ -184,8 +176,9 @@ impl Driver {
                             tracing::debug!(flow = %t.flow, "connection gone; message dropped");
                             continue;
                         };
-                        if conn.handle.tx.try_send(t.bytes).is_err() {
+                        if !conn.handle.send(t.bytes) {
                             tracing::warn!(flow = %t.flow, "peer is not reading; closing the connection");
+                            conn.handle.close();
                             conns.remove(&t.flow.conn);
                         }
                     }
@@ -216,10 +209,11 @@ impl Driver {
         let now = uptime_millis();
         let limit = self.idle_timeout.as_millis() as u64;
         conns.retain(|_, c| {
-            let idle = now.saturating_sub(c.handle.activity.load(Ordering::Relaxed));
+            let idle = now.saturating_sub(c.handle.last_activity());
             let keep = c.pinned || idle < limit;
             if !keep {
                 tracing::debug!(flow = %c.flow, idle_ms = idle, "closing idle connection");
+                c.handle.close();
             }
             keep
         });

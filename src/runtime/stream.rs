@@ -1,22 +1,29 @@
 //! TCP and TLS connections: accept, frame, pass messages to the driver,
 //! write what the driver sends back, answer CRLF keep-alive pings.
 //!
-//! One task per connection. It keeps no buffer while idle: a small fixed
-//! read array, and a frame buffer that is released as soon as it is empty.
+//! One task per connection, built to cost little while idle (most phones
+//! are idle most of the time): it waits for the socket to become readable
+//! without holding a read buffer, reads into a buffer that is released as
+//! soon as it is drained, and takes outbound messages from a queue that
+//! allocates nothing while empty.
 
+use std::collections::VecDeque;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 
-use super::driver::{ConnHandle, Inbound};
+use super::driver::Inbound;
 use super::uptime_millis;
 use crate::sip::stream::{Frame, StreamFramer};
 use crate::sip::transport::{Flow, Transport};
@@ -27,12 +34,63 @@ pub const OUTBOUND_QUEUE: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one write may block before the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes read per system call.
-const READ_CHUNK: usize = 2048;
-
+/// Room made in the read buffer before each read.
+const READ_RESERVE: usize = 4096;
 const UNFRAMEABLE: &str = "unframeable data";
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// What the driver and a connection task share.
+#[derive(Debug)]
+pub struct ConnShared {
+    queue: Mutex<VecDeque<Bytes>>,
+    notify: Notify,
+    closed: AtomicBool,
+    /// Last time the connection received anything, in `uptime_millis`.
+    activity: AtomicU64,
+}
+
+impl ConnShared {
+    fn new() -> ConnShared {
+        ConnShared {
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            activity: AtomicU64::new(uptime_millis()),
+        }
+    }
+
+    /// Queues a message; false when the peer is not reading fast enough.
+    pub fn send(&self, bytes: Bytes) -> bool {
+        let mut q = self.queue.lock().expect("queue lock");
+        if q.len() >= OUTBOUND_QUEUE {
+            return false;
+        }
+        q.push_back(bytes);
+        drop(q);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Asks the connection task to close the connection.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    pub fn last_activity(&self) -> u64 {
+        self.activity.load(Ordering::Relaxed)
+    }
+
+    fn pop(&self) -> Option<Bytes> {
+        let mut q = self.queue.lock().expect("queue lock");
+        let b = q.pop_front();
+        if q.is_empty() && q.capacity() > 8 {
+            *q = VecDeque::new();
+        }
+        b
+    }
+}
 
 /// Accepts connections until the process ends. `tls` is `None` for TCP.
 pub async fn accept_loop(
@@ -71,10 +129,10 @@ pub async fn accept_loop(
             let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
             let flow = Flow::stream(transport, local, remote, conn);
             match tls {
-                None => run(tcp, flow, inbound).await,
+                None => run(Plain(tcp), flow, inbound).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => run(stream, flow, inbound).await,
+                        Ok(Ok(stream)) => run(Tls(stream), flow, inbound).await,
                         Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
                         Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                     }
@@ -95,70 +153,173 @@ fn tune(tcp: &TcpStream) {
     let _ = SockRef::from(tcp).set_tcp_keepalive(&ka);
 }
 
-/// Serves one established connection until either side closes it.
-async fn run<S>(stream: S, flow: Flow, inbound: mpsc::Sender<Inbound>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(OUTBOUND_QUEUE);
-    let activity = Arc::new(AtomicU64::new(uptime_millis()));
-    let handle = ConnHandle {
-        tx: out_tx,
-        activity: activity.clone(),
+/// A byte stream whose socket can be waited on without reading.
+trait Conn: AsyncRead + AsyncWrite + Unpin {
+    fn tcp(&self) -> &TcpStream;
+}
+
+struct Plain(TcpStream);
+struct Tls(tokio_rustls::server::TlsStream<TcpStream>);
+
+impl Conn for Plain {
+    fn tcp(&self) -> &TcpStream {
+        &self.0
+    }
+}
+
+impl Conn for Tls {
+    fn tcp(&self) -> &TcpStream {
+        self.0.get_ref().0
+    }
+}
+
+macro_rules! delegate_io {
+    ($t:ty) => {
+        impl AsyncRead for $t {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.0).poll_read(cx, buf)
+            }
+        }
+        impl AsyncWrite for $t {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.0).poll_write(cx, buf)
+            }
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.0).poll_flush(cx)
+            }
+            fn poll_shutdown(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.0).poll_shutdown(cx)
+            }
+        }
     };
+}
+delegate_io!(Plain);
+delegate_io!(Tls);
+
+/// What one non-blocking read attempt found.
+enum ReadOutcome {
+    Data,
+    Closed,
+    Empty,
+}
+
+/// Reads whatever is available now into `pending`, without waiting.
+fn read_available<C: Conn>(conn: &mut C, pending: &mut BytesMut) -> io::Result<ReadOutcome> {
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    let mut got = false;
+    loop {
+        pending.reserve(READ_RESERVE);
+        let spare = pending.spare_capacity_mut();
+        let mut buf = ReadBuf::uninit(spare);
+        match Pin::new(&mut *conn).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                if n == 0 {
+                    return Ok(if got {
+                        ReadOutcome::Data
+                    } else {
+                        ReadOutcome::Closed
+                    });
+                }
+                // SAFETY: `poll_read` initialised the first `n` spare bytes.
+                unsafe { pending.set_len(pending.len() + n) };
+                got = true;
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => {
+                return Ok(if got {
+                    ReadOutcome::Data
+                } else {
+                    ReadOutcome::Empty
+                });
+            }
+        }
+    }
+}
+
+/// Serves one established connection until either side closes it.
+async fn run<C: Conn>(mut conn: C, flow: Flow, inbound: mpsc::Sender<Inbound>) {
+    let shared = Arc::new(ConnShared::new());
     if inbound
-        .send(Inbound::Opened { flow, handle })
+        .send(Inbound::Opened {
+            flow,
+            handle: shared.clone(),
+        })
         .await
         .is_err()
     {
         return;
     }
-    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut framer = StreamFramer::new();
     let mut pending = BytesMut::new();
-    let mut chunk = [0u8; READ_CHUNK];
-    let reason = loop {
-        tokio::select! {
-            read = rd.read(&mut chunk) => {
-                let n = match read {
-                    Ok(0) => break "closed by peer",
-                    Ok(n) => n,
-                    Err(_) => break "read error",
-                };
-                activity.store(uptime_millis(), Ordering::Relaxed);
-                pending.extend_from_slice(&chunk[..n]);
-                match drain_frames(&mut framer, &mut pending, flow, &inbound, &mut wr).await {
-                    Ok(()) => {}
-                    Err(why) => break why,
+    let reason = 'conn: loop {
+        // Whatever is readable now (a TLS layer may hold decrypted bytes
+        // the socket no longer shows), then the frames in it.
+        match read_available(&mut conn, &mut pending) {
+            Ok(ReadOutcome::Data) => {
+                shared.activity.store(uptime_millis(), Ordering::Relaxed);
+                if let Err(why) =
+                    drain_frames(&mut framer, &mut pending, flow, &inbound, &mut conn).await
+                {
+                    break why;
                 }
                 if pending.is_empty() {
                     // Release the buffer; an idle connection holds none.
                     pending = BytesMut::new();
                 }
+                continue;
             }
-            out = out_rx.recv() => {
-                let Some(bytes) = out else { break "closed by server" };
-                match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&bytes)).await {
-                    Ok(Ok(())) => {}
-                    _ => break "write failed",
+            Ok(ReadOutcome::Closed) => break "closed by peer",
+            Err(_) => break "read error",
+            Ok(ReadOutcome::Empty) => {}
+        }
+        // Send what the driver queued.
+        while let Some(bytes) = shared.pop() {
+            match tokio::time::timeout(WRITE_TIMEOUT, conn.write_all(&bytes)).await {
+                Ok(Ok(())) => {}
+                _ => break 'conn "write failed",
+            }
+            let _ = conn.flush().await;
+        }
+        if shared.closed.load(Ordering::Acquire) {
+            break "closed by server";
+        }
+        if pending.is_empty() {
+            pending = BytesMut::new();
+        }
+        tokio::select! {
+            r = conn.tcp().readable() => {
+                if r.is_err() {
+                    break "read error";
                 }
-                let _ = wr.flush().await;
             }
+            _ = shared.notify.notified() => {}
         }
     };
     tracing::debug!(%flow, reason, "connection ended");
     if reason == UNFRAMEABLE {
         // Give the driver a moment to send its 400 before closing.
-        while let Ok(Some(bytes)) =
-            tokio::time::timeout(Duration::from_millis(500), out_rx.recv()).await
-        {
-            if wr.write_all(&bytes).await.is_err() {
+        let _ = tokio::time::timeout(Duration::from_millis(500), shared.notify.notified()).await;
+        while let Some(bytes) = shared.pop() {
+            if conn.write_all(&bytes).await.is_err() {
                 break;
             }
-            let _ = wr.flush().await;
+            let _ = conn.flush().await;
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.shutdown()).await;
     let _ = inbound.send(Inbound::Closed { flow }).await;
 }
 

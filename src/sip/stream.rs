@@ -88,16 +88,13 @@ impl StreamFramer {
     /// Index where the body starts, if the empty line is in `buf`.
     fn find_head_end(&mut self, buf: &[u8]) -> Option<usize> {
         let limit = buf.len().min(MAX_HEAD_BYTES + 4);
-        let mut i = self.scanned;
-        while i < limit {
-            if buf[i] == b'\n' {
-                match buf.get(i + 1..) {
-                    Some([b'\n', ..]) => return Some(i + 2),
-                    Some([b'\r', b'\n', ..]) => return Some(i + 3),
-                    _ => {}
-                }
+        let from = self.scanned.min(limit);
+        for i in memchr::memchr_iter(b'\n', &buf[from..limit]).map(|i| i + from) {
+            match buf.get(i + 1..) {
+                Some([b'\n', ..]) => return Some(i + 2),
+                Some([b'\r', b'\n', ..]) => return Some(i + 3),
+                _ => {}
             }
-            i += 1;
         }
         // The last two bytes may start a terminator still to come.
         self.scanned = limit.saturating_sub(2);
