@@ -28,16 +28,38 @@ pub fn app(state: WebState) -> Router {
         .route("/", get(index))
         .route("/healthz", get(|| async { "ok" }))
         .route("/ca.crt", get(ca_cert))
+        .route("/static/parley.css", get(stylesheet))
         .with_state(Arc::new(state))
 }
 
-async fn index(State(s): State<Arc<WebState>>) -> Html<String> {
-    Html(format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Parley</title></head>\
-         <body><h1>Parley</h1><p>The phone system for <strong>{}</strong> is running.</p>\
-         <p><a href=\"/ca.crt\">Download the local CA certificate</a> to let phones verify this server.</p></body></html>",
-        html_escape(&s.domain)
-    ))
+#[derive(askama::Template)]
+#[template(path = "status.html")]
+struct StatusPage<'a> {
+    domain: &'a str,
+    version: &'a str,
+}
+
+async fn index(State(s): State<Arc<WebState>>) -> Response {
+    let page = StatusPage {
+        domain: &s.domain,
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    match askama::Template::render(&page) {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => {
+            tracing::error!("status page: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }
+    }
+}
+
+/// The stylesheet, compiled into the binary like the templates.
+async fn stylesheet() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("../../static/parley.css"),
+    )
+        .into_response()
 }
 
 async fn ca_cert(State(s): State<Arc<WebState>>) -> Response {
@@ -125,6 +147,8 @@ mod tests {
             .await
             .unwrap();
         let body = axum::body::to_bytes(r.into_body(), 10_000).await.unwrap();
-        assert!(String::from_utf8_lossy(&body).contains("pbx&lt;script&gt;"));
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("Phone system for pbx"), "{body}");
+        assert!(!body.contains("<script>"), "the domain is escaped: {body}");
     }
 }
