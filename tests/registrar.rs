@@ -264,3 +264,20 @@ async fn options_is_answered_on_every_transport() {
         assert!(resp.header(HeaderName::Supported).is_some());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_over_ipv6() {
+    // Ports are probed on IPv4; on ::1 they are free in practice.
+    let p = Parley::start_on("::1", "");
+    p.add_extension("100", "password100", "off");
+    let mut udp = Phone::udp(p.udp, "100", "password100").await;
+    let (o, resp) = udp.register().await;
+    assert!(registered(&o), "{}", resp.reason());
+    // The response's Via records the IPv6 source.
+    assert_eq!(resp.top_via().unwrap().param("received"), Some(Some("::1")));
+    let mut tls = Phone::tls(p.tls, &p.ca_cert(), "::1", "100", "password100").await;
+    assert!(registered(&tls.register().await.0));
+    let contacts = udp.fetch_bindings().await;
+    assert_eq!(contacts.len(), 2);
+    assert!(contacts.iter().all(|c| c.contains("[::1]:")), "{contacts:?}");
+}

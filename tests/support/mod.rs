@@ -68,16 +68,21 @@ impl Parley {
     /// Starts parley with the test defaults plus `extra` TOML (which may
     /// add keys to [sip] and [security] through the given sections).
     pub fn start(extra: &str) -> Parley {
+        Parley::start_on("127.0.0.1", extra)
+    }
+
+    /// Starts parley listening on `ip` (`127.0.0.1` or `::1`).
+    pub fn start_on(ip: &str, extra: &str) -> Parley {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let tls_port = free_port();
         let https_port = free_port();
-        let ip = "127.0.0.1";
+        let addr = |port: u16| -> SocketAddr { SocketAddr::new(ip.parse().unwrap(), port) };
         let mut p = Parley {
-            udp: format!("{ip}:{port}").parse().unwrap(),
-            tcp: format!("{ip}:{port}").parse().unwrap(),
-            tls: format!("{ip}:{tls_port}").parse().unwrap(),
-            https: format!("{ip}:{https_port}").parse().unwrap(),
+            udp: addr(port),
+            tcp: addr(port),
+            tls: addr(tls_port),
+            https: addr(https_port),
             config: test_config(extra),
             dir,
             child: None,
