@@ -279,5 +279,8 @@ async fn registers_over_ipv6() {
     assert!(registered(&tls.register().await.0));
     let contacts = udp.fetch_bindings().await;
     assert_eq!(contacts.len(), 2);
-    assert!(contacts.iter().all(|c| c.contains("[::1]:")), "{contacts:?}");
+    assert!(
+        contacts.iter().all(|c| c.contains("[::1]:")),
+        "{contacts:?}"
+    );
 }

@@ -92,8 +92,13 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 30 \
 
 cat <<EOF
 Prepared $dir: $rows subscribers ($first..$((first + count - 1)), password pw<user>, realm $realm).
-Run Kamailio in the foreground (add 'taskset -c 0' in front to pin it to one CPU;
-append -A SIP_PORT=..., -A CHILDREN=..., -A FLUSH_INTERVAL=..., -A MIN_EXPIRES=... to tune):
+Run Kamailio in the foreground, pinned to one CPU (drop 'taskset -c 0' to
+let it float; append -A AUTH_DB for per-request SQLite credential lookups
+instead of the in-memory cache, -A LOGLEVEL=1 for benchmark runs, and
+-A SIP_PORT=..., -A CHILDREN=..., -A FLUSH_INTERVAL=..., -A MIN_EXPIRES=...
+to tune; -M 64 = 64 MB private memory per process, needed to load the
+credential cache; -x/-X tlsf = the allocator without Debian's debug checks;
+see README.md):
 
-cd '$dir' && kamailio -DD -E -f '$here/kamailio.cfg' -w '$dir' -Y '$dir/run' -A 'DBURL="sqlite:///$db"'
+cd '$dir' && taskset -c 0 kamailio -DD -E -M 64 -x tlsf -X tlsf -f '$here/kamailio.cfg' -w '$dir' -Y '$dir/run' -A 'DBURL="sqlite:///$db"'
 EOF

@@ -10,6 +10,7 @@
 //! is bounded by the number of extensions, not by what strangers send.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -35,8 +36,10 @@ pub enum AuthResult {
     /// Right password, but the nonce is too old, not ours (a restart), or
     /// was already used with this count: challenge with `stale=true`.
     Stale,
-    /// Wrong password or unknown user. Counts toward lockout.
-    Failed { username: String },
+    /// Wrong password or unknown user. `countable` when the nonce was one
+    /// we issued to this source address: only then does the failure count
+    /// toward a lockout, so forged UDP sources cannot lock out an office.
+    Failed { username: String, countable: bool },
     /// Valid credentials of one extension used for another's address.
     WrongUser { username: String },
     /// Credentials that do not parse.
@@ -45,6 +48,14 @@ pub enum AuthResult {
 
 /// The last nonce count seen for each recently used nonce of one extension.
 type NonceCounts = SmallVec<[(Box<str>, u32); NONCES_PER_EXTENSION]>;
+
+/// An address as nonce binding: IPv4 and IPv4-mapped IPv6 alike.
+fn peer_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
 
 /// The challenges of one 401 or 407, to write as one header each.
 pub struct Challenges<'a> {
@@ -119,10 +130,11 @@ impl Authenticator {
     pub fn challenges(
         &mut self,
         now_secs: u64,
+        source: IpAddr,
         stale: bool,
         user_agent: Option<&str>,
     ) -> Challenges<'_> {
-        let nonce = self.nonces.issue(now_secs);
+        let nonce = self.nonces.issue(now_secs, &peer_bytes(source));
         let md5_only = user_agent.is_some_and(|ua| {
             self.md5_only_agents
                 .iter()
@@ -140,6 +152,7 @@ impl Authenticator {
     pub fn check(
         &mut self,
         now_secs: u64,
+        source: IpAddr,
         msg: &Message,
         header: HeaderName,
         aor_user: &str,
@@ -177,12 +190,17 @@ impl Authenticator {
                 false
             }
         };
+        let fresh = self
+            .nonces
+            .check(&creds.nonce, now_secs, &peer_bytes(source))
+            == NonceStatus::Fresh;
         let Some(ext) = ext.filter(|_| ok) else {
             return AuthResult::Failed {
                 username: creds.username.into_owned(),
+                countable: fresh,
             };
         };
-        if self.nonces.check(&creds.nonce, now_secs) != NonceStatus::Fresh {
+        if !fresh {
             return AuthResult::Stale;
         }
         if !self.note_nonce_count(&ext.number, &creds.nonce, creds.nc) {
@@ -244,6 +262,7 @@ mod tests {
     use crate::sip::message::Framing;
 
     const REALM: &str = "parley.test";
+    const SRC: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
 
     fn directory() -> Directory {
         Directory::new([ext("100", "pw100"), ext("101", "pw101")])
@@ -273,7 +292,7 @@ mod tests {
     }
 
     fn answer(auth: &mut Authenticator, alg_index: usize, user: &str, pw: &str, nc: u32) -> String {
-        let ch = auth.challenges(100, false, None).to_strings();
+        let ch = auth.challenges(100, SRC, false, None).to_strings();
         let c = Challenge::parse(&ch[alg_index]).unwrap();
         c.answer("REGISTER", "sip:parley.test", user, pw, "cn", nc)
             .to_header()
@@ -287,14 +306,14 @@ mod tests {
     fn both_algorithms_offered_sha256_first_md5_only_for_listed_agents() {
         let mut a = authenticator();
         let ch = a
-            .challenges(100, false, Some("Yealink SIP-T46U"))
+            .challenges(100, SRC, false, Some("Yealink SIP-T46U"))
             .to_strings();
         assert_eq!(ch.len(), 2);
         assert!(ch[0].contains("algorithm=SHA-256"));
         assert!(ch[1].contains("algorithm=MD5"));
         a.set_md5_only_agents(vec!["baresip v1.".into()]);
         let ch = a
-            .challenges(100, true, Some("baresip v1.0.0 (x86_64/linux)"))
+            .challenges(100, SRC, true, Some("baresip v1.0.0 (x86_64/linux)"))
             .to_strings();
         assert_eq!(ch.len(), 1);
         assert!(ch[0].contains("algorithm=MD5") && ch[0].contains("stale=true"));
@@ -307,6 +326,7 @@ mod tests {
             let h = answer(&mut a, idx, "100", "pw100", 1);
             match a.check(
                 100,
+                SRC,
                 &register(Some(&h)),
                 HeaderName::Authorization,
                 "100",
@@ -325,6 +345,7 @@ mod tests {
         let unknown = answer(&mut a, 0, "555", "nope", 1);
         let r1 = a.check(
             100,
+            SRC,
             &register(Some(&wrong)),
             HeaderName::Authorization,
             "100",
@@ -332,13 +353,18 @@ mod tests {
         );
         let r2 = a.check(
             100,
+            SRC,
             &register(Some(&unknown)),
             HeaderName::Authorization,
             "555",
             &directory(),
         );
-        assert!(matches!(r1, AuthResult::Failed { ref username } if username == "100"));
-        assert!(matches!(r2, AuthResult::Failed { ref username } if username == "555"));
+        assert!(
+            matches!(r1, AuthResult::Failed { ref username, countable: true } if username == "100")
+        );
+        assert!(
+            matches!(r2, AuthResult::Failed { ref username, countable: true } if username == "555")
+        );
     }
 
     #[test]
@@ -347,6 +373,7 @@ mod tests {
         assert!(matches!(
             a.check(
                 100,
+                SRC,
                 &register(None),
                 HeaderName::Authorization,
                 "100",
@@ -358,6 +385,7 @@ mod tests {
         assert!(matches!(
             a.check(
                 100,
+                SRC,
                 &register(Some(&foreign)),
                 HeaderName::Authorization,
                 "100",
@@ -368,6 +396,7 @@ mod tests {
         assert!(matches!(
             a.check(
                 100,
+                SRC,
                 &register(Some("Digest username=\"100\"")),
                 HeaderName::Authorization,
                 "100",
@@ -384,6 +413,7 @@ mod tests {
         assert!(matches!(
             a.check(
                 100 + 301,
+                SRC,
                 &register(Some(&h)),
                 HeaderName::Authorization,
                 "100",
@@ -395,6 +425,7 @@ mod tests {
         assert!(matches!(
             restarted.check(
                 100,
+                SRC,
                 &register(Some(&h)),
                 HeaderName::Authorization,
                 "100",
@@ -407,7 +438,7 @@ mod tests {
     #[test]
     fn nonce_count_must_grow() {
         let mut a = authenticator();
-        let ch = a.challenges(100, false, None).to_strings();
+        let ch = a.challenges(100, SRC, false, None).to_strings();
         let c = Challenge::parse(&ch[1]).unwrap();
         let dir = directory();
         let send = |a: &mut Authenticator, nc| {
@@ -416,6 +447,7 @@ mod tests {
                 .to_header();
             a.check(
                 100,
+                SRC,
                 &register(Some(&h)),
                 HeaderName::Authorization,
                 "100",
@@ -432,12 +464,48 @@ mod tests {
     }
 
     #[test]
+    fn failures_count_only_with_a_nonce_issued_to_that_source() {
+        let mut a = authenticator();
+        let wrong = answer(&mut a, 0, "100", "nope", 1);
+        let elsewhere = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7));
+        // A forged source never saw our challenge: answered, not counted.
+        assert!(matches!(
+            a.check(
+                100,
+                elsewhere,
+                &register(Some(&wrong)),
+                HeaderName::Authorization,
+                "100",
+                &directory()
+            ),
+            AuthResult::Failed {
+                countable: false,
+                ..
+            }
+        ));
+        // The right password from another address is just stale.
+        let right = answer(&mut a, 0, "100", "pw100", 1);
+        assert!(matches!(
+            a.check(
+                100,
+                elsewhere,
+                &register(Some(&right)),
+                HeaderName::Authorization,
+                "100",
+                &directory()
+            ),
+            AuthResult::Stale
+        ));
+    }
+
+    #[test]
     fn credentials_of_one_extension_cannot_register_another() {
         let mut a = authenticator();
         let h = answer(&mut a, 0, "101", "pw101", 1);
         assert!(matches!(
             a.check(
                 100,
+                SRC,
                 &register(Some(&h)),
                 HeaderName::Authorization,
                 "100",

@@ -378,6 +378,7 @@ impl Core {
         let unix_secs = self.clock.unix(now).as_secs();
         let ext = match self.auth.check(
             unix_secs,
+            source,
             msg,
             HeaderName::Authorization,
             &user,
@@ -396,14 +397,24 @@ impl Core {
                 self.respond(now, tx, 400, b.finish());
                 return;
             }
-            AuthResult::Failed { username } => {
+            AuthResult::Failed {
+                username,
+                countable,
+            } => {
                 tracing::info!(%username, "authentication failed");
                 self.security(SecurityEvent::AuthFailed {
                     source,
                     extension: user.clone(),
                     transport: flow.transport,
                 });
-                if let Some(block) = self.lockout.record_failure(now, source, &user) {
+                // Only a failure with a nonce we sent to this address counts:
+                // a forged UDP source never saw our challenge.
+                let block = if countable {
+                    self.lockout.record_failure(now, source, &user)
+                } else {
+                    None
+                };
+                if let Some(block) = block {
                     let seconds = block.until.saturating_duration_since(now).as_secs();
                     match block.scope {
                         BlockScope::Source => tracing::warn!(
@@ -497,9 +508,12 @@ impl Core {
     fn challenge(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow, stale: bool) {
         let unix_secs = self.clock.unix(now).as_secs();
         let mut b = self.response_builder(msg, flow, 401, "Unauthorized");
-        let challenges = self
-            .auth
-            .challenges(unix_secs, stale, msg.header(HeaderName::UserAgent));
+        let challenges = self.auth.challenges(
+            unix_secs,
+            flow.remote.ip(),
+            stale,
+            msg.header(HeaderName::UserAgent),
+        );
         for c in challenges.headers() {
             b.header_fmt(HeaderName::WwwAuthenticate, format_args!("{c}"));
         }

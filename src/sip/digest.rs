@@ -404,7 +404,8 @@ pub enum NonceStatus {
     Fresh,
     /// Made by this server but too old: ask again with `stale=true`.
     Expired,
-    /// Not made by this server (forged, or from before a restart).
+    /// Not made by this server for this peer (forged, issued to another
+    /// address, or from before a restart).
     Unknown,
 }
 
@@ -453,13 +454,15 @@ impl NonceIssuer {
         }
     }
 
-    /// A fresh nonce. `now_secs` is any monotonic count of seconds.
-    pub fn issue(&mut self, now_secs: u64) -> Nonce {
+    /// A fresh nonce for a peer. `now_secs` is any count of seconds;
+    /// `peer` (its address, say) is bound into the MAC, so the nonce is
+    /// only valid from there: whoever presents it has seen our challenge.
+    pub fn issue(&mut self, now_secs: u64, peer: &[u8]) -> Nonce {
         self.counter = self.counter.wrapping_add(1);
         let mut raw = [0u8; NONCE_RAW_BYTES];
         raw[..8].copy_from_slice(&now_secs.to_be_bytes());
         raw[8..12].copy_from_slice(&self.counter.to_be_bytes());
-        let tag = self.mac(&raw[..12]);
+        let tag = self.mac(&raw[..12], peer);
         raw[12..].copy_from_slice(&tag);
         let mut text = [0u8; NONCE_TEXT_BYTES];
         let n = URL_SAFE_NO_PAD
@@ -469,12 +472,13 @@ impl NonceIssuer {
         Nonce(text)
     }
 
-    pub fn check(&self, nonce: &str, now_secs: u64) -> NonceStatus {
+    /// Whether `nonce` was issued here, to `peer`, recently enough.
+    pub fn check(&self, nonce: &str, now_secs: u64, peer: &[u8]) -> NonceStatus {
         let mut raw = [0u8; NONCE_RAW_BYTES + 3];
         let Ok(NONCE_RAW_BYTES) = URL_SAFE_NO_PAD.decode_slice(nonce.as_bytes(), &mut raw) else {
             return NonceStatus::Unknown;
         };
-        let tag = self.mac(&raw[..12]);
+        let tag = self.mac(&raw[..12], peer);
         if !bool::from(tag.ct_eq(&raw[12..NONCE_RAW_BYTES])) {
             return NonceStatus::Unknown;
         }
@@ -488,10 +492,11 @@ impl NonceIssuer {
         }
     }
 
-    fn mac(&self, data: &[u8]) -> [u8; 16] {
+    fn mac(&self, data: &[u8], peer: &[u8]) -> [u8; 16] {
         // The keyed state is computed once; each nonce costs two blocks.
         let mut mac = self.keyed.clone();
         mac.update(data);
+        mac.update(peer);
         let full = mac.finalize().into_bytes();
         let mut out = [0u8; 16];
         out.copy_from_slice(&full[..16]);
@@ -613,22 +618,31 @@ mod tests {
     #[test]
     fn nonces_are_authentic_fresh_then_expired() {
         let mut issuer = NonceIssuer::new([7; 32], 300);
-        let n1 = issuer.issue(1000);
-        let n2 = issuer.issue(1000);
+        let peer = b"192.0.2.1";
+        let n1 = issuer.issue(1000, peer);
+        let n2 = issuer.issue(1000, peer);
         assert_ne!(n1, n2);
-        assert_eq!(issuer.check(&n1, 1000), NonceStatus::Fresh);
-        assert_eq!(issuer.check(&n1, 1300), NonceStatus::Fresh);
-        assert_eq!(issuer.check(&n1, 1301), NonceStatus::Expired);
-        assert_eq!(issuer.check(&n1, 999), NonceStatus::Expired);
+        assert_eq!(issuer.check(&n1, 1000, peer), NonceStatus::Fresh);
+        assert_eq!(issuer.check(&n1, 1300, peer), NonceStatus::Fresh);
+        assert_eq!(issuer.check(&n1, 1301, peer), NonceStatus::Expired);
+        assert_eq!(issuer.check(&n1, 999, peer), NonceStatus::Expired);
+        assert_eq!(
+            issuer.check(&n1, 1000, b"192.0.2.2"),
+            NonceStatus::Unknown,
+            "bound to its peer"
+        );
         let other = NonceIssuer::new([8; 32], 300);
-        assert_eq!(other.check(&n1, 1000), NonceStatus::Unknown);
+        assert_eq!(other.check(&n1, 1000, peer), NonceStatus::Unknown);
         let mut tampered = n1.as_str().as_bytes().to_vec();
         tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
         assert_eq!(
-            issuer.check(std::str::from_utf8(&tampered).unwrap(), 1000),
+            issuer.check(std::str::from_utf8(&tampered).unwrap(), 1000, peer),
             NonceStatus::Unknown
         );
-        assert_eq!(issuer.check("short", 1000), NonceStatus::Unknown);
-        assert_eq!(issuer.check(&"A".repeat(500), 1000), NonceStatus::Unknown);
+        assert_eq!(issuer.check("short", 1000, peer), NonceStatus::Unknown);
+        assert_eq!(
+            issuer.check(&"A".repeat(500), 1000, peer),
+            NonceStatus::Unknown
+        );
     }
 }

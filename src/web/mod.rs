@@ -72,13 +72,6 @@ async fn ca_cert(State(s): State<Arc<WebState>>) -> Response {
     }
 }
 
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// Serves `router` over TLS until the process ends.
 pub async fn serve_https(listener: TcpListener, tls: TlsAcceptor, router: Router) {
     let service = TowerToHyperService::new(router);

@@ -51,7 +51,13 @@ pub fn tls_client_config(ca_pem: &Path) -> Arc<rustls::ClientConfig> {
 
 impl Phone {
     pub async fn udp(server: SocketAddr, user: &str, password: &str) -> Phone {
-        let any: SocketAddr = if server.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" }.parse().unwrap();
+        let any: SocketAddr = if server.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        }
+        .parse()
+        .unwrap();
         let sock = UdpSocket::bind(any).await.unwrap();
         let local = sock.local_addr().unwrap();
         Phone {

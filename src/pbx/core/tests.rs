@@ -577,3 +577,30 @@ fn deleted_extensions_lose_bindings_and_restarts_restore_udp_ones() {
     );
     assert_eq!(core.restore_bindings(much_later, saved), 0);
 }
+
+#[test]
+fn forged_sources_cannot_lock_out_an_office() {
+    let mut h = Harness::new(cfg());
+    let attacker = udp_from("203.0.113.9:5060");
+    let office = udp_from("192.168.1.20:5062");
+    // The attacker gets a challenge at its own address...
+    let mut forger = phone("100", "guess", attacker);
+    let challenge = h.send(attacker, forger.build()).pop().unwrap();
+    forger.handle_response(&challenge);
+    // ...then sends wrong answers with the office's address as source: the
+    // nonce was not issued there, so none of them counts.
+    for _ in 0..10 {
+        let resp = h.send(office, forger.build()).pop().unwrap();
+        assert_eq!(resp.status(), Some(401));
+    }
+    assert!(
+        !h.security()
+            .iter()
+            .any(|e| matches!(e, SecurityEvent::Blocked { .. }))
+    );
+    let mut desk = phone("100", "pw100", office);
+    assert!(matches!(
+        h.register(&mut desk, office).0,
+        RegisterOutcome::Registered { .. }
+    ));
+}

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Registration benchmark: Parley and Kamailio, each pinned to CPU 0, driven
+# by the load generator (benches/regload.rs) pinned to CPU 1, over UDP and
+# over persistent TLS connections, at stepped offered rates. Every step
+# starts the server afresh with 20,000 extensions. Also measures Parley's
+# memory per idle registered TLS connection.
+#
+#   benches/registration.sh [OUT_DIR]
+#
+# Environment: RUNS (default 3), SECS (measured seconds per step, 10),
+# UDP_RATES, TLS_RATES, KAM_UDP_RATES, KAM_TLS_RATES (space-separated),
+# IDLE_CONNS (5000), SKIP_KAMAILIO=1.
+# Needs: kamailio, kamailio-sqlite-modules, kamailio-tls-modules, sqlite3,
+# openssl (for the Kamailio side).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+out=${1:-/tmp/parley-bench}
+runs=${RUNS:-3}
+secs=${SECS:-10}
+users=20000
+first=100000
+udp_rates=${UDP_RATES:-"10000 15000 18000 20000 22000 24000"}
+tls_rates=${TLS_RATES:-"6000 8000 10000 11000 12000"}
+kam_udp_rates=${KAM_UDP_RATES:-"2000 4000 6000 8000 10000"}
+kam_tls_rates=${KAM_TLS_RATES:-"2000 4000 6000 8000"}
+idle_conns=${IDLE_CONNS:-5000}
+mkdir -p "$out"
+
+cargo build --release --bin parley --bench regload >&2
+regload=$(ls -t target/release/deps/regload-* | grep -v '\.d$' | head -1)
+parley=$root/target/release/parley
+
+stop_all() {
+    pkill -f "parley serve --config $out" 2>/dev/null || true
+    pkill -9 kamailio 2>/dev/null || true
+    sleep 1
+}
+trap stop_all EXIT
+
+# ---- Parley --------------------------------------------------------------
+pdir=$out/parley
+start_parley() {
+    stop_all
+    rm -rf "$pdir" && mkdir -p "$pdir"
+    taskset -c 1 "$regload" provision --data-dir "$pdir" --users $first:$users --domain parley.test >/dev/null
+    printf '[log]\nlevel = "warn"\n' > "$pdir/bench.toml"
+    taskset -c 0 "$parley" serve --config "$pdir/bench.toml" --data-dir "$pdir" \
+        --sip-udp 127.0.0.1:5260 --sip-tcp 127.0.0.1:5260 --sip-tls 127.0.0.1:5261 --https off \
+        --domain parley.test >"$pdir/parley.log" 2>&1 &
+    sleep 1
+}
+
+# ---- Kamailio ------------------------------------------------------------
+kdir=$out/kamailio
+start_kamailio() {
+    stop_all
+    rm -rf "$kdir"
+    benches/kamailio/setup.sh "$kdir" $users >/dev/null
+    # The command line benches/kamailio/setup.sh prints (see its README).
+    (cd "$kdir" && taskset -c 0 kamailio -DD -E -M 64 -x tlsf -X tlsf -f "$root/benches/kamailio/kamailio.cfg" \
+        -w "$kdir" -Y "$kdir/run" -A "DBURL=\"sqlite:///$kdir/kamailio.sqlite\"" -A CHILDREN=${KAM_CHILDREN:-1} \
+        -A TCP_CHILDREN=${KAM_CHILDREN:-1} -A LOGLEVEL=1 >"$kdir/kamailio.log" 2>&1 &)
+    sleep 4
+}
+
+# One load step: prints the RESULT line of regload.
+step() { # server mode port rate
+    local warmup=$(( users / $4 + 2 ))
+    taskset -c 1 "$regload" "$2" --server "127.0.0.1:$3" --users $first:$users --rate "$4" \
+        --secs "$secs" --warmup "$warmup" $5 2>/dev/null | grep RESULT
+}
+
+results=$out/results.txt
+: > "$results"
+for run in $(seq 1 "$runs"); do
+    for r in $udp_rates; do start_parley; echo "run=$run server=parley $(step parley udp 5260 "$r" "")" | tee -a "$results"; done
+    for r in $tls_rates; do start_parley; echo "run=$run server=parley $(step parley tls 5261 "$r" "--conns 200")" | tee -a "$results"; done
+    if [ -z "${SKIP_KAMAILIO:-}" ]; then
+        for r in $kam_udp_rates; do start_kamailio; echo "run=$run server=kamailio $(step kamailio udp 5070 "$r" "")" | tee -a "$results"; done
+        for r in $kam_tls_rates; do start_kamailio; echo "run=$run server=kamailio $(step kamailio tls 5071 "$r" "--conns 200")" | tee -a "$results"; done
+    fi
+done
+
+# ---- memory per idle TLS connection --------------------------------------
+start_parley
+pid=$(pgrep -f "parley serve --config $out" | head -1)
+before=$(awk '/VmRSS/ {print $2}' /proc/"$pid"/status)
+taskset -c 1 "$regload" idle --server 127.0.0.1:5261 --users $first:$users --conns "$idle_conns" --hold 20 >"$out/idle.txt" 2>&1 &
+sleep 15
+after=$(awk '/VmRSS/ {print $2}' /proc/"$pid"/status)
+wait
+echo "idle: $(cat "$out/idle.txt" | grep IDLE | head -1) rss_before_kb=$before rss_after_kb=$after per_connection_kb=$(( (after - before) / idle_conns ))" | tee -a "$results"
