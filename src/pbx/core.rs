@@ -372,7 +372,7 @@ impl Core {
         if let Some(scope) = self.lockout.blocked(now, source, &user) {
             tracing::debug!(?scope, "request from blocked source refused");
             let b = self.response_builder(msg, flow, 403, "Too Many Failed Attempts");
-            self.respond(now, tx, 403, b.finish());
+            self.tx.respond_stateless(tx, b.finish());
             return;
         }
         let unix_secs = self.clock.unix(now).as_secs();
@@ -517,7 +517,8 @@ impl Core {
         for c in challenges.headers() {
             b.header_fmt(HeaderName::WwwAuthenticate, format_args!("{c}"));
         }
-        self.respond(now, tx, 401, b.finish());
+        // Unauthenticated requests leave no state behind.
+        self.tx.respond_stateless(tx, b.finish());
     }
 
     /// Turns registrar changes into events, store writes and pins.
@@ -539,22 +540,22 @@ impl Core {
             if !c.change.is_removal() && udp && c.store {
                 self.out
                     .push_back(Output::Store(StoreOp::SaveBinding(StoredBinding {
-                        extension: b.aor.clone(),
-                        key: b.key.clone(),
-                        contact: b.contact.clone(),
-                        instance: b.instance.clone(),
+                        extension: b.aor.to_string(),
+                        key: b.key.to_string(),
+                        contact: b.contact.to_string(),
+                        instance: b.instance.as_deref().map(str::to_owned),
                         reg_id: b.reg_id,
-                        call_id: b.call_id.clone(),
+                        call_id: b.call_id.to_string(),
                         cseq: b.cseq,
                         expires_at_unix: self.clock.unix(b.expires_at).as_secs(),
                         local: b.flow.local,
                         remote: b.flow.remote,
-                        user_agent: b.user_agent.clone(),
+                        user_agent: b.user_agent.as_deref().map(str::to_owned),
                     })));
             } else if (c.change.is_removal() && udp && c.store) || (!udp && was_udp) {
                 self.out.push_back(Output::Store(StoreOp::DeleteBinding {
-                    extension: b.aor.clone(),
-                    key: b.key.clone(),
+                    extension: b.aor.to_string(),
+                    key: b.key.to_string(),
                 }));
             }
             for flow in [Some(b.flow), c.previous_flow].into_iter().flatten() {

@@ -2,6 +2,7 @@
 //! to, and the writes the store must make.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use super::lockout::BlockScope;
 use super::policy::PolicyViolation;
@@ -11,11 +12,11 @@ use crate::sip::transport::Transport;
 /// A registration appeared, was refreshed or went away.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistrationEvent {
-    pub extension: String,
-    pub contact: String,
+    pub extension: Arc<str>,
+    pub contact: Arc<str>,
     pub transport: Transport,
     pub remote: SocketAddr,
-    pub user_agent: Option<String>,
+    pub user_agent: Option<Arc<str>>,
     pub change: Change,
     /// Seconds the binding has left (0 for removals).
     pub expires_in: u32,

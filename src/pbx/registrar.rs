@@ -9,6 +9,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
@@ -45,23 +47,25 @@ impl Default for RegistrarConfig {
     }
 }
 
+/// One binding. Its text is shared (`Arc<str>`), so the copies that go out
+/// in events cost reference counts, not allocations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
     /// The extension number.
-    pub aor: String,
+    pub aor: Arc<str>,
     /// Identity of the binding within its extension.
-    pub key: String,
+    pub key: Arc<str>,
     /// The Contact URI exactly as the device sent it (some devices look
     /// for it byte for byte in the 200 OK).
-    pub contact: String,
-    pub instance: Option<String>,
+    pub contact: Arc<str>,
+    pub instance: Option<Arc<str>>,
     pub reg_id: Option<u32>,
-    pub call_id: String,
+    pub call_id: Arc<str>,
     pub cseq: u32,
     pub expires_at: Instant,
     /// Where the REGISTER came from: requests for this contact go back here.
     pub flow: Flow,
-    pub user_agent: Option<String>,
+    pub user_agent: Option<Arc<str>>,
     /// The expiry the store last recorded, if it recorded this binding.
     stored_until: Option<Instant>,
     uid: u64,
@@ -190,21 +194,26 @@ pub enum RegisterError {
     MissingHeaders,
 }
 
-/// A Contact of the request, checked but not yet applied.
-struct Requested {
-    key: String,
-    contact: String,
-    instance: Option<String>,
+/// A Contact of the request, checked but not yet applied; borrowed from
+/// the request.
+struct Requested<'a> {
+    key: Cow<'a, str>,
+    contact: &'a str,
+    instance: Option<Cow<'a, str>>,
     reg_id: Option<u32>,
     expires: u32,
 }
 
 pub struct Registrar {
     cfg: RegistrarConfig,
-    by_aor: HashMap<String, SmallVec<[Binding; 2]>>,
+    by_aor: HashMap<Arc<str>, SmallVec<[Binding; 2]>>,
     /// Stream connections and the bindings that use them.
     by_conn: HashMap<ConnId, SmallVec<[u64; 2]>>,
-    expiry: BinaryHeap<Reverse<(Instant, u64, Box<str>)>>,
+    /// The extension of each binding, by binding id.
+    aor_of: HashMap<u64, Arc<str>>,
+    /// Expiry times by binding id; entries made stale by refreshes are
+    /// skipped when they come up.
+    expiry: BinaryHeap<Reverse<(Instant, u64)>>,
     count: usize,
     next_uid: u64,
 }
@@ -215,6 +224,7 @@ impl Registrar {
             cfg,
             by_aor: HashMap::new(),
             by_conn: HashMap::new(),
+            aor_of: HashMap::new(),
             expiry: BinaryHeap::new(),
             count: 0,
             next_uid: 0,
@@ -281,7 +291,7 @@ impl Registrar {
                 });
             }
             if let Some(existing) = self.find(aor, &r.key)
-                && existing.call_id == call_id
+                && *existing.call_id == *call_id
                 && cseq <= existing.cseq
             {
                 return Err(RegisterError::OutOfOrder);
@@ -297,7 +307,7 @@ impl Registrar {
         Ok(changes)
     }
 
-    fn parse_contact(&self, value: &str, default_expires: u32) -> Result<Requested, RegisterError> {
+    fn parse_contact<'a>(&self, value: &'a str, default_expires: u32) -> Result<Requested<'a>, RegisterError> {
         let na = NameAddr::parse(value).ok_or(RegisterError::MalformedContact)?;
         Uri::parse(na.uri).map_err(|_| RegisterError::UnsupportedContact)?;
         // A malformed expires parameter falls back to the default (§10.3).
@@ -310,20 +320,19 @@ impl Registrar {
             .param("+sip.instance")
             .flatten()
             .and_then(grammar::unquote)
-            .map(|c| c.into_owned())
             .filter(|i| !i.is_empty() && i.len() <= MAX_INSTANCE_BYTES);
         let reg_id = na
             .param("reg-id")
             .flatten()
             .and_then(|r| parse_decimal_u32(r, MAX_NUMBER_DIGITS));
         let key = match (&instance, reg_id) {
-            (Some(i), Some(r)) => format!("{i};reg-id={r}"),
+            (Some(i), Some(r)) => Cow::Owned(format!("{i};reg-id={r}")),
             (Some(i), None) => i.clone(),
-            (None, _) => na.uri.to_owned(),
+            (None, _) => Cow::Borrowed(na.uri),
         };
         Ok(Requested {
             key,
-            contact: na.uri.to_owned(),
+            contact: na.uri,
             instance,
             reg_id,
             expires,
@@ -335,7 +344,7 @@ impl Registrar {
         &mut self,
         now: Instant,
         aor: &str,
-        r: Requested,
+        r: Requested<'_>,
         call_id: &str,
         cseq: u32,
         flow: Flow,
@@ -345,7 +354,7 @@ impl Registrar {
         let existing = self
             .by_aor
             .get(aor)
-            .and_then(|list| list.iter().position(|b| b.key == r.key));
+            .and_then(|list| list.iter().position(|b| *b.key == *r.key));
         if r.expires == 0 {
             if let Some(pos) = existing {
                 let b = self.take(aor, pos);
@@ -368,20 +377,29 @@ impl Registrar {
             let half_left = b.stored_until.is_some_and(|stored| {
                 stored.saturating_duration_since(now) * 2 >= expires_at - now
             });
-            let store = old_flow != flow || b.contact != r.contact || !half_left;
+            let store = old_flow != flow || *b.contact != *r.contact || !half_left;
             if store {
                 b.stored_until = Some(expires_at);
             }
-            b.contact = r.contact;
-            b.instance = r.instance;
+            // A refresh usually repeats everything: keep the shared text.
+            if *b.contact != *r.contact {
+                b.contact = r.contact.into();
+            }
+            if b.instance.as_deref() != r.instance.as_deref() {
+                b.instance = r.instance.map(|i| Arc::from(&*i));
+            }
+            if *b.call_id != *call_id {
+                b.call_id = call_id.into();
+            }
+            if b.user_agent.as_deref() != user_agent {
+                b.user_agent = user_agent.map(Arc::from);
+            }
             b.reg_id = r.reg_id;
-            b.call_id = call_id.to_owned();
             b.cseq = cseq;
             b.expires_at = expires_at;
             b.flow = flow;
-            b.user_agent = user_agent.map(str::to_owned);
             let binding = b.clone();
-            self.schedule(expires_at, uid, aor);
+            self.schedule(expires_at, uid);
             changes.push(BindingChange {
                 change: Change::Refreshed,
                 binding,
@@ -401,16 +419,16 @@ impl Registrar {
         }
         self.next_uid += 1;
         let binding = Binding {
-            aor: aor.to_owned(),
-            key: r.key,
-            contact: r.contact,
-            instance: r.instance,
+            aor: aor.into(),
+            key: Arc::from(&*r.key),
+            contact: r.contact.into(),
+            instance: r.instance.map(|i| Arc::from(&*i)),
             reg_id: r.reg_id,
-            call_id: call_id.to_owned(),
+            call_id: call_id.into(),
             cseq,
             expires_at,
             flow,
-            user_agent: user_agent.map(str::to_owned),
+            user_agent: user_agent.map(Arc::from),
             stored_until: Some(expires_at),
             uid: self.next_uid,
         };
@@ -430,7 +448,7 @@ impl Registrar {
         cseq: u32,
     ) -> Result<Vec<BindingChange>, RegisterError> {
         let list = self.bindings(aor);
-        if list.iter().any(|b| b.call_id == call_id && cseq <= b.cseq) {
+        if list.iter().any(|b| *b.call_id == *call_id && cseq <= b.cseq) {
             return Err(RegisterError::OutOfOrder);
         }
         Ok(self.drain_aor(aor, Change::Removed))
@@ -456,16 +474,16 @@ impl Registrar {
         }
         self.next_uid += 1;
         self.insert(Binding {
-            aor: aor.to_owned(),
-            key: key.to_owned(),
-            contact: contact.to_owned(),
-            instance,
+            aor: aor.into(),
+            key: key.into(),
+            contact: contact.into(),
+            instance: instance.map(Arc::from),
             reg_id,
-            call_id: call_id.to_owned(),
+            call_id: call_id.into(),
             cseq,
             expires_at,
             flow,
-            user_agent,
+            user_agent: user_agent.map(Arc::from),
             stored_until: Some(expires_at),
             uid: self.next_uid,
         });
@@ -474,18 +492,15 @@ impl Registrar {
     /// Removes every binding that has expired by `now`.
     pub fn expire(&mut self, now: Instant) -> Vec<BindingChange> {
         let mut changes = Vec::new();
-        while let Some(Reverse((at, _, _))) = self.expiry.peek() {
+        while let Some(Reverse((at, _))) = self.expiry.peek() {
             if *at > now {
                 break;
             }
-            let Some(Reverse((at, uid, aor))) = self.expiry.pop() else {
+            let Some(Reverse((at, uid))) = self.expiry.pop() else {
                 break;
             };
-            let pos = self
-                .by_aor
-                .get(&*aor)
-                .and_then(|list| list.iter().position(|b| b.uid == uid && b.expires_at == at));
-            if let Some(pos) = pos {
+            // Stale entries (the binding was refreshed or removed) find nothing.
+            if let Some((aor, pos)) = self.locate(uid).filter(|(aor, pos)| self.by_aor[aor][*pos].expires_at == at) {
                 let b = self.take(&aor, pos);
                 changes.push(BindingChange::removal(Change::Expired, b));
             }
@@ -494,7 +509,14 @@ impl Registrar {
     }
 
     pub fn next_expiry(&self) -> Option<Instant> {
-        self.expiry.peek().map(|Reverse((at, _, _))| *at)
+        self.expiry.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// The extension and position of a binding, by id.
+    fn locate(&self, uid: u64) -> Option<(Arc<str>, usize)> {
+        let aor = self.aor_of.get(&uid)?;
+        let pos = self.by_aor.get(aor)?.iter().position(|b| b.uid == uid)?;
+        Some((aor.clone(), pos))
     }
 
     /// Drops the bindings of a TCP/TLS connection that closed.
@@ -504,12 +526,7 @@ impl Registrar {
         };
         let mut changes = Vec::new();
         for uid in uids {
-            let found = self.by_aor.iter().find_map(|(aor, list)| {
-                list.iter()
-                    .position(|b| b.uid == uid)
-                    .map(|p| (aor.clone(), p))
-            });
-            if let Some((aor, pos)) = found {
+            if let Some((aor, pos)) = self.locate(uid) {
                 let b = self.take(&aor, pos);
                 changes.push(BindingChange::removal(Change::FlowClosed, b));
             }
@@ -519,7 +536,7 @@ impl Registrar {
 
     /// Drops every binding of extensions for which `keep` says no.
     pub fn retain_aors(&mut self, mut keep: impl FnMut(&str) -> bool) -> Vec<BindingChange> {
-        let gone: Vec<String> = self.by_aor.keys().filter(|a| !keep(a)).cloned().collect();
+        let gone: Vec<Arc<str>> = self.by_aor.keys().filter(|a| !keep(a)).cloned().collect();
         gone.iter()
             .flat_map(|aor| self.drain_aor(aor, Change::ExtensionRemoved))
             .collect()
@@ -535,15 +552,16 @@ impl Registrar {
     }
 
     fn find(&self, aor: &str, key: &str) -> Option<&Binding> {
-        self.bindings(aor).iter().find(|b| b.key == key)
+        self.bindings(aor).iter().find(|b| *b.key == *key)
     }
 
     fn insert(&mut self, b: Binding) {
         let (at, uid, aor) = (b.expires_at, b.uid, b.aor.clone());
         self.link_conn(&b.flow, uid);
         self.count += 1;
-        self.by_aor.entry(aor.clone()).or_default().push(b);
-        self.schedule(at, uid, &aor);
+        self.aor_of.insert(uid, aor.clone());
+        self.by_aor.entry(aor).or_default().push(b);
+        self.schedule(at, uid);
     }
 
     fn take(&mut self, aor: &str, pos: usize) -> Binding {
@@ -553,6 +571,7 @@ impl Registrar {
             self.by_aor.remove(aor);
         }
         self.count -= 1;
+        self.aor_of.remove(&b.uid);
         self.unlink_conn(&b.flow, b.uid);
         b
     }
@@ -577,14 +596,14 @@ impl Registrar {
 
     /// Arms the expiry of a binding. Refreshes leave stale entries behind;
     /// when they outnumber live bindings the heap is rebuilt from scratch.
-    fn schedule(&mut self, at: Instant, uid: u64, aor: &str) {
-        self.expiry.push(Reverse((at, uid, aor.into())));
+    fn schedule(&mut self, at: Instant, uid: u64) {
+        self.expiry.push(Reverse((at, uid)));
         if self.expiry.len() > 2 * self.count + 1024 {
             self.expiry = self
                 .by_aor
                 .values()
                 .flatten()
-                .map(|b| Reverse((b.expires_at, b.uid, b.aor.as_str().into())))
+                .map(|b| Reverse((b.expires_at, b.uid)))
                 .collect();
         }
     }

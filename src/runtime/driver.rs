@@ -14,6 +14,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::stream::ConnShared;
+use super::udp_batch;
 use super::uptime_millis;
 use crate::pbx::core::{Core, Output};
 use crate::pbx::directory::Directory;
@@ -64,6 +65,9 @@ pub struct Driver {
     pub directory: Option<watch::Receiver<Directory>>,
     pub shutdown: watch::Receiver<bool>,
     pub idle_timeout: Duration,
+    /// Datagrams gathered while flushing, sent in one batch (kept to reuse
+    /// its allocation).
+    pub datagrams: Vec<(Bytes, SocketAddr)>,
 }
 
 impl Driver {
@@ -161,15 +165,15 @@ impl Driver {
         udp: Option<&UdpSocket>,
         udp_local: Option<SocketAddr>,
     ) {
+        let mut datagrams = std::mem::take(&mut self.datagrams);
         while let Some(out) = self.core.poll_output() {
             match out {
                 Output::Transmit(t) => match t.flow.transport {
                     Transport::Udp => {
-                        let Some(sock) = udp else { continue };
                         if Some(t.flow.local) != udp_local {
                             tracing::debug!(flow = %t.flow, "UDP flow on a socket no longer open; sending from the current one");
                         }
-                        send_udp(sock, &t.bytes, t.flow.remote).await;
+                        datagrams.push((t.bytes, t.flow.remote));
                     }
                     Transport::Tcp | Transport::Tls => {
                         let Some(conn) = conns.get(&t.flow.conn) else {
@@ -201,6 +205,11 @@ impl Driver {
                 }
             }
         }
+        if let Some(sock) = udp {
+            udp_batch::send_all(sock, &datagrams).await;
+        }
+        datagrams.clear();
+        self.datagrams = datagrams;
     }
 
     /// Closes connections that carry no registration and have been quiet
@@ -245,15 +254,3 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-async fn send_udp(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) {
-    match sock.try_send_to(bytes, to) {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            // The send buffer is full: wait for room rather than drop.
-            if let Err(e) = sock.send_to(bytes, to).await {
-                tracing::debug!(%to, "UDP send failed: {e}");
-            }
-        }
-        Err(e) => tracing::debug!(%to, "UDP send failed: {e}"),
-    }
-}

@@ -4,6 +4,7 @@
 
 mod driver;
 mod stream;
+mod udp_batch;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -200,6 +201,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         directory: Some(dir_rx),
         shutdown: shutdown_rx,
         idle_timeout: config.idle_timeout,
+        datagrams: Vec::new(),
     };
     tracing::info!(domain = %config.domain, "Parley is ready");
     // On a worker thread, next to the connection tasks that feed it.

@@ -372,18 +372,31 @@ impl Challenge {
         cnonce: &str,
         nc: u32,
     ) -> Credentials<'static> {
+        let h = ha1(self.algorithm, username, &self.realm, password);
+        self.answer_with_ha1(method, uri, username, &h, cnonce, nc).into_owned()
+    }
+
+    /// Answers with a known HA1 (a client that registers often keeps it).
+    pub fn answer_with_ha1<'a>(
+        &'a self,
+        method: &str,
+        uri: &'a str,
+        username: &'a str,
+        ha1: &str,
+        cnonce: &'a str,
+        nc: u32,
+    ) -> Credentials<'a> {
         let mut c = Credentials {
-            username: Cow::Owned(username.to_owned()),
-            realm: Cow::Owned(self.realm.clone()),
-            nonce: Cow::Owned(self.nonce.clone()),
-            uri: Cow::Owned(uri.to_owned()),
+            username: Cow::Borrowed(username),
+            realm: Cow::Borrowed(&self.realm),
+            nonce: Cow::Borrowed(&self.nonce),
+            uri: Cow::Borrowed(uri),
             response: Cow::Borrowed(""),
             algorithm: self.algorithm,
-            cnonce: Cow::Owned(cnonce.to_owned()),
+            cnonce: Cow::Borrowed(cnonce),
             nc,
         };
-        let h = ha1(self.algorithm, username, &self.realm, password);
-        c.response = Cow::Owned(c.expected_response(method, &h).as_str().to_owned());
+        c.response = Cow::Owned(c.expected_response(method, ha1).as_str().to_owned());
         c
     }
 }

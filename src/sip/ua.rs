@@ -51,6 +51,10 @@ pub struct Registration {
     pub prefer: Algorithm,
     cseq: u32,
     challenge: Option<Challenge>,
+    /// HA1 for the last realm and algorithm seen.
+    ha1: Option<(Algorithm, String, String)>,
+    /// Our Contact URI, made once.
+    contact: String,
     nc: u32,
     sent_credentials: bool,
 }
@@ -63,7 +67,7 @@ impl Registration {
         transport: Transport,
         local: SocketAddr,
     ) -> Registration {
-        Registration {
+        let mut r = Registration {
             user: user.to_owned(),
             password: password.to_owned(),
             domain: domain.to_owned(),
@@ -76,12 +80,20 @@ impl Registration {
             prefer: Algorithm::Sha256,
             cseq: 0,
             challenge: None,
+            ha1: None,
+            contact: String::new(),
             nc: 0,
             sent_credentials: false,
-        }
+        };
+        r.contact = r.make_contact_uri();
+        r
     }
 
     pub fn contact_uri(&self) -> String {
+        self.contact.clone()
+    }
+
+    fn make_contact_uri(&self) -> String {
         let host = match self.local {
             SocketAddr::V4(a) => a.ip().to_string(),
             SocketAddr::V6(a) => format!("[{}]", a.ip()),
@@ -131,7 +143,7 @@ impl Registration {
                 b.header(HeaderName::Contact, c);
             }
             None => {
-                let mut c = format!("<{}>", self.contact_uri());
+                let mut c = format!("<{}>", self.contact);
                 if let Some(i) = &self.instance {
                     let _ = write!(c, ";+sip.instance=\"{i}\"");
                 }
@@ -144,14 +156,17 @@ impl Registration {
         if let Some(ch) = &self.challenge {
             self.nc += 1;
             let cnonce = format!("{:08x}", self.cseq.wrapping_mul(2_654_435_761));
-            let creds = ch.answer(
-                "REGISTER",
-                &ruri,
-                &self.user,
-                &self.password,
-                &cnonce,
-                self.nc,
-            );
+            // HA1 depends only on the realm and algorithm: compute it once.
+            let fresh = match &self.ha1 {
+                Some((alg, realm, _)) => *alg != ch.algorithm || *realm != ch.realm,
+                None => true,
+            };
+            if fresh {
+                let h = super::digest::ha1(ch.algorithm, &self.user, &ch.realm, &self.password);
+                self.ha1 = Some((ch.algorithm, ch.realm.clone(), h));
+            }
+            let ha1 = self.ha1.as_ref().map(|(_, _, h)| h.as_str()).unwrap_or_default();
+            let creds = ch.answer_with_ha1("REGISTER", &ruri, &self.user, ha1, &cnonce, self.nc);
             b.header(HeaderName::Authorization, &creds.to_header());
         }
         b.finish()
@@ -165,7 +180,7 @@ impl Registration {
         match status {
             100..=199 => RegisterOutcome::Ignored,
             200..=299 => {
-                let mine = self.contact_uri();
+                let mine = self.contact.as_str();
                 let granted = msg
                     .header_values(HeaderName::Contact)
                     .filter_map(super::message::NameAddr::parse)

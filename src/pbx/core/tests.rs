@@ -98,7 +98,7 @@ impl Harness {
         self.events
             .iter()
             .filter_map(|e| match e {
-                Event::Registration(r) => Some((r.extension.clone(), r.change)),
+                Event::Registration(r) => Some((r.extension.to_string(), r.change)),
                 _ => None,
             })
             .collect()
@@ -603,4 +603,19 @@ fn forged_sources_cannot_lock_out_an_office() {
         h.register(&mut desk, office).0,
         RegisterOutcome::Registered { .. }
     ));
+}
+
+#[test]
+fn challenges_leave_no_transaction_state() {
+    let mut h = Harness::new(cfg());
+    let flow = udp_from("192.0.2.44:5060");
+    for n in 0..100 {
+        let mut stranger = phone(&format!("{n}"), "x", flow);
+        assert_eq!(h.send(flow, stranger.build()).pop().unwrap().status(), Some(401));
+    }
+    assert_eq!(h.core.transactions().server_count(), 0);
+    // An authenticated registration keeps its transaction for retransmissions.
+    let mut ua = phone("100", "pw100", flow);
+    h.register(&mut ua, flow);
+    assert_eq!(h.core.transactions().server_count(), 1);
 }

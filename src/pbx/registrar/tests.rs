@@ -176,7 +176,7 @@ fn several_devices_refresh_and_unregister() {
     assert_eq!(
         r.bindings("100")
             .iter()
-            .find(|b| b.key == "sip:100@192.168.1.20:5060")
+            .find(|b| &*b.key == "sip:100@192.168.1.20:5060")
             .unwrap()
             .expires_in(later),
         300
@@ -210,7 +210,7 @@ fn same_instance_from_a_new_address_replaces_the_old_binding() {
     assert_eq!(c[0].previous_flow, Some(udp(5060)));
     let bs = r.bindings("100");
     assert_eq!(bs.len(), 1);
-    assert_eq!(bs[0].contact, "sip:100@10.0.0.9:6060");
+    assert_eq!(&*bs[0].contact, "sip:100@10.0.0.9:6060");
     assert_eq!(bs[0].flow, udp(6060));
     assert_eq!(
         bs[0].contact_header(t0),
@@ -247,7 +247,7 @@ fn a_full_extension_drops_the_binding_closest_to_expiry() {
         )
         .unwrap();
     assert_eq!(kinds(&c), vec![Change::Replaced, Change::Added]);
-    assert_eq!(c[0].binding.contact, "sip:100@192.0.2.2");
+    assert_eq!(&*c[0].binding.contact, "sip:100@192.0.2.2");
     assert_eq!(r.bindings("100").len(), 3);
 }
 

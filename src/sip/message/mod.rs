@@ -180,6 +180,25 @@ pub struct Message {
     start: StartLine,
     fields: SmallVec<[Field; 20]>,
     body: Span,
+    /// The top Via, parsed once: every layer reads it (validation, the
+    /// transaction key, the To tag, the response's Via).
+    top_via: Option<TopVia>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TopVia {
+    transport: Span,
+    sent_by: Span,
+    host: HostSpan,
+    port: Option<u16>,
+    params: Span,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum HostSpan {
+    Name(Span),
+    V4(std::net::Ipv4Addr),
+    V6(std::net::Ipv6Addr),
 }
 
 impl Message {
@@ -225,7 +244,9 @@ impl Message {
             start,
             fields,
             body: Span::default(),
+            top_via: None,
         };
+        msg.top_via = msg.parse_top_via();
         let available = msg.buf.len() - body_start;
         let body_len = match (msg.content_length()?, framing) {
             (_, Framing::Stream) => available,
@@ -372,9 +393,43 @@ impl Message {
     }
 
     pub fn top_via(&self) -> Option<Via<'_>> {
-        self.header_values(HeaderName::Via)
-            .next()
-            .and_then(Via::parse)
+        let v = self.top_via?;
+        Some(Via {
+            transport: self.text(v.transport),
+            sent_by: self.text(v.sent_by),
+            host: match v.host {
+                HostSpan::Name(s) => Host::Name(self.text(s)),
+                HostSpan::V4(a) => Host::V4(a),
+                HostSpan::V6(a) => Host::V6(a),
+            },
+            port: v.port,
+            params: self.text(v.params),
+        })
+    }
+
+    fn parse_top_via(&self) -> Option<TopVia> {
+        let via = self.header_values(HeaderName::Via).next().and_then(Via::parse)?;
+        Some(TopVia {
+            transport: self.span_of(via.transport),
+            sent_by: self.span_of(via.sent_by),
+            host: match via.host {
+                Host::Name(n) => HostSpan::Name(self.span_of(n)),
+                Host::V4(a) => HostSpan::V4(a),
+                Host::V6(a) => HostSpan::V6(a),
+            },
+            port: via.port,
+            params: self.span_of(via.params),
+        })
+    }
+
+    /// Where a slice of this message's buffer sits in it. Empty slices
+    /// (which parsers may make from a literal "") map to an empty span.
+    fn span_of(&self, s: &str) -> Span {
+        let start = (s.as_ptr() as usize).wrapping_sub(self.buf.as_ptr() as usize);
+        if s.is_empty() || start.checked_add(s.len()).is_none_or(|end| end > self.buf.len()) {
+            return Span::default();
+        }
+        Span::new(start, start + s.len())
     }
 
     pub fn from(&self) -> Option<NameAddr<'_>> {

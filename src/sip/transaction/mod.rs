@@ -17,7 +17,9 @@
 mod tests;
 mod timer;
 
+use std::collections::hash_map::{DefaultHasher, RandomState};
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -113,7 +115,7 @@ enum ServerState {
 #[derive(Debug)]
 struct ServerTx {
     uid: u64,
-    key: Box<[u8]>,
+    key: TxKey,
     invite: bool,
     state: ServerState,
     flow: Flow,
@@ -135,7 +137,7 @@ enum ClientState {
 #[derive(Debug)]
 struct ClientTx {
     uid: u64,
-    key: Box<[u8]>,
+    key: TxKey,
     invite: bool,
     state: ClientState,
     flow: Flow,
@@ -148,17 +150,18 @@ struct ClientTx {
 pub struct TransactionLayer {
     config: TimerConfig,
     server: Slab<ServerTx>,
-    server_index: HashMap<Box<[u8]>, usize>,
+    server_index: HashMap<TxKey, usize>,
     /// Server transactions in the order they reached a final state, the
     /// candidates for early eviction. May hold stale ids.
     completed_order: VecDeque<(usize, u64)>,
     client: Slab<ClientTx>,
-    client_index: HashMap<Box<[u8]>, usize>,
+    client_index: HashMap<TxKey, usize>,
     timers: TimerHeap,
     transmits: VecDeque<Transmit>,
     inputs: VecDeque<TuInput>,
     next_uid: u64,
     max_server: usize,
+    keys: KeyMaker,
 }
 
 impl TransactionLayer {
@@ -172,6 +175,7 @@ impl TransactionLayer {
             config,
             server: Slab::new(),
             server_index: HashMap::new(),
+            keys: KeyMaker::default(),
             completed_order: VecDeque::new(),
             client: Slab::new(),
             client_index: HashMap::new(),
@@ -229,7 +233,7 @@ impl TransactionLayer {
                 msg,
             });
         };
-        let Some(key) = server_key(&msg, method == Method::Ack) else {
+        let Some(key) = self.keys.server_key(&msg, method == Method::Ack) else {
             return Err(Refused {
                 error: TxError::Unmatchable,
                 msg,
@@ -258,7 +262,7 @@ impl TransactionLayer {
         let invite = method == Method::Invite;
         let idx = self.server.insert(ServerTx {
             uid,
-            key: key.clone(),
+            key,
             invite,
             state: if invite {
                 ServerState::Proceeding
@@ -281,7 +285,7 @@ impl TransactionLayer {
     fn handle_ack(
         &mut self,
         now: Instant,
-        key: Box<[u8]>,
+        key: TxKey,
         msg: Message,
         flow: Flow,
     ) -> Option<TuInput> {
@@ -305,6 +309,19 @@ impl TransactionLayer {
             ServerState::Confirmed => None,
             _ => Some(TuInput::Ack { msg, flow }),
         }
+    }
+
+    /// Sends a final response and forgets the transaction at once, as a
+    /// stateless UAS does (RFC 3261 §8.2.7). For answers to requests that
+    /// prove nothing yet (challenges, refusals of blocked sources): a
+    /// retransmission just gets a fresh answer, and strangers cannot make
+    /// Parley hold state for them.
+    pub fn respond_stateless(&mut self, id: ServerTxId, bytes: Bytes) {
+        let Some(tx) = self.server.get(id.idx).filter(|t| t.uid == id.uid) else {
+            return;
+        };
+        self.transmits.push_back(Transmit { flow: tx.flow, bytes });
+        self.remove_server(id.idx);
     }
 
     /// Sends a response through its server transaction. `status` must be
@@ -368,7 +385,7 @@ impl TransactionLayer {
 
     /// The INVITE server transaction a CANCEL refers to (RFC 3261 §9.2).
     pub fn find_invite_for_cancel(&self, cancel: &Message) -> Option<ServerTxId> {
-        let key = server_key_for_method(cancel, "INVITE")?;
+        let key = self.keys.server_key_for_method(cancel, "INVITE")?;
         let &idx = self.server_index.get(&key)?;
         let tx = &self.server[idx];
         Some(ServerTxId { idx, uid: tx.uid })
@@ -412,7 +429,7 @@ impl TransactionLayer {
         let request = Message::parse(bytes.clone(), super::message::Framing::Datagram)
             .map_err(|_| TxError::Unmatchable)?;
         let method = request.method().ok_or(TxError::Unmatchable)?;
-        let key = client_key(&request).ok_or(TxError::Unmatchable)?;
+        let key = self.keys.client_key(&request).ok_or(TxError::Unmatchable)?;
         if self.client.len() >= MAX_CLIENT_TRANSACTIONS || self.client_index.contains_key(&key) {
             return Err(TxError::Overloaded);
         }
@@ -420,7 +437,7 @@ impl TransactionLayer {
         let invite = method == Method::Invite;
         let idx = self.client.insert(ClientTx {
             uid,
-            key: key.clone(),
+            key,
             invite,
             state: ClientState::Trying,
             flow,
@@ -447,7 +464,7 @@ impl TransactionLayer {
 
     /// Feeds a response. Returns what the transaction user must see.
     pub fn handle_response(&mut self, now: Instant, msg: Message, flow: Flow) -> Option<TuInput> {
-        let Some(idx) = client_key(&msg).and_then(|k| self.client_index.get(&k).copied()) else {
+        let Some(idx) = self.keys.client_key(&msg).and_then(|k| self.client_index.get(&k).copied()) else {
             return Some(TuInput::StrayResponse { msg, flow });
         };
         let status = msg.status()?;
@@ -667,49 +684,86 @@ impl TransactionLayer {
     }
 }
 
-/// The key of RFC 3261 §17.2.3: branch, sent-by and method, with ACK
-/// matching its INVITE. Requests without the RFC 3261 magic cookie (RFC
-/// 2543 peers) are keyed by the fields §17.2.3 lists for them instead.
-fn server_key(msg: &Message, is_ack: bool) -> Option<Box<[u8]>> {
-    let method = if is_ack { "INVITE" } else { msg.method_str() };
-    server_key_for_method(msg, method)
+/// A transaction key: 128 bits of keyed hash over the fields that identify
+/// the transaction. Fixed size, so matching allocates nothing; keyed with
+/// secrets made at start, so no peer can aim two transactions at one key.
+type TxKey = u128;
+
+#[derive(Default)]
+struct KeyMaker {
+    a: RandomState,
+    b: RandomState,
 }
 
-fn server_key_for_method(msg: &Message, method: &str) -> Option<Box<[u8]>> {
-    let via = msg.top_via()?;
-    let mut key = Vec::with_capacity(96);
-    key.extend_from_slice(method.as_bytes());
-    key.push(0);
-    if via.has_rfc3261_branch() {
-        key.extend_from_slice(via.branch()?.as_bytes());
-        key.push(0);
-        key.extend_from_slice(via.sent_by.to_ascii_lowercase().as_bytes());
-    } else {
-        let cseq = msg.cseq()?;
-        key.extend_from_slice(b"2543\0");
-        key.extend_from_slice(msg.request_uri().as_bytes());
-        key.push(0);
-        key.extend_from_slice(msg.call_id()?.as_bytes());
-        key.push(0);
-        key.extend_from_slice(msg.from()?.tag().unwrap_or("").as_bytes());
-        key.push(0);
-        key.extend_from_slice(cseq.seq.to_string().as_bytes());
-        key.push(0);
-        key.extend_from_slice(msg.header_values(HeaderName::Via).next()?.as_bytes());
+/// Feeds two independently keyed hashers at once.
+struct KeyHasher(DefaultHasher, DefaultHasher);
+
+impl KeyHasher {
+    /// One field; 0xFF (never in UTF-8 text) separates fields.
+    fn field(&mut self, bytes: &[u8]) {
+        self.0.write(bytes);
+        self.1.write(bytes);
+        self.0.write_u8(0xff);
+        self.1.write_u8(0xff);
     }
-    Some(key.into_boxed_slice())
+
+    fn field_lowercase(&mut self, s: &str) {
+        for b in s.bytes() {
+            let b = b.to_ascii_lowercase();
+            self.0.write_u8(b);
+            self.1.write_u8(b);
+        }
+        self.0.write_u8(0xff);
+        self.1.write_u8(0xff);
+    }
+
+    fn finish(&self) -> TxKey {
+        (u128::from(self.0.finish()) << 64) | u128::from(self.1.finish())
+    }
 }
 
-/// The key of RFC 3261 §17.1.3: our branch and the CSeq method.
-fn client_key(msg: &Message) -> Option<Box<[u8]>> {
-    let via = msg.top_via()?;
-    let cseq = msg.cseq()?;
-    let branch = via.branch()?;
-    let mut key = Vec::with_capacity(64);
-    key.extend_from_slice(cseq.method_str.as_bytes());
-    key.push(0);
-    key.extend_from_slice(branch.as_bytes());
-    Some(key.into_boxed_slice())
+impl KeyMaker {
+    fn hasher(&self) -> KeyHasher {
+        KeyHasher(self.a.build_hasher(), self.b.build_hasher())
+    }
+
+    /// The key of RFC 3261 §17.2.3: branch, sent-by and method, with ACK
+    /// matching its INVITE. Requests without the RFC 3261 magic cookie
+    /// (RFC 2543 peers) are keyed by the fields §17.2.3 lists for them.
+    fn server_key(&self, msg: &Message, is_ack: bool) -> Option<TxKey> {
+        let method = if is_ack { "INVITE" } else { msg.method_str() };
+        self.server_key_for_method(msg, method)
+    }
+
+    fn server_key_for_method(&self, msg: &Message, method: &str) -> Option<TxKey> {
+        let via = msg.top_via()?;
+        let mut h = self.hasher();
+        h.field(method.as_bytes());
+        if via.has_rfc3261_branch() {
+            h.field(b"3261");
+            h.field(via.branch()?.as_bytes());
+            h.field_lowercase(via.sent_by);
+        } else {
+            let cseq = msg.cseq()?;
+            h.field(b"2543");
+            h.field(msg.request_uri().as_bytes());
+            h.field(msg.call_id()?.as_bytes());
+            h.field(msg.from()?.tag().unwrap_or("").as_bytes());
+            h.field(&cseq.seq.to_be_bytes());
+            h.field(msg.header_values(HeaderName::Via).next()?.as_bytes());
+        }
+        Some(h.finish())
+    }
+
+    /// The key of RFC 3261 §17.1.3: our branch and the CSeq method.
+    fn client_key(&self, msg: &Message) -> Option<TxKey> {
+        let via = msg.top_via()?;
+        let cseq = msg.cseq()?;
+        let mut h = self.hasher();
+        h.field(cseq.method_str.as_bytes());
+        h.field(via.branch()?.as_bytes());
+        Some(h.finish())
+    }
 }
 
 /// The ACK for a non-2xx final response (RFC 3261 §17.1.1.3).
