@@ -224,7 +224,12 @@ impl MessageBuilder {
 
 /// Appends `s`, turning CR and LF into spaces.
 fn put_clean(buf: &mut BytesMut, s: &str) {
-    if memchr::memchr2(b'\r', b'\n', s.as_bytes()).is_some() {
+    let has_break = if s.len() < 32 {
+        s.bytes().any(|b| b == b'\r' || b == b'\n')
+    } else {
+        memchr::memchr2(b'\r', b'\n', s.as_bytes()).is_some()
+    };
+    if has_break {
         for b in s.bytes() {
             buf.put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
         }

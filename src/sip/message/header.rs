@@ -28,14 +28,12 @@ macro_rules! header_names {
                     $( $( if c == $compact { return HeaderName::$variant; } )? )*
                     return HeaderName::Other;
                 }
-                $(
-                    if name.len() == $full.len() && name.eq_ignore_ascii_case($full.as_bytes()) {
-                        return HeaderName::$variant;
-                    }
-                )*
-                HeaderName::Other
+                lookup(name)
             }
         }
+
+        /// Every full name, for the lookup table.
+        const ALL: &[(&str, HeaderName)] = &[ $( ($full, HeaderName::$variant), )* ];
     };
 }
 
@@ -91,6 +89,42 @@ header_names! {
     IdentityInfo => "Identity-Info", b'n';
 }
 
+/// Slots in the open-addressing table of full names (a power of two,
+/// comfortably above the number of names).
+const SLOTS: usize = 256;
+
+/// Where probing for a name starts: its length and first and last letters.
+fn slot_of(name: &[u8]) -> usize {
+    let first = usize::from(name.first().map_or(0, u8::to_ascii_lowercase));
+    let last = usize::from(name.last().map_or(0, u8::to_ascii_lowercase));
+    (name.len().wrapping_mul(31) ^ first.wrapping_mul(7) ^ last.wrapping_mul(131)) & (SLOTS - 1)
+}
+
+/// Finds a full header name in a table built once: one or two probes
+/// instead of comparing against every known name.
+fn lookup(name: &[u8]) -> HeaderName {
+    static TABLE: std::sync::OnceLock<[Option<(&'static str, HeaderName)>; SLOTS]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t = [None; SLOTS];
+        for &(full, variant) in ALL {
+            let mut i = slot_of(full.as_bytes());
+            while t[i].is_some() {
+                i = (i + 1) & (SLOTS - 1);
+            }
+            t[i] = Some((full, variant));
+        }
+        t
+    });
+    let mut i = slot_of(name);
+    while let Some((full, variant)) = table[i] {
+        if full.len() == name.len() && name.eq_ignore_ascii_case(full.as_bytes()) {
+            return variant;
+        }
+        i = (i + 1) & (SLOTS - 1);
+    }
+    HeaderName::Other
+}
+
 impl HeaderName {
     /// Headers whose values may be combined into one comma-separated line
     /// (RFC 3261 §7.3.1). The authentication headers are the classic
@@ -132,5 +166,16 @@ mod tests {
         assert_eq!(HeaderName::from_name(b"X-Custom"), HeaderName::Other);
         assert_eq!(HeaderName::from_name(b"q"), HeaderName::Other);
         assert_eq!(HeaderName::from_name(b""), HeaderName::Other);
+    }
+
+    #[test]
+    fn every_full_name_is_found_in_any_case() {
+        for &(full, variant) in super::ALL {
+            assert_eq!(HeaderName::from_name(full.as_bytes()), variant, "{full}");
+            assert_eq!(HeaderName::from_name(full.to_ascii_uppercase().as_bytes()), variant);
+            assert_eq!(HeaderName::from_name(full.to_ascii_lowercase().as_bytes()), variant);
+        }
+        assert_eq!(HeaderName::from_name(b"X-Via"), HeaderName::Other);
+        assert_eq!(HeaderName::from_name(b"Vio"), HeaderName::Other);
     }
 }

@@ -151,9 +151,13 @@ pub struct TransactionLayer {
     config: TimerConfig,
     server: Slab<ServerTx>,
     server_index: HashMap<TxKey, usize>,
-    /// Server transactions in the order they reached a final state, the
-    /// candidates for early eviction. May hold stale ids.
-    completed_order: VecDeque<(usize, u64)>,
+    /// Completed non-INVITE transactions, which is also Timer J: every
+    /// entry waits the same 64·T1, so the queue is in deadline order and
+    /// needs no heap. May hold ids already gone.
+    completed_non_invite: VecDeque<(usize, u64, Instant)>,
+    /// Completed INVITE transactions (their timers are in the heap), the
+    /// second choice for eviction.
+    completed_invite: VecDeque<(usize, u64)>,
     client: Slab<ClientTx>,
     client_index: HashMap<TxKey, usize>,
     timers: TimerHeap,
@@ -176,7 +180,8 @@ impl TransactionLayer {
             server: Slab::new(),
             server_index: HashMap::new(),
             keys: KeyMaker::default(),
-            completed_order: VecDeque::new(),
+            completed_non_invite: VecDeque::new(),
+            completed_invite: VecDeque::new(),
             client: Slab::new(),
             client_index: HashMap::new(),
             timers: TimerHeap::default(),
@@ -211,7 +216,13 @@ impl TransactionLayer {
 
     /// When `handle_timeout` must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next_deadline()
+        // The first queued Timer J may belong to a transaction already
+        // gone; waking for it early is harmless.
+        let j = self.completed_non_invite.front().map(|&(_, _, d)| d);
+        match (self.timers.next_deadline(), j) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // ---- server side ------------------------------------------------------
@@ -364,15 +375,15 @@ impl TransactionLayer {
                 }
                 let h = self.config.t1x64();
                 self.arm(now, Side::Server, id.idx, TimerKind::H, h);
-                self.completed_order.push_back((id.idx, id.uid));
+                self.completed_invite.push_back((id.idx, id.uid));
             }
             ServerState::Completed => {
                 if reliable {
                     self.remove_server(id.idx);
                 } else {
-                    let j = self.config.t1x64();
-                    self.arm(now, Side::Server, id.idx, TimerKind::J, j);
-                    self.completed_order.push_back((id.idx, id.uid));
+                    // Timer J, kept in the completion queue.
+                    let j = now + self.config.t1x64();
+                    self.completed_non_invite.push_back((id.idx, id.uid, j));
                 }
             }
             ServerState::Accepted => {
@@ -399,16 +410,40 @@ impl TransactionLayer {
     }
 
     fn evict_one_completed(&mut self) -> bool {
-        while let Some((idx, uid)) = self.completed_order.pop_front() {
-            let done = self.server.get(idx).is_some_and(|t| {
-                t.uid == uid && matches!(t.state, ServerState::Completed | ServerState::Confirmed)
-            });
-            if done {
-                self.remove_server(idx);
+        while let Some((idx, uid, _)) = self.completed_non_invite.pop_front() {
+            if self.evict_if_done(idx, uid) {
+                return true;
+            }
+        }
+        while let Some((idx, uid)) = self.completed_invite.pop_front() {
+            if self.evict_if_done(idx, uid) {
                 return true;
             }
         }
         false
+    }
+
+    fn evict_if_done(&mut self, idx: usize, uid: u64) -> bool {
+        let done = self.server.get(idx).is_some_and(|t| {
+            t.uid == uid && matches!(t.state, ServerState::Completed | ServerState::Confirmed)
+        });
+        if done {
+            self.remove_server(idx);
+        }
+        done
+    }
+
+    /// Ends non-INVITE transactions whose Timer J is due.
+    fn fire_timer_j(&mut self, now: Instant) {
+        while let Some(&(idx, uid, deadline)) = self.completed_non_invite.front() {
+            if deadline > now {
+                break;
+            }
+            self.completed_non_invite.pop_front();
+            if self.server.get(idx).is_some_and(|t| t.uid == uid && t.state == ServerState::Completed) {
+                self.remove_server(idx);
+            }
+        }
     }
 
     fn remove_server(&mut self, idx: usize) {
@@ -616,6 +651,7 @@ impl TransactionLayer {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.fire_timer_j(now);
         while let Some(e) = self.timers.pop_due(now) {
             if !self.timer_is_live(&e) {
                 continue;

@@ -304,17 +304,34 @@ fn stale_timer_entries_are_compacted() {
     let t0 = Instant::now();
     let mut layer = TransactionLayer::with_capacity(TimerConfig::default(), 4);
     for i in 0..20_000 {
-        let req = request("REGISTER", &format!("z9hG4bKc{i}"));
+        let req = request("INVITE", &format!("z9hG4bKc{i}"));
         let tx = new_server_tx(&mut layer, t0, req.clone(), udp());
-        layer.respond(t0, tx, 200, response_bytes(&req, 200));
+        layer.respond(t0, tx, 486, response_bytes(&req, 486));
         drain(&mut layer);
     }
-    // 20,000 Timer J entries were armed for transactions evicted long ago.
+    // Timers G and H were armed for 20,000 transactions evicted long ago.
     assert!(
         layer.timers.len() < 8 * 1024,
         "heap holds {}",
         layer.timers.len()
     );
+}
+
+#[test]
+fn completed_queue_stays_bounded_by_the_table() {
+    let t0 = Instant::now();
+    let mut layer = TransactionLayer::with_capacity(TimerConfig::default(), 4);
+    for i in 0..20_000 {
+        let req = request("REGISTER", &format!("z9hG4bKq{i}"));
+        let tx = new_server_tx(&mut layer, t0, req.clone(), udp());
+        layer.respond(t0, tx, 200, response_bytes(&req, 200));
+        drain(&mut layer);
+    }
+    assert!(layer.completed_non_invite.len() <= 4);
+    assert_eq!(layer.poll_timeout(), Some(t0 + Duration::from_secs(32)));
+    layer.handle_timeout(t0 + Duration::from_secs(32));
+    assert_eq!(layer.server_count(), 0);
+    assert_eq!(layer.poll_timeout(), None);
 }
 
 #[test]
