@@ -8,8 +8,10 @@
 #   benches/registration.sh [OUT_DIR]
 #
 # Environment: RUNS (default 3), SECS (measured seconds per step, 10),
-# UDP_RATES, TLS_RATES, KAM_UDP_RATES, KAM_TLS_RATES (space-separated),
-# IDLE_CONNS (5000), SKIP_KAMAILIO=1.
+# UDP_RATES, TLS_RATES (space-separated), KAM_CHILDREN_LIST (Kamailio
+# worker counts to try, default "1 8"; all of them pinned to CPU 0) with
+# KAM<N>_UDP_RATES and KAM<N>_TLS_RATES for each count N, IDLE_CONNS
+# (5000), SKIP_KAMAILIO=1.
 # Needs: kamailio, kamailio-sqlite-modules, kamailio-tls-modules, sqlite3,
 # openssl (for the Kamailio side).
 set -euo pipefail
@@ -20,10 +22,11 @@ runs=${RUNS:-3}
 secs=${SECS:-10}
 users=20000
 first=100000
-udp_rates=${UDP_RATES:-"10000 15000 18000 20000 22000 24000"}
-tls_rates=${TLS_RATES:-"6000 8000 10000 11000 12000"}
-kam_udp_rates=${KAM_UDP_RATES:-"2000 4000 6000 8000 10000"}
-kam_tls_rates=${KAM_TLS_RATES:-"2000 4000 6000 8000"}
+udp_rates=${UDP_RATES:-"20000 22000 24000 26000"}
+tls_rates=${TLS_RATES:-"9000 10000 11000 12000"}
+kam_children_list=${KAM_CHILDREN_LIST:-"1 8"}
+: "${KAM1_UDP_RATES:=8000 10000 12000 14000}" "${KAM1_TLS_RATES:=4000 5000 6000}"
+: "${KAM8_UDP_RATES:=18000 20000 22000 24000}" "${KAM8_TLS_RATES:=6000 7000 8000}"
 idle_conns=${IDLE_CONNS:-5000}
 mkdir -p "$out"
 
@@ -53,14 +56,14 @@ start_parley() {
 
 # ---- Kamailio ------------------------------------------------------------
 kdir=$out/kamailio
-start_kamailio() {
+start_kamailio() { # children
     stop_all
     rm -rf "$kdir"
     benches/kamailio/setup.sh "$kdir" $users >/dev/null
     # The command line benches/kamailio/setup.sh prints (see its README).
     (cd "$kdir" && taskset -c 0 kamailio -DD -E -M 64 -x tlsf -X tlsf -f "$root/benches/kamailio/kamailio.cfg" \
-        -w "$kdir" -Y "$kdir/run" -A "DBURL=\"sqlite:///$kdir/kamailio.sqlite\"" -A CHILDREN=${KAM_CHILDREN:-1} \
-        -A TCP_CHILDREN=${KAM_CHILDREN:-1} -A LOGLEVEL=1 >"$kdir/kamailio.log" 2>&1 &)
+        -w "$kdir" -Y "$kdir/run" -A "DBURL=\"sqlite:///$kdir/kamailio.sqlite\"" -A CHILDREN=$1 \
+        -A TCP_CHILDREN=$1 -A LOGLEVEL=1 >"$kdir/kamailio.log" 2>&1 &)
     sleep 4
 }
 
@@ -77,8 +80,11 @@ for run in $(seq 1 "$runs"); do
     for r in $udp_rates; do start_parley; echo "run=$run server=parley $(step parley udp 5260 "$r" "")" | tee -a "$results"; done
     for r in $tls_rates; do start_parley; echo "run=$run server=parley $(step parley tls 5261 "$r" "--conns 200")" | tee -a "$results"; done
     if [ -z "${SKIP_KAMAILIO:-}" ]; then
-        for r in $kam_udp_rates; do start_kamailio; echo "run=$run server=kamailio $(step kamailio udp 5070 "$r" "")" | tee -a "$results"; done
-        for r in $kam_tls_rates; do start_kamailio; echo "run=$run server=kamailio $(step kamailio tls 5071 "$r" "--conns 200")" | tee -a "$results"; done
+        for ch in $kam_children_list; do
+            udp_var=KAM${ch}_UDP_RATES tls_var=KAM${ch}_TLS_RATES
+            for r in ${!udp_var}; do start_kamailio "$ch"; echo "run=$run server=kamailio children=$ch $(step kamailio udp 5070 "$r" "")" | tee -a "$results"; done
+            for r in ${!tls_var}; do start_kamailio "$ch"; echo "run=$run server=kamailio children=$ch $(step kamailio tls 5071 "$r" "--conns 200")" | tee -a "$results"; done
+        done
     fi
 done
 

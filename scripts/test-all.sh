@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test of Parley: unit, property, and integration tests against
-# real clients (SIPp, baresip). On a fresh Debian machine, run as root, it
-# first installs the packages those tests drive.
+# real clients (SIPp, baresip) and libsrtp (through python3-pylibsrtp). On
+# a fresh Debian machine, run as root, it first installs the packages those
+# tests drive.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(baresip-core sip-tester)
+packages=(baresip-core sip-tester python3-pylibsrtp)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

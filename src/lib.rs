@@ -4,9 +4,12 @@
 //! of a request through them.
 
 pub mod config;
+pub mod media;
 pub mod pbx;
 pub mod runtime;
+pub mod sdp;
 pub mod sip;
+pub mod srtp;
 pub mod store;
 pub mod tls;
 pub mod web;

@@ -2,6 +2,7 @@
 //! are, and (next) how calls are put through. It sits on the transaction
 //! layer of `sip` and returns what to send, what to store and what happened.
 
+pub mod anchor;
 pub mod auth;
 pub mod core;
 pub mod directory;

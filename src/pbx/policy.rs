@@ -62,6 +62,43 @@ impl EncryptionPolicy {
     }
 }
 
+/// How a call leg's media must be protected, decided from the policy of
+/// the device's extension, the leg's signaling transport and where the
+/// device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaSecurity {
+    /// SRTP or no call (`RTP/SAVP` offers; plain answers are refused).
+    Srtp,
+    /// SRTP offered and used when the device takes it (`RTP/AVP` with
+    /// `a=crypto`), plain RTP otherwise.
+    SrtpIfAccepted,
+    /// Plain RTP. Always so on UDP/TCP signaling: SDES keys are never sent
+    /// where they could be read.
+    Plain,
+}
+
+impl EncryptionPolicy {
+    /// The protection a leg gets. On UDP/TCP it is always plain; a policy
+    /// that demands SRTP there is a violation, as for registration.
+    pub fn media_security(
+        self,
+        transport: Transport,
+        source: IpAddr,
+        lan: &LanNetworks,
+    ) -> Result<MediaSecurity, PolicyViolation> {
+        if transport != Transport::Tls {
+            self.check_transport(transport, source, lan)?;
+            return Ok(MediaSecurity::Plain);
+        }
+        Ok(match self {
+            EncryptionPolicy::Required => MediaSecurity::Srtp,
+            EncryptionPolicy::RequiredRemote if !lan.contains(source) => MediaSecurity::Srtp,
+            EncryptionPolicy::RequiredRemote | EncryptionPolicy::Preferred => MediaSecurity::SrtpIfAccepted,
+            EncryptionPolicy::Off => MediaSecurity::Plain,
+        })
+    }
+}
+
 impl fmt::Display for EncryptionPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -197,6 +234,25 @@ mod tests {
                 .is_ok()
         );
         assert!(Off.check_transport(Transport::Tcp, road, &lan).is_ok());
+    }
+
+    #[test]
+    fn media_security_follows_transport_and_place() {
+        let lan = LanNetworks::default_private();
+        let desk: IpAddr = "192.168.1.20".parse().unwrap();
+        let road: IpAddr = "203.0.113.9".parse().unwrap();
+        let m = |p: EncryptionPolicy, t, ip| p.media_security(t, ip, &lan);
+        use EncryptionPolicy::*;
+        use MediaSecurity::*;
+        assert_eq!(m(RequiredRemote, Transport::Udp, desk), Ok(Plain));
+        assert_eq!(m(RequiredRemote, Transport::Tls, desk), Ok(SrtpIfAccepted));
+        assert_eq!(m(RequiredRemote, Transport::Tls, road), Ok(Srtp));
+        assert_eq!(m(RequiredRemote, Transport::Udp, road), Err(PolicyViolation::TlsRequiredRemote));
+        assert_eq!(m(Required, Transport::Tls, desk), Ok(Srtp));
+        assert_eq!(m(Required, Transport::Tcp, desk), Err(PolicyViolation::TlsRequired));
+        assert_eq!(m(Preferred, Transport::Tls, road), Ok(SrtpIfAccepted));
+        assert_eq!(m(Preferred, Transport::Udp, road), Ok(Plain));
+        assert_eq!(m(Off, Transport::Tls, road), Ok(Plain));
     }
 
     #[test]

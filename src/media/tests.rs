@@ -1,0 +1,322 @@
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use smallvec::smallvec;
+
+use super::leg::{Drop, Leg};
+use super::*;
+use crate::srtp::{MAX_SRTP_OVERHEAD, MasterKey, SrtpContext, SrtpError};
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn rtp(seq: u16, ssrc: u32, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x80, 0x00];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn protect(ctx: &mut SrtpContext, plain: &[u8]) -> Vec<u8> {
+    let mut buf = plain.to_vec();
+    buf.resize(plain.len() + MAX_SRTP_OVERHEAD, 0);
+    let n = ctx.protect_rtp(&mut buf, plain.len()).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn srtp_media(remote: SocketAddr, phone_key: &MasterKey, parley_key: &MasterKey) -> LegMedia {
+    LegMedia {
+        remote_rtp: Some(remote),
+        remote_rtcp: None,
+        rtcp_mux: true,
+        keys: Some(LegKeys {
+            suite: Suite::AesCm128HmacSha1_80,
+            phone_key: phone_key.clone(),
+            parley_key: parley_key.clone(),
+        }),
+        trusted_ips: smallvec![],
+        clock_rate: 8000,
+    }
+}
+
+#[test]
+fn srtp_leg_latches_only_after_authentication() {
+    let now = Instant::now();
+    let phone_key = MasterKey::generate();
+    let signaled: SocketAddr = "192.0.2.10:4000".parse().unwrap();
+    let nat: SocketAddr = "198.51.100.7:61000".parse().unwrap();
+    let attacker: SocketAddr = "203.0.113.66:5000".parse().unwrap();
+    let mut leg = Leg::new(LegId(1), now);
+    leg.configure(
+        srtp_media(signaled, &phone_key, &MasterKey::generate()),
+        now,
+    );
+    let mut phone = SrtpContext::new(Suite::AesCm128HmacSha1_80, &phone_key);
+
+    // A forged packet does not move the leg.
+    let mut forged = rtp(1, 9, &[0; 160]);
+    forged.extend_from_slice(&[0; 10]);
+    assert_eq!(
+        leg.receive(Kind::Rtp, attacker, &mut forged, now),
+        Err(Drop::Srtp(SrtpError::AuthFailed))
+    );
+    assert_eq!(leg.latched(), None);
+
+    // The phone's first packet, from behind its NAT, latches.
+    let mut p = protect(&mut phone, &rtp(1, 9, &[7; 160]));
+    assert_eq!(leg.receive(Kind::Rtp, nat, &mut p, now), Ok(172));
+    assert_eq!(leg.latched(), Some(nat));
+    // A replay from elsewhere neither passes nor moves the latch.
+    let mut again = protect(
+        &mut SrtpContext::new(Suite::AesCm128HmacSha1_80, &phone_key),
+        &rtp(1, 9, &[7; 160]),
+    );
+    assert_eq!(
+        leg.receive(Kind::Rtp, attacker, &mut again, now),
+        Err(Drop::Srtp(SrtpError::Replayed))
+    );
+    assert_eq!(leg.latched(), Some(nat));
+
+    // Replies go to the latched address, not the signaled one.
+    let mut out = rtp(5, 3, &[1; 160]);
+    out.resize(200, 0);
+    let (dest, len) = leg.prepare_send(Kind::Rtp, &mut out, 172).unwrap();
+    assert_eq!((dest, len), (nat, 182));
+    assert_eq!(leg.receiving.auth_failures, 1);
+    assert_eq!(leg.receiving.replays, 1);
+}
+
+#[test]
+fn plain_leg_accepts_only_trusted_sources() {
+    let now = Instant::now();
+    let mut leg = Leg::new(LegId(2), now);
+    let desk: SocketAddr = "10.0.0.23:11780".parse().unwrap();
+    leg.configure(
+        LegMedia {
+            remote_rtp: Some(desk),
+            remote_rtcp: Some("10.0.0.23:11781".parse().unwrap()),
+            rtcp_mux: false,
+            keys: None,
+            trusted_ips: smallvec![desk.ip()],
+            clock_rate: 8000,
+        },
+        now,
+    );
+    let mut p = rtp(1, 1, &[0; 160]);
+    let spoof: SocketAddr = "10.0.0.99:11780".parse().unwrap();
+    assert_eq!(
+        leg.receive(Kind::Rtp, spoof, &mut p, now),
+        Err(Drop::WrongSource)
+    );
+    assert_eq!(leg.receive(Kind::Rtp, desk, &mut p, now), Ok(172));
+    // RTCP goes to its own port without mux.
+    let mut rr = vec![0x80, 201, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0];
+    rr.resize(64, 0);
+    let (dest, _) = leg.prepare_send(Kind::Rtcp, &mut rr, 8).unwrap();
+    assert_eq!(dest.port(), 11781);
+    assert_eq!(leg.receiving.wrong_source, 1);
+}
+
+#[test]
+fn loss_and_jitter_are_counted_across_sequence_wrap() {
+    let t0 = Instant::now();
+    let mut leg = Leg::new(LegId(3), t0);
+    let desk: SocketAddr = "10.0.0.23:11780".parse().unwrap();
+    leg.configure(
+        LegMedia {
+            remote_rtp: Some(desk),
+            remote_rtcp: None,
+            rtcp_mux: true,
+            keys: None,
+            trusted_ips: smallvec![desk.ip()],
+            clock_rate: 8000,
+        },
+        t0,
+    );
+    // 200 packets across the wrap, every 10th lost, arriving on a steady
+    // 20 ms clock: 20 lost, no jitter.
+    for n in 0..200u32 {
+        if n % 10 == 5 {
+            continue;
+        }
+        let seq = (65_500 + n) as u16;
+        let mut p = rtp(seq, 1, &[0; 160]);
+        p[4..8].copy_from_slice(&(n * 160).to_be_bytes());
+        let at = t0 + Duration::from_millis(u64::from(n) * 20);
+        leg.receive(Kind::Rtp, desk, &mut p, at).unwrap();
+    }
+    assert_eq!(leg.receiving.packets, 180);
+    assert_eq!(leg.receiving.lost(), 20);
+    assert!(
+        leg.receiving.jitter_ms(8000) < 0.5,
+        "{}",
+        leg.receiving.jitter_ms(8000)
+    );
+    let report = LegReport::of(&leg);
+    assert_eq!(report.lost, 20);
+    let mos = report.mos_received.unwrap();
+    assert!(
+        (2.5..4.0).contains(&mos),
+        "10% loss gives a poor MOS: {mos}"
+    );
+    assert!(stats::mos(0.0, 1.0, 0.0) > 4.3);
+}
+
+#[test]
+fn rtcp_receiver_reports_are_read() {
+    // An RR with one report block: 25% lost, 80 cumulative, jitter 160.
+    let mut rr = vec![0x81, 201, 0, 7, 0, 0, 0, 1];
+    rr.extend_from_slice(&[
+        0, 0, 0, 2, 64, 0, 0, 80, 0, 0, 0, 0, 0, 0, 0, 160, 0, 0, 0, 0, 0, 0, 0, 0,
+    ]);
+    let r = stats::parse_report_block(&rr).unwrap();
+    assert_eq!(
+        (r.fraction_lost, r.cumulative_lost, r.jitter),
+        (0.25, 80, 160)
+    );
+    assert_eq!(stats::parse_report_block(&rr[..20]), None);
+    assert_eq!(demux(&rr), Kind::Rtcp);
+    assert_eq!(demux(&rtp(1, 1, &[])), Kind::Rtp);
+}
+
+/// Two fake phones on loopback, each talking SRTP to its own leg with its
+/// own keys: what one sends, the other decrypts with the key Parley gave
+/// it, and neither ever sees the other's key.
+#[test]
+fn relay_bridges_srtp_legs_with_separate_keys() {
+    let (engine, mut events) = MediaEngine::start(MediaConfig {
+        bind_ip: LOCAL,
+        ports: 41_000..=41_099,
+        inactivity: Duration::from_millis(700),
+    })
+    .unwrap();
+    let phone_a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let phone_b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    phone_a
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    phone_b
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (a_key, b_key) = (MasterKey::generate(), MasterKey::generate());
+    let (parley_a, parley_b) = (MasterKey::generate(), MasterKey::generate());
+    let leg_a = engine.open_leg().unwrap();
+    let leg_b = engine.open_leg().unwrap();
+    assert_ne!(leg_a.port, leg_b.port);
+    assert_eq!(leg_a.port % 2, 0);
+    engine
+        .configure(
+            leg_a.id,
+            srtp_media(phone_a.local_addr().unwrap(), &a_key, &parley_a),
+        )
+        .unwrap();
+    engine
+        .configure(
+            leg_b.id,
+            srtp_media(phone_b.local_addr().unwrap(), &b_key, &parley_b),
+        )
+        .unwrap();
+    engine.bridge(leg_a.id, leg_b.id).unwrap();
+
+    let mut a_tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &a_key);
+    let mut b_tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &b_key);
+    let mut a_rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &parley_a);
+    let mut b_rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &parley_b);
+    let to_a = SocketAddr::new(LOCAL, leg_a.port);
+    let to_b = SocketAddr::new(LOCAL, leg_b.port);
+    let mut buf = [0u8; 2048];
+    for seq in 0..50u16 {
+        let payload = [seq as u8; 160];
+        phone_a
+            .send_to(&protect(&mut a_tx, &rtp(seq, 0xA, &payload)), to_a)
+            .unwrap();
+        let (n, from) = phone_b.recv_from(&mut buf).unwrap();
+        assert_eq!(from, to_b, "B hears Parley's leg B port");
+        // Only Parley's key for B opens it.
+        assert_eq!(
+            SrtpContext::new(Suite::AesCm128HmacSha1_80, &a_key)
+                .unprotect_rtp(&mut buf[..n].to_vec()),
+            Err(SrtpError::AuthFailed)
+        );
+        let u = b_rx.unprotect_rtp(&mut buf[..n]).unwrap();
+        assert_eq!(&buf[12..u.len], &payload[..]);
+
+        phone_b
+            .send_to(&protect(&mut b_tx, &rtp(seq, 0xB, &payload)), to_b)
+            .unwrap();
+        let (n, _) = phone_a.recv_from(&mut buf).unwrap();
+        let u = a_rx.unprotect_rtp(&mut buf[..n]).unwrap();
+        assert_eq!(u.ssrc, 0xB);
+    }
+    // A forged packet to leg A is not relayed.
+    phone_b.send_to(&rtp(99, 0xA, &[0; 170]), to_a).unwrap();
+    phone_a
+        .send_to(&protect(&mut a_tx, &rtp(50, 0xA, &[1; 160])), to_a)
+        .unwrap();
+    let (n, _) = phone_b.recv_from(&mut buf).unwrap();
+    assert_eq!(b_rx.unprotect_rtp(&mut buf[..n]).unwrap().index, 50);
+
+    // Silence: both legs are reported inactive.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut inactive = Vec::new();
+    while inactive.len() < 2 {
+        match rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(3), events.recv()).await })
+        {
+            Ok(Some(MediaEvent::Inactive { id, .. })) => inactive.push(id),
+            other => panic!("expected inactivity, got {other:?}"),
+        }
+    }
+    inactive.sort();
+    assert_eq!(inactive, [leg_a.id, leg_b.id]);
+
+    engine.close(leg_a.id).unwrap();
+    let report = match rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(3), events.recv()).await })
+    {
+        Ok(Some(MediaEvent::Closed { report })) => report,
+        other => panic!("expected a report, got {other:?}"),
+    };
+    assert_eq!(report.id, leg_a.id);
+    assert_eq!(report.suite, Some(Suite::AesCm128HmacSha1_80));
+    assert_eq!((report.received_packets, report.sent_packets), (51, 50));
+    assert_eq!((report.auth_failures, report.lost), (1, 0));
+    assert_eq!(report.remote, Some(phone_a.local_addr().unwrap()));
+}
+
+#[test]
+fn ports_run_out_cleanly_and_come_back() {
+    let (engine, _events) = MediaEngine::start(MediaConfig {
+        bind_ip: LOCAL,
+        ports: 41_200..=41_205,
+        inactivity: Duration::from_secs(60),
+    })
+    .unwrap();
+    let legs: Vec<OpenLeg> = (0..3).map(|_| engine.open_leg().unwrap()).collect();
+    let mut ports: Vec<u16> = legs.iter().map(|l| l.port).collect();
+    ports.sort();
+    assert_eq!(ports, [41_200, 41_202, 41_204]);
+    assert!(matches!(
+        engine.open_leg(),
+        Err(MediaError::PortsExhausted {
+            lo: 41_200,
+            hi: 41_205
+        })
+    ));
+    engine.close(legs[1].id).unwrap();
+    // The relay closes the sockets asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let reopened = loop {
+        match engine.open_leg() {
+            Ok(l) => break l,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(reopened.port, legs[1].port);
+}

@@ -1,0 +1,558 @@
+//! How a call's SDP is rewritten so its media is anchored in Parley: what
+//! Parley reads from a phone's offer or answer, and the SDP it writes for
+//! each leg. Each leg gets Parley's address and port, and its own fresh
+//! SRTP key when the leg is protected; nothing of one phone's media
+//! description (addresses, keys) reaches the other. Codecs pass through
+//! untouched: what the callee accepts of the caller's list is what both
+//! use, with no transcoding.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::pbx::policy::MediaSecurity;
+use crate::sdp::{
+    Attribute, Connection, Direction, MediaDescription, Origin, SdpError, SessionDescription,
+};
+use crate::srtp::{MasterKey, Suite};
+
+/// Attributes of the caller's audio that describe codecs and packetization
+/// and so travel with the formats to the other leg.
+const CODEC_ATTRIBUTES: [&str; 4] = ["rtpmap", "fmtp", "ptime", "maxptime"];
+/// The suite Parley offers; every SDES phone supports it.
+pub const OFFERED_SUITE: Suite = Suite::AesCm128HmacSha1_80;
+
+/// Why a call cannot go ahead with the SDP it has. Each maps to a 488 with
+/// this text as its reason phrase.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnchorError {
+    #[error("Malformed SDP: {0}")]
+    Sdp(#[from] SdpError),
+    #[error("No Audio Stream Offered")]
+    NoAudio,
+    #[error("SRTP Required By Encryption Policy")]
+    SrtpRequired,
+    #[error("No Common Codec")]
+    NoCommonCodec,
+    #[error("Answer Does Not Match Offer")]
+    AnswerMismatch,
+}
+
+/// Parley's own side of a leg.
+#[derive(Debug, Clone)]
+pub struct LocalMedia {
+    /// The address the phone must send to: the LAN address for LAN phones,
+    /// the public one for the others.
+    pub addr: IpAddr,
+    pub port: u16,
+    /// The key Parley sends with on this leg (used when the leg is SRTP).
+    pub key: MasterKey,
+    /// `o=` session id and version; the version goes up with every SDP
+    /// Parley sends on the leg.
+    pub session_id: u64,
+    pub version: u64,
+}
+
+/// What Parley takes from a phone's SDP (offer or answer).
+#[derive(Debug, Clone)]
+pub struct PhoneMedia {
+    pub sdp: SessionDescription,
+    /// Index of the audio `m=` line Parley anchors.
+    pub audio: usize,
+    /// The phone's crypto line Parley uses: tag, suite and the phone's key.
+    pub crypto: Option<(u32, Suite, MasterKey)>,
+    pub rtcp_mux: bool,
+    /// Where the phone receives RTP and RTCP; `None` when the SDP says
+    /// "don't send" (port 0 or a 0.0.0.0 address of old-style hold).
+    pub rtp: Option<SocketAddr>,
+    pub rtcp: Option<SocketAddr>,
+    /// The phone put `a=crypto` in SDP over plain signaling; the keys were
+    /// ignored. Worth a log line: the phone leaks its keys.
+    pub keys_over_plain: bool,
+}
+
+impl PhoneMedia {
+    pub fn audio(&self) -> &MediaDescription {
+        &self.sdp.media[self.audio]
+    }
+
+    pub fn direction(&self) -> Direction {
+        self.sdp.media_direction(self.audio)
+    }
+
+    pub fn is_srtp(&self) -> bool {
+        self.crypto.is_some()
+    }
+}
+
+/// Reads an offer (or an answer, with `answer_to` set) a phone sent over
+/// signaling that is TLS or not. Keys are taken only over TLS; `security`
+/// says whether the leg may do without them.
+pub fn read_phone_sdp(
+    body: &[u8],
+    tls: bool,
+    security: MediaSecurity,
+    answer_to: Option<&SessionDescription>,
+) -> Result<PhoneMedia, AnchorError> {
+    let sdp = SessionDescription::parse(body)?;
+    let audio = match answer_to {
+        // An answer has the offer's m= lines in order (RFC 3264 §6).
+        Some(offer) => {
+            if sdp.media.len() != offer.media.len() {
+                return Err(AnchorError::AnswerMismatch);
+            }
+            sdp.media
+                .iter()
+                .position(|m| m.media == "audio" && m.port != 0)
+                .ok_or(AnchorError::NoCommonCodec)?
+        }
+        None => sdp
+            .media
+            .iter()
+            .position(|m| m.media == "audio" && m.port != 0)
+            .ok_or(AnchorError::NoAudio)?,
+    };
+    let m = &sdp.media[audio];
+    let offered_crypto = m.attribute("crypto").is_some();
+    let crypto = if tls {
+        m.crypto().find_map(|c| {
+            c.usable()
+                .ok()
+                .map(|(suite, key)| (c.tag, suite, key.clone()))
+        })
+    } else {
+        None
+    };
+    // In an answer, the crypto line must be one Parley offered: its tag and
+    // suite (RFC 4568 §7.1.2).
+    if let (Some(offer), Some((tag, suite, _))) = (answer_to, &crypto) {
+        let ours = offer
+            .media
+            .get(audio)
+            .and_then(|o| o.crypto().find(|c| c.tag == *tag));
+        if ours.is_none_or(|c| c.suite != Some(*suite)) {
+            return Err(AnchorError::AnswerMismatch);
+        }
+    }
+    if crypto.is_none() && security == MediaSecurity::Srtp {
+        return Err(AnchorError::SrtpRequired);
+    }
+    // A phone that insists on SRTP (RTP/SAVP) but gave no key we can use
+    // cannot be answered with plain RTP either.
+    if crypto.is_none() && m.is_srtp_profile() && tls && answer_to.is_none() {
+        return Err(AnchorError::SrtpRequired);
+    }
+    let conn = sdp
+        .media_connection(audio)
+        .and_then(|c| c.ip)
+        .filter(|ip| !ip.is_unspecified());
+    let rtp = conn.map(|ip| SocketAddr::new(ip, m.port));
+    let rtcp = rtp.map(|a| rtcp_address(m, a));
+    Ok(PhoneMedia {
+        rtcp_mux: m.has_flag("rtcp-mux"),
+        keys_over_plain: !tls && offered_crypto,
+        audio,
+        crypto,
+        rtp,
+        rtcp,
+        sdp,
+    })
+}
+
+/// Where RTCP goes: `a=rtcp` (RFC 3605), else the next port up.
+fn rtcp_address(m: &MediaDescription, rtp: SocketAddr) -> SocketAddr {
+    let explicit = m
+        .attribute("rtcp")
+        .and_then(|a| a.value.as_deref())
+        .and_then(|v| {
+            let mut parts = v.split_ascii_whitespace();
+            let port: u16 = parts.next()?.parse().ok()?;
+            let ip = match (parts.next(), parts.next(), parts.next()) {
+                (Some("IN"), Some(_), Some(addr)) => addr.parse().ok()?,
+                _ => rtp.ip(),
+            };
+            Some(SocketAddr::new(ip, port))
+        });
+    explicit.unwrap_or_else(|| SocketAddr::new(rtp.ip(), rtp.port().wrapping_add(1)))
+}
+
+/// The SDP skeleton of one of Parley's legs.
+fn session(local: &LocalMedia) -> SessionDescription {
+    SessionDescription {
+        origin: Origin {
+            username: "parley".into(),
+            session_id: local.session_id.to_string(),
+            session_version: local.version,
+            address: Connection::from_ip(local.addr),
+        },
+        session_name: "parley".into(),
+        connection: Some(Connection::from_ip(local.addr)),
+        bandwidths: Vec::new(),
+        timing: (0, 0),
+        attributes: Vec::new(),
+        media: Vec::new(),
+    }
+}
+
+/// Copies the codec attributes of `formats` from `from`.
+fn codec_attributes(from: &MediaDescription, formats: &[String]) -> Vec<Attribute> {
+    from.attributes
+        .iter()
+        .filter(|a| CODEC_ATTRIBUTES.contains(&a.name.as_str()))
+        .filter(|a| match a.name.as_str() {
+            "rtpmap" | "fmtp" => a
+                .value
+                .as_deref()
+                .and_then(|v| v.split_once(' '))
+                .is_some_and(|(pt, _)| formats.iter().any(|f| f == pt)),
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
+/// The offer Parley sends one callee branch for the caller's offer.
+pub fn offer_for_branch(
+    caller: &PhoneMedia,
+    security: MediaSecurity,
+    local: &LocalMedia,
+) -> SessionDescription {
+    let from = caller.audio();
+    let formats = from.formats.clone();
+    let mut attributes = codec_attributes(from, &formats);
+    if security != MediaSecurity::Plain {
+        attributes.push(Attribute::new(
+            "crypto",
+            crate::sdp::CryptoAttribute::format(1, OFFERED_SUITE, &local.key),
+        ));
+    }
+    // Parley handles RTCP either way; offering mux saves the phone a port.
+    attributes.push(Attribute::flag("rtcp-mux"));
+    attributes.push(Attribute::flag(caller.direction().name()));
+    let mut sdp = session(local);
+    sdp.media.push(MediaDescription {
+        media: "audio".into(),
+        port: local.port,
+        port_count: None,
+        proto: if security == MediaSecurity::Srtp {
+            "RTP/SAVP"
+        } else {
+            "RTP/AVP"
+        }
+        .into(),
+        formats,
+        connection: None,
+        bandwidths: Vec::new(),
+        attributes,
+    });
+    sdp
+}
+
+/// The answer Parley gives the caller once a callee answered: the callee's
+/// codecs (a subset of the caller's) and direction, Parley's address, and
+/// Parley's key for the caller's leg under the caller's crypto tag.
+pub fn answer_for_caller(
+    caller: &PhoneMedia,
+    callee: &PhoneMedia,
+    local: &LocalMedia,
+) -> Result<SessionDescription, AnchorError> {
+    let offer = caller.audio();
+    let answer = callee.audio();
+    let formats: Vec<String> = answer
+        .formats
+        .iter()
+        .filter(|f| offer.formats.contains(f))
+        .cloned()
+        .collect();
+    if formats.is_empty() {
+        return Err(AnchorError::NoCommonCodec);
+    }
+    let mut attributes = codec_attributes(answer, &formats);
+    if let Some((tag, suite, _)) = &caller.crypto {
+        attributes.push(Attribute::new(
+            "crypto",
+            crate::sdp::CryptoAttribute::format(*tag, *suite, &local.key),
+        ));
+    }
+    if caller.rtcp_mux {
+        attributes.push(Attribute::flag("rtcp-mux"));
+    }
+    attributes.push(Attribute::flag(callee.direction().name()));
+    let mut sdp = session(local);
+    // One m= line per offered one, in order; only the audio one is live.
+    for (i, m) in caller.sdp.media.iter().enumerate() {
+        if i == caller.audio {
+            // Keys sent over plain signaling were ignored: the offer is
+            // answered as the RTP offer it is treated as.
+            let proto = if caller.crypto.is_none() && offer.is_srtp_profile() {
+                "RTP/AVP".into()
+            } else {
+                offer.proto.clone()
+            };
+            sdp.media.push(MediaDescription {
+                media: "audio".into(),
+                port: local.port,
+                port_count: None,
+                proto,
+                formats: formats.clone(),
+                connection: None,
+                bandwidths: Vec::new(),
+                attributes: attributes.clone(),
+            });
+        } else {
+            sdp.media.push(MediaDescription {
+                media: m.media.clone(),
+                port: 0,
+                port_count: None,
+                proto: m.proto.clone(),
+                formats: m.formats.clone(),
+                connection: None,
+                bandwidths: Vec::new(),
+                attributes: Vec::new(),
+            });
+        }
+    }
+    Ok(sdp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sdp::CryptoAttribute;
+
+    const KEY_A: &str = "inline:QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB";
+    const KEY_B: &str = "inline:QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJC";
+
+    fn caller_offer(proto: &str, crypto: &str) -> String {
+        format!(
+            "v=0\r\no=- 1 1 IN IP4 203.0.113.5\r\ns=-\r\nc=IN IP4 203.0.113.5\r\nt=0 0\r\n\
+             m=audio 4000 {proto} 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
+             a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=rtcp-mux\r\n{crypto}\
+             m=video 4002 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n"
+        )
+    }
+
+    fn local(port: u16) -> LocalMedia {
+        LocalMedia {
+            addr: "198.51.100.1".parse().unwrap(),
+            port,
+            key: MasterKey::generate(),
+            session_id: 77,
+            version: 1,
+        }
+    }
+
+    fn audio_crypto(sdp: &SessionDescription) -> Vec<CryptoAttribute> {
+        sdp.media[0].crypto().collect()
+    }
+
+    #[test]
+    fn srtp_call_gets_fresh_keys_per_leg() {
+        let offer = caller_offer(
+            "RTP/SAVP",
+            &format!(
+                "a=crypto:1 AES_CM_128_HMAC_SHA1_80 {KEY_A}|2^20|1:4\r\na=crypto:2 AES_CM_128_HMAC_SHA1_32 {KEY_A}\r\n"
+            ),
+        );
+        let caller = read_phone_sdp(offer.as_bytes(), true, MediaSecurity::Srtp, None).unwrap();
+        let (tag, suite, _) = caller.crypto.clone().unwrap();
+        assert_eq!(
+            (tag, suite),
+            (2, Suite::AesCm128HmacSha1_32),
+            "the MKI line is skipped"
+        );
+        assert_eq!(caller.rtp, Some("203.0.113.5:4000".parse().unwrap()));
+        assert!(caller.rtcp_mux);
+
+        let branch = local(20_000);
+        let to_callee = offer_for_branch(&caller, MediaSecurity::Srtp, &branch);
+        let text = to_callee.to_string();
+        assert!(
+            !text.contains("203.0.113.5"),
+            "caller address leaked: {text}"
+        );
+        assert!(!text.contains(&KEY_A[7..]), "caller key leaked: {text}");
+        assert_eq!(to_callee.media.len(), 1);
+        let m = &to_callee.media[0];
+        assert_eq!((m.port, m.proto.as_str()), (20_000, "RTP/SAVP"));
+        assert_eq!(m.formats, ["0", "8", "101"]);
+        assert_eq!(m.fmtp("101"), Some("0-15"));
+        let ours = audio_crypto(&to_callee);
+        assert_eq!(ours.len(), 1);
+        assert_eq!(ours[0].usable().unwrap().1, &branch.key);
+
+        // The callee picks PCMA and answers with its own key.
+        let answer = format!(
+            "v=0\r\no=- 5 5 IN IP4 192.168.1.20\r\ns=-\r\nc=IN IP4 192.168.1.20\r\nt=0 0\r\n\
+             m=audio 6000 RTP/SAVP 8 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n\
+             a=crypto:1 AES_CM_128_HMAC_SHA1_80 {KEY_B}\r\na=sendrecv\r\n"
+        );
+        let callee = read_phone_sdp(
+            answer.as_bytes(),
+            true,
+            MediaSecurity::Srtp,
+            Some(&to_callee),
+        )
+        .unwrap();
+        assert_eq!(callee.rtcp, Some("192.168.1.20:6001".parse().unwrap()));
+        let caller_leg = local(20_002);
+        let to_caller = answer_for_caller(&caller, &callee, &caller_leg).unwrap();
+        let text = to_caller.to_string();
+        assert!(
+            !text.contains("192.168.1.20") && !text.contains(&KEY_B[7..]),
+            "callee leaked: {text}"
+        );
+        assert_eq!(to_caller.media.len(), 2, "one m= line per offered one");
+        assert_eq!(
+            (to_caller.media[1].media.as_str(), to_caller.media[1].port),
+            ("video", 0)
+        );
+        let m = &to_caller.media[0];
+        assert_eq!(m.formats, ["8", "101"]);
+        assert_eq!(m.proto, "RTP/SAVP");
+        let c = audio_crypto(&to_caller);
+        assert_eq!(
+            (c[0].tag, c[0].suite),
+            (2, Some(Suite::AesCm128HmacSha1_32))
+        );
+        assert_eq!(c[0].usable().unwrap().1, &caller_leg.key);
+        assert_ne!(caller_leg.key, branch.key);
+    }
+
+    #[test]
+    fn keys_over_plain_signaling_are_ignored() {
+        let offer = caller_offer(
+            "RTP/SAVP",
+            &format!("a=crypto:1 AES_CM_128_HMAC_SHA1_80 {KEY_A}\r\n"),
+        );
+        let caller = read_phone_sdp(offer.as_bytes(), false, MediaSecurity::Plain, None).unwrap();
+        assert!(caller.keys_over_plain);
+        assert!(caller.crypto.is_none());
+        let branch = local(20_000);
+        let to_callee = offer_for_branch(&caller, MediaSecurity::Plain, &branch);
+        assert!(to_callee.media[0].attribute("crypto").is_none());
+        assert_eq!(to_callee.media[0].proto, "RTP/AVP");
+        let answer = "v=0\r\no=- 5 5 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n";
+        let callee = read_phone_sdp(
+            answer.as_bytes(),
+            false,
+            MediaSecurity::Plain,
+            Some(&to_callee),
+        )
+        .unwrap();
+        let to_caller = answer_for_caller(&caller, &callee, &local(20_002)).unwrap();
+        assert_eq!(to_caller.media[0].proto, "RTP/AVP");
+        assert!(to_caller.media[0].attribute("crypto").is_none());
+    }
+
+    #[test]
+    fn policy_and_offer_mismatches_are_refused() {
+        let plain = caller_offer("RTP/AVP", "");
+        assert_eq!(
+            read_phone_sdp(plain.as_bytes(), true, MediaSecurity::Srtp, None).unwrap_err(),
+            AnchorError::SrtpRequired
+        );
+        // Best effort takes plain RTP.
+        let caller =
+            read_phone_sdp(plain.as_bytes(), true, MediaSecurity::SrtpIfAccepted, None).unwrap();
+        assert!(!caller.is_srtp());
+        // A mandatory-SRTP offer with only unusable keys.
+        let mki_only = caller_offer(
+            "RTP/SAVP",
+            &format!("a=crypto:1 AES_CM_128_HMAC_SHA1_80 {KEY_A}|1:4\r\n"),
+        );
+        assert_eq!(
+            read_phone_sdp(
+                mki_only.as_bytes(),
+                true,
+                MediaSecurity::SrtpIfAccepted,
+                None
+            )
+            .unwrap_err(),
+            AnchorError::SrtpRequired
+        );
+        let no_audio = "v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=-\r\nt=0 0\r\nm=video 4 RTP/AVP 96\r\n";
+        assert_eq!(
+            read_phone_sdp(no_audio.as_bytes(), true, MediaSecurity::Plain, None).unwrap_err(),
+            AnchorError::NoAudio
+        );
+        assert!(matches!(
+            read_phone_sdp(b"garbage", true, MediaSecurity::Plain, None),
+            Err(AnchorError::Sdp(_))
+        ));
+
+        // Answers: a codec nobody offered, an unknown crypto tag, no keys
+        // where SRTP is mandatory.
+        let to_callee = offer_for_branch(&caller, MediaSecurity::SrtpIfAccepted, &local(20_000));
+        let answer = |m: &str| {
+            format!("v=0\r\no=- 5 5 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\n{m}")
+        };
+        let g729 = read_phone_sdp(
+            answer("m=audio 6000 RTP/AVP 18\r\n").as_bytes(),
+            true,
+            MediaSecurity::SrtpIfAccepted,
+            Some(&to_callee),
+        )
+        .unwrap();
+        assert_eq!(
+            answer_for_caller(&caller, &g729, &local(1)).unwrap_err(),
+            AnchorError::NoCommonCodec
+        );
+        let wrong_tag = answer(&format!(
+            "m=audio 6000 RTP/AVP 0\r\na=crypto:9 AES_CM_128_HMAC_SHA1_80 {KEY_B}\r\n"
+        ));
+        assert_eq!(
+            read_phone_sdp(
+                wrong_tag.as_bytes(),
+                true,
+                MediaSecurity::SrtpIfAccepted,
+                Some(&to_callee)
+            )
+            .unwrap_err(),
+            AnchorError::AnswerMismatch
+        );
+        let plain_answer = answer("m=audio 6000 RTP/AVP 0\r\n");
+        assert!(
+            read_phone_sdp(
+                plain_answer.as_bytes(),
+                true,
+                MediaSecurity::SrtpIfAccepted,
+                Some(&to_callee)
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            read_phone_sdp(
+                plain_answer.as_bytes(),
+                true,
+                MediaSecurity::Srtp,
+                Some(&to_callee)
+            )
+            .unwrap_err(),
+            AnchorError::SrtpRequired
+        );
+        let two_lines = answer("m=audio 6000 RTP/AVP 0\r\nm=video 0 RTP/AVP 96\r\n");
+        assert_eq!(
+            read_phone_sdp(
+                two_lines.as_bytes(),
+                true,
+                MediaSecurity::Plain,
+                Some(&to_callee)
+            )
+            .unwrap_err(),
+            AnchorError::AnswerMismatch
+        );
+    }
+
+    #[test]
+    fn hold_directions_and_rtcp_ports_carry_over() {
+        let offer = "v=0\r\no=- 1 2 IN IP4 10.0.0.7\r\ns=-\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\n\
+                     m=audio 4000 RTP/AVP 0\r\na=sendonly\r\na=rtcp:5005 IN IP4 10.0.0.8\r\n";
+        let caller = read_phone_sdp(offer.as_bytes(), false, MediaSecurity::Plain, None).unwrap();
+        assert_eq!(caller.rtp, None, "0.0.0.0 means do not send");
+        assert_eq!(caller.direction(), Direction::SendOnly);
+        let to_callee = offer_for_branch(&caller, MediaSecurity::Plain, &local(20_000));
+        assert_eq!(to_callee.media_direction(0), Direction::SendOnly);
+        let offer = offer.replace("0.0.0.0", "10.0.0.7");
+        let caller = read_phone_sdp(offer.as_bytes(), false, MediaSecurity::Plain, None).unwrap();
+        assert_eq!(caller.rtcp, Some("10.0.0.8:5005".parse().unwrap()));
+    }
+}

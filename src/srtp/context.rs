@@ -1,0 +1,414 @@
+//! The per-sender crypto context: session keys plus per-SSRC state.
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha1::Sha1;
+use subtle::ConstantTimeEq;
+
+use super::kdf::{Label, derive};
+use super::keystream::AesCm;
+use super::replay::ReplayWindow;
+use super::{MasterKey, SRTCP_INDEX_LEN, SRTCP_TAG_LEN, SrtpError, Suite};
+
+/// SSRCs one context tracks at once. A phone sends one stream per media
+/// line, but may switch SSRC mid-call (after a re-INVITE, a transfer, a
+/// codec change); the least recently used state gives way to a new one,
+/// and a new SSRC only takes a slot once its first packet authenticates.
+const MAX_STREAMS: usize = 4;
+/// The fixed RTP header.
+const RTP_HEADER_LEN: usize = 12;
+/// The fixed part of an RTCP packet that stays in clear: header and SSRC.
+const RTCP_HEADER_LEN: usize = 8;
+/// The largest SRTCP index (31 bits).
+const MAX_SRTCP_INDEX: u32 = 0x7FFF_FFFF;
+
+/// Keys derived for one direction of RTP or RTCP.
+#[derive(Clone)]
+struct SessionKeys {
+    cipher: AesCm,
+    /// The session salt placed as `k_s · 2^16`, ready to XOR into an IV.
+    salt: u128,
+    /// HMAC-SHA1 keyed once; cloning it copies the precomputed pads.
+    auth: Hmac<Sha1>,
+}
+
+impl SessionKeys {
+    fn derive(master: &MasterKey, enc: Label, auth: Label, salt: Label) -> Self {
+        let mut k_e = [0u8; 16];
+        let mut k_a = [0u8; 20];
+        let mut k_s = [0u8; 16];
+        derive(master, enc, &mut k_e);
+        derive(master, auth, &mut k_a);
+        derive(master, salt, &mut k_s[..14]);
+        let keys = SessionKeys {
+            cipher: AesCm::new(&k_e),
+            salt: u128::from_be_bytes(k_s),
+            auth: <Hmac<Sha1> as KeyInit>::new_from_slice(&k_a).expect("HMAC takes any key length"),
+        };
+        for b in k_e.iter_mut().chain(k_a.iter_mut()).chain(k_s.iter_mut()) {
+            // SAFETY: valid, aligned references to bytes on our stack.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+        keys
+    }
+
+    /// The counter block for packet `index` of `ssrc` (RFC 3711 §4.1.1).
+    fn iv(&self, ssrc: u32, index: u64) -> u128 {
+        self.salt ^ (u128::from(ssrc) << 64) ^ (u128::from(index) << 16)
+    }
+
+    /// The full HMAC-SHA1 of `parts`.
+    fn mac(&self, parts: &[&[u8]]) -> [u8; 20] {
+        let mut mac = self.auth.clone();
+        for part in parts {
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+}
+
+/// What the context remembers about one SSRC.
+#[derive(Debug, Clone)]
+struct Stream {
+    ssrc: u32,
+    /// Rollover counter and highest sequence number (`s_l`) seen or sent.
+    roc: u32,
+    highest_seq: u16,
+    /// SRTP replay window (receiving) .
+    rtp_window: ReplayWindow,
+    /// SRTCP replay window (receiving).
+    rtcp_window: ReplayWindow,
+    /// Next SRTCP index to send.
+    rtcp_next: u32,
+    /// For least-recently-used replacement.
+    last_used: u64,
+}
+
+impl Stream {
+    fn new(ssrc: u32, seq: u16) -> Self {
+        Stream {
+            ssrc,
+            roc: 0,
+            highest_seq: seq,
+            rtp_window: ReplayWindow::default(),
+            rtcp_window: ReplayWindow::default(),
+            // libsrtp starts at 1 too; its reference vectors rely on it.
+            rtcp_next: 1,
+            last_used: 0,
+        }
+    }
+
+    /// The rollover counter a packet with `seq` belongs to (RFC 3711
+    /// §3.3.1), never below zero.
+    fn guess_roc(&self, seq: u16) -> u32 {
+        let s_l = i32::from(self.highest_seq);
+        let seq = i32::from(seq);
+        if s_l < 0x8000 {
+            if seq - s_l > 0x8000 {
+                self.roc.saturating_sub(1)
+            } else {
+                self.roc
+            }
+        } else if s_l - 0x8000 > seq {
+            self.roc.wrapping_add(1)
+        } else {
+            self.roc
+        }
+    }
+
+    /// Records a packet as the newest when it is.
+    fn advance(&mut self, roc: u32, seq: u16) {
+        if index(roc, seq) > index(self.roc, self.highest_seq) {
+            self.roc = roc;
+            self.highest_seq = seq;
+        }
+    }
+}
+
+fn index(roc: u32, seq: u16) -> u64 {
+    u64::from(roc) << 16 | u64::from(seq)
+}
+
+/// A packet [`SrtpContext::unprotect_rtp`] accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unprotected {
+    /// Length of the plain RTP packet now at the start of the buffer.
+    pub len: usize,
+    /// The packet's SSRC.
+    pub ssrc: u32,
+    /// Its 48-bit index: rollover counter and sequence number.
+    pub index: u64,
+}
+
+/// The crypto context of one sender: its master key's session keys and the
+/// state of each of its SSRCs.
+#[derive(Clone)]
+pub struct SrtpContext {
+    suite: Suite,
+    rtp: SessionKeys,
+    rtcp: SessionKeys,
+    streams: [Option<Stream>; MAX_STREAMS],
+    clock: u64,
+}
+
+impl std::fmt::Debug for SrtpContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SrtpContext")
+            .field("suite", &self.suite)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SrtpContext {
+    pub fn new(suite: Suite, master: &MasterKey) -> Self {
+        SrtpContext {
+            suite,
+            rtp: SessionKeys::derive(
+                master,
+                Label::RtpEncryption,
+                Label::RtpAuthentication,
+                Label::RtpSalt,
+            ),
+            rtcp: SessionKeys::derive(
+                master,
+                Label::RtcpEncryption,
+                Label::RtcpAuthentication,
+                Label::RtcpSalt,
+            ),
+            streams: Default::default(),
+            clock: 0,
+        }
+    }
+
+    pub fn suite(&self) -> Suite {
+        self.suite
+    }
+
+    fn find(&mut self, ssrc: u32) -> Option<usize> {
+        self.clock += 1;
+        let slot = self
+            .streams
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.ssrc == ssrc))?;
+        if let Some(s) = &mut self.streams[slot] {
+            s.last_used = self.clock;
+        }
+        Some(slot)
+    }
+
+    /// Installs `stream`, replacing the least recently used one if full.
+    fn insert(&mut self, mut stream: Stream) -> usize {
+        stream.last_used = self.clock;
+        let slot = self
+            .streams
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or_else(|| {
+                (0..MAX_STREAMS)
+                    .min_by_key(|&i| self.streams[i].as_ref().map_or(0, |s| s.last_used))
+                    .unwrap_or(0)
+            });
+        self.streams[slot] = Some(stream);
+        slot
+    }
+
+    fn stream_or_insert(&mut self, ssrc: u32, seq: u16) -> usize {
+        match self.find(ssrc) {
+            Some(slot) => slot,
+            None => self.insert(Stream::new(ssrc, seq)),
+        }
+    }
+
+    /// Protects the RTP packet in `buf[..len]` in place and appends the tag.
+    /// Returns the SRTP length; `buf` needs room for the tag after `len`.
+    pub fn protect_rtp(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SrtpError> {
+        let tag_len = self.suite.rtp_tag_len();
+        let packet = buf.get(..len).ok_or(SrtpError::TooShort)?;
+        let header_len = rtp_header_len(packet)?;
+        if buf.len() < len + tag_len {
+            return Err(SrtpError::NoRoom);
+        }
+        let (seq, ssrc) = rtp_seq_ssrc(packet);
+        let slot = self.stream_or_insert(ssrc, seq);
+        let stream = self.streams[slot].as_mut().expect("slot just found");
+        let roc = stream.guess_roc(seq);
+        stream.advance(roc, seq);
+
+        let iv = self.rtp.iv(ssrc, index(roc, seq));
+        self.rtp.cipher.apply(iv, &mut buf[header_len..len]);
+        let tag = self.rtp.mac(&[&buf[..len], &roc.to_be_bytes()]);
+        buf[len..len + tag_len].copy_from_slice(&tag[..tag_len]);
+        Ok(len + tag_len)
+    }
+
+    /// Authenticates and decrypts the SRTP packet filling `buf`, leaving the
+    /// RTP packet at its start. A packet that fails changes no state.
+    pub fn unprotect_rtp(&mut self, buf: &mut [u8]) -> Result<Unprotected, SrtpError> {
+        let tag_len = self.suite.rtp_tag_len();
+        let len = buf.len().checked_sub(tag_len).ok_or(SrtpError::TooShort)?;
+        let header_len = rtp_header_len(&buf[..len])?;
+        let (seq, ssrc) = rtp_seq_ssrc(buf);
+        let slot = self.find(ssrc);
+        let fresh = Stream::new(ssrc, seq);
+        let stream = match slot {
+            Some(slot) => self.streams[slot].as_ref().expect("slot just found"),
+            None => &fresh,
+        };
+        let roc = stream.guess_roc(seq);
+        let idx = index(roc, seq);
+        stream.rtp_window.check(idx)?;
+
+        let expected = self.rtp.mac(&[&buf[..len], &roc.to_be_bytes()]);
+        if !bool::from(expected[..tag_len].ct_eq(&buf[len..])) {
+            return Err(SrtpError::AuthFailed);
+        }
+        let iv = self.rtp.iv(ssrc, idx);
+        self.rtp.cipher.apply(iv, &mut buf[header_len..len]);
+
+        let slot = match slot {
+            Some(slot) => slot,
+            None => self.insert(fresh),
+        };
+        let stream = self.streams[slot].as_mut().expect("slot just filled");
+        stream.rtp_window.accept(idx);
+        stream.advance(roc, seq);
+        Ok(Unprotected {
+            len,
+            ssrc,
+            index: idx,
+        })
+    }
+
+    /// Encrypts the compound RTCP packet in `buf[..len]` in place and
+    /// appends the E flag, SRTCP index and tag ([`super::SRTCP_OVERHEAD`]
+    /// bytes, which `buf` must have room for).
+    pub fn protect_rtcp(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SrtpError> {
+        self.protect_rtcp_with(buf, len, true)
+    }
+
+    /// SRTCP with the E flag clear: authenticated, sent in clear. Parley
+    /// never sends it, but phones may (RFC 3711 §3.4), so tests need it.
+    #[cfg(test)]
+    pub(crate) fn protect_rtcp_unencrypted(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Result<usize, SrtpError> {
+        self.protect_rtcp_with(buf, len, false)
+    }
+
+    fn protect_rtcp_with(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        encrypt: bool,
+    ) -> Result<usize, SrtpError> {
+        let packet = buf.get(..len).ok_or(SrtpError::TooShort)?;
+        let ssrc = rtcp_ssrc(packet)?;
+        if buf.len() < len + SRTCP_INDEX_LEN + SRTCP_TAG_LEN {
+            return Err(SrtpError::NoRoom);
+        }
+        let slot = self.stream_or_insert(ssrc, 0);
+        let stream = self.streams[slot].as_mut().expect("slot just found");
+        let srtcp_index = stream.rtcp_next;
+        if srtcp_index > MAX_SRTCP_INDEX {
+            return Err(SrtpError::IndexExhausted);
+        }
+        stream.rtcp_next += 1;
+
+        let mut e_index = srtcp_index;
+        if encrypt {
+            let iv = self.rtcp.iv(ssrc, u64::from(srtcp_index));
+            self.rtcp.cipher.apply(iv, &mut buf[RTCP_HEADER_LEN..len]);
+            e_index |= 0x8000_0000;
+        }
+        let e_index = e_index.to_be_bytes();
+        buf[len..len + SRTCP_INDEX_LEN].copy_from_slice(&e_index);
+        let end = len + SRTCP_INDEX_LEN;
+        let tag = self.rtcp.mac(&[&buf[..end]]);
+        buf[end..end + SRTCP_TAG_LEN].copy_from_slice(&tag[..SRTCP_TAG_LEN]);
+        Ok(end + SRTCP_TAG_LEN)
+    }
+
+    /// Authenticates and, when its E flag says so, decrypts the SRTCP
+    /// packet filling `buf`. Returns the RTCP length.
+    pub fn unprotect_rtcp(&mut self, buf: &mut [u8]) -> Result<usize, SrtpError> {
+        let auth_end = buf
+            .len()
+            .checked_sub(SRTCP_TAG_LEN)
+            .ok_or(SrtpError::TooShort)?;
+        let len = auth_end
+            .checked_sub(SRTCP_INDEX_LEN)
+            .ok_or(SrtpError::TooShort)?;
+        let ssrc = rtcp_ssrc(&buf[..len])?;
+        let e_index = u32::from_be_bytes(buf[len..auth_end].try_into().expect("4 bytes"));
+        let encrypted = e_index & 0x8000_0000 != 0;
+        let srtcp_index = u64::from(e_index & MAX_SRTCP_INDEX);
+
+        let slot = self.find(ssrc);
+        if let Some(slot) = slot {
+            self.streams[slot]
+                .as_ref()
+                .expect("slot just found")
+                .rtcp_window
+                .check(srtcp_index)?;
+        }
+        let expected = self.rtcp.mac(&[&buf[..auth_end]]);
+        if !bool::from(expected[..SRTCP_TAG_LEN].ct_eq(&buf[auth_end..])) {
+            return Err(SrtpError::AuthFailed);
+        }
+        if encrypted {
+            let iv = self.rtcp.iv(ssrc, srtcp_index);
+            self.rtcp.cipher.apply(iv, &mut buf[RTCP_HEADER_LEN..len]);
+        }
+        let slot = match slot {
+            Some(slot) => slot,
+            None => self.insert(Stream::new(ssrc, 0)),
+        };
+        self.streams[slot]
+            .as_mut()
+            .expect("slot just filled")
+            .rtcp_window
+            .accept(srtcp_index);
+        Ok(len)
+    }
+}
+
+/// The length of an RTP header with its CSRCs and extension, checked
+/// against the packet.
+pub(crate) fn rtp_header_len(packet: &[u8]) -> Result<usize, SrtpError> {
+    if packet.len() < RTP_HEADER_LEN {
+        return Err(SrtpError::TooShort);
+    }
+    if packet[0] >> 6 != 2 {
+        return Err(SrtpError::BadVersion);
+    }
+    let csrc_count = usize::from(packet[0] & 0x0F);
+    let mut len = RTP_HEADER_LEN + 4 * csrc_count;
+    if packet[0] & 0x10 != 0 {
+        let ext = packet.get(len..len + 4).ok_or(SrtpError::TooShort)?;
+        len += 4 + 4 * usize::from(u16::from_be_bytes([ext[2], ext[3]]));
+    }
+    if len > packet.len() {
+        return Err(SrtpError::TooShort);
+    }
+    Ok(len)
+}
+
+fn rtp_seq_ssrc(packet: &[u8]) -> (u16, u32) {
+    (
+        u16::from_be_bytes([packet[2], packet[3]]),
+        u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]),
+    )
+}
+
+fn rtcp_ssrc(packet: &[u8]) -> Result<u32, SrtpError> {
+    if packet.len() < RTCP_HEADER_LEN {
+        return Err(SrtpError::TooShort);
+    }
+    if packet[0] >> 6 != 2 {
+        return Err(SrtpError::BadVersion);
+    }
+    Ok(u32::from_be_bytes([
+        packet[4], packet[5], packet[6], packet[7],
+    ]))
+}

@@ -1,0 +1,323 @@
+use super::kdf::{Label, derive};
+use super::keystream::AesCm;
+use super::*;
+
+fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// The master key of RFC 3711 Appendix B.3, also used by libsrtp's
+/// reference packets.
+fn rfc_master() -> MasterKey {
+    let mut m = [0u8; KEY_MATERIAL_LEN];
+    m.copy_from_slice(&hex(
+        "E1F97A0D3E018BE0D64FA32C06DE4139 0EC675AD498AFEEBB6960B3AABE6",
+    ));
+    MasterKey::from_bytes(m)
+}
+
+fn rtp_packet(seq: u16, ssrc: u32, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x80, 0x00];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn protect(ctx: &mut SrtpContext, plain: &[u8]) -> Vec<u8> {
+    let mut buf = plain.to_vec();
+    buf.resize(plain.len() + MAX_SRTP_OVERHEAD, 0);
+    let n = ctx.protect_rtp(&mut buf, plain.len()).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn unprotect(ctx: &mut SrtpContext, srtp: &[u8]) -> Result<(Vec<u8>, Unprotected), SrtpError> {
+    let mut buf = srtp.to_vec();
+    let u = ctx.unprotect_rtp(&mut buf)?;
+    buf.truncate(u.len);
+    Ok((buf, u))
+}
+
+#[test]
+fn rfc3711_b3_key_derivation() {
+    let m = rfc_master();
+    let mut k = [0u8; 16];
+    derive(&m, Label::RtpEncryption, &mut k);
+    assert_eq!(k.to_vec(), hex("C61E7A93744F39EE10734AFE3FF7A087"));
+    let mut a = [0u8; 20];
+    derive(&m, Label::RtpAuthentication, &mut a);
+    assert_eq!(a.to_vec(), hex("CEBE321F6FF7716B6FD4AB49AF256A156D38BAA4"));
+    let mut s = [0u8; 14];
+    derive(&m, Label::RtpSalt, &mut s);
+    assert_eq!(s.to_vec(), hex("30CBBC08863D8C85D49DB34A9AE1"));
+    // The longer authentication key the appendix lists continues the same
+    // keystream, across several parallel batches of blocks.
+    let mut long = [0u8; 94];
+    derive(&m, Label::RtpAuthentication, &mut long);
+    assert_eq!(
+        long.to_vec(),
+        hex(
+            "CEBE321F6FF7716B6FD4AB49AF256A15 6D38BAA48F0A0ACF3C34E2359E6CDBCE
+             E049646C43D9327AD175578EF7227098 6371C10C9A369AC2F94A8C5FBCDDDC25
+             6D6E919A48B610EF17C2041E47403576 6B68642C59BBFC2F34DB60DBDFB2"
+        )
+    );
+}
+
+#[test]
+fn rfc3711_b2_aes_cm_keystream() {
+    let key: [u8; 16] = hex("2B7E151628AED2A6ABF7158809CF4F3C").try_into().unwrap();
+    let iv = u128::from_be_bytes(hex("F0F1F2F3F4F5F6F7F8F9FAFBFCFD0000").try_into().unwrap());
+    let mut stream = vec![0u8; 16 * 0xFF02];
+    AesCm::new(&key).apply(iv, &mut stream);
+    let block = |n: usize| stream[16 * n..16 * (n + 1)].to_vec();
+    assert_eq!(block(0), hex("E03EAD0935C95E80E166B16DD92B4EB4"));
+    assert_eq!(block(1), hex("D23513162B02D0F72A43A2FE4A5F97AB"));
+    assert_eq!(block(2), hex("41E95B3BB0A2E8DD477901E4FCA894C0"));
+    assert_eq!(block(0xFEFF), hex("EC8CDF7398607CB0F2D21675EA9EA1E4"));
+    assert_eq!(block(0xFF00), hex("362B7C3C6773516318A077D7FC5073AE"));
+    assert_eq!(block(0xFF01), hex("6A2CC3787889374FBEB4C81B17BA6C44"));
+}
+
+#[test]
+fn libsrtp_reference_packets() {
+    let plain = hex("800f1234decafbadcafebabe abababababababababababababababab");
+    let expected =
+        hex("800f1234decafbadcafebabe 4e55dc4ce79978d88ca4d215949d2402 b78d6acc99ea179b8dbb");
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &rfc_master());
+    assert_eq!(protect(&mut tx, &plain), expected);
+    let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &rfc_master());
+    assert_eq!(unprotect(&mut rx, &expected).unwrap().0, plain);
+
+    let rtcp = hex("81c8000bcafebabe abababababababababababababababab");
+    let expected =
+        hex("81c8000bcafebabe 7128035be487b9bdbef89041f977a5a8 80000001 993e08cd54d6c1230798");
+    let mut buf = rtcp.clone();
+    buf.resize(rtcp.len() + SRTCP_OVERHEAD, 0);
+    assert_eq!(tx.protect_rtcp(&mut buf, rtcp.len()), Ok(expected.len()));
+    assert_eq!(buf, expected);
+    assert_eq!(rx.unprotect_rtcp(&mut buf), Ok(rtcp.len()));
+    assert_eq!(&buf[..rtcp.len()], &rtcp[..]);
+}
+
+#[test]
+fn round_trip_both_suites_with_csrcs_and_extension() {
+    for suite in Suite::ALL {
+        let key = MasterKey::generate();
+        let mut tx = SrtpContext::new(suite, &key);
+        let mut rx = SrtpContext::new(suite, &key);
+        // Two CSRCs and a one-word header extension stay in clear.
+        let mut plain = vec![0x92, 0x08, 0x00, 0x07, 0, 0, 0, 1, 0xAA, 0xBB, 0xCC, 0xDD];
+        plain.extend_from_slice(&[1, 1, 1, 1, 2, 2, 2, 2]);
+        plain.extend_from_slice(&[0xBE, 0xDE, 0x00, 0x01, 0x10, 0x20, 0x30, 0x40]);
+        plain.extend(std::iter::repeat_n(0x55, 160));
+        let srtp = protect(&mut tx, &plain);
+        assert_eq!(srtp.len(), plain.len() + suite.rtp_tag_len());
+        assert_eq!(srtp[..28], plain[..28], "header stays in clear");
+        assert_ne!(srtp[28..188], plain[28..], "payload is encrypted");
+        let (back, info) = unprotect(&mut rx, &srtp).unwrap();
+        assert_eq!(back, plain);
+        assert_eq!(
+            info,
+            Unprotected {
+                len: plain.len(),
+                ssrc: 0xAABBCCDD,
+                index: 7
+            }
+        );
+    }
+}
+
+#[test]
+fn replayed_and_too_old_packets_are_rejected() {
+    let key = MasterKey::generate();
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let packets: Vec<Vec<u8>> = (1000..1200)
+        .map(|s| protect(&mut tx, &rtp_packet(s, 7, &[9; 20])))
+        .collect();
+    unprotect(&mut rx, &packets[0]).unwrap();
+    assert_eq!(
+        unprotect(&mut rx, &packets[0]).unwrap_err(),
+        SrtpError::Replayed
+    );
+    unprotect(&mut rx, &packets[199]).unwrap();
+    // 127 behind the newest is inside the window, once.
+    unprotect(&mut rx, &packets[199 - 127]).unwrap();
+    assert_eq!(
+        unprotect(&mut rx, &packets[199 - 127]).unwrap_err(),
+        SrtpError::Replayed
+    );
+    assert_eq!(
+        unprotect(&mut rx, &packets[199 - 128]).unwrap_err(),
+        SrtpError::TooOld
+    );
+    // Out of order inside the window is fine.
+    for i in (150..199).rev() {
+        unprotect(&mut rx, &packets[i]).unwrap();
+    }
+}
+
+#[test]
+fn rollover_counter_follows_the_sequence_wrap_and_late_packets() {
+    let key = MasterKey::generate();
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_32, &key);
+    let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_32, &key);
+    let seqs: Vec<u16> = (65530..=65535).chain(0..6).collect();
+    let packets: Vec<Vec<u8>> = seqs
+        .iter()
+        .map(|&s| protect(&mut tx, &rtp_packet(s, 1, &[s as u8; 40])))
+        .collect();
+    // Deliver with 65535 arriving after the wrap.
+    let order = [0, 1, 2, 3, 4, 6, 7, 5, 8, 9, 10, 11];
+    for &i in &order {
+        let (plain, info) = unprotect(&mut rx, &packets[i]).unwrap();
+        assert_eq!(plain, rtp_packet(seqs[i], 1, &[seqs[i] as u8; 40]));
+        let roc = if i >= 6 { 1 } else { 0 };
+        assert_eq!(info.index, (roc << 16) | u64::from(seqs[i]));
+    }
+    // A many-wraps run: 200,000 packets keep in step.
+    for n in 0..200_000u32 {
+        let seq = (n % 65536) as u16;
+        let srtp = protect(&mut tx, &rtp_packet(seq.wrapping_add(6), 1, &[1; 4]));
+        unprotect(&mut rx, &srtp).unwrap();
+    }
+}
+
+#[test]
+fn tampering_fails_authentication_and_changes_nothing() {
+    let key = MasterKey::generate();
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let good = protect(&mut tx, &rtp_packet(10, 5, &[3; 160]));
+    for at in [1, 3, 8, 12, 100, good.len() - 1] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x01;
+        assert_eq!(
+            unprotect(&mut rx, &bad).unwrap_err(),
+            SrtpError::AuthFailed,
+            "byte {at}"
+        );
+    }
+    // A forged packet far ahead must not move the window or the ROC.
+    let mut forged = protect(&mut tx, &rtp_packet(40000, 5, &[3; 160]));
+    let last = forged.len() - 1;
+    forged[last] ^= 0xFF;
+    assert_eq!(
+        unprotect(&mut rx, &forged).unwrap_err(),
+        SrtpError::AuthFailed
+    );
+    unprotect(&mut rx, &good).unwrap();
+    // Another key cannot authenticate.
+    let mut other = SrtpContext::new(Suite::AesCm128HmacSha1_80, &MasterKey::generate());
+    let next = protect(&mut tx, &rtp_packet(11, 5, &[3; 160]));
+    assert_eq!(
+        unprotect(&mut other, &next).unwrap_err(),
+        SrtpError::AuthFailed
+    );
+}
+
+#[test]
+fn malformed_packets_are_errors_not_panics() {
+    let key = MasterKey::generate();
+    let mut ctx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    for len in 0..40 {
+        let mut junk = vec![0x80u8; len];
+        let _ = ctx.unprotect_rtp(&mut junk);
+        let _ = ctx.unprotect_rtcp(&mut junk);
+        let mut junk = vec![0xFFu8; len];
+        let _ = ctx.unprotect_rtp(&mut junk);
+        let _ = ctx.protect_rtp(&mut junk, len);
+        let _ = ctx.protect_rtcp(&mut junk, len);
+    }
+    // An extension length pointing past the end.
+    let mut p = rtp_packet(1, 1, &[0xBE, 0xDE, 0xFF, 0xFF]);
+    p[0] |= 0x10;
+    let len = p.len();
+    p.resize(len + 10, 0);
+    assert_eq!(ctx.protect_rtp(&mut p, len), Err(SrtpError::TooShort));
+    let mut p = rtp_packet(1, 1, &[0; 4]);
+    let len = p.len();
+    assert_eq!(ctx.protect_rtp(&mut p, len), Err(SrtpError::NoRoom));
+    p[0] = 0x40;
+    p.resize(len + 10, 0);
+    assert_eq!(ctx.protect_rtp(&mut p, len), Err(SrtpError::BadVersion));
+}
+
+#[test]
+fn new_ssrcs_replace_the_least_recently_used() {
+    let key = MasterKey::generate();
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    for round in 0..3u16 {
+        for ssrc in 1..=10u32 {
+            let srtp = protect(&mut tx, &rtp_packet(100 + round, ssrc, &[0; 8]));
+            let (_, info) = unprotect(&mut rx, &srtp).unwrap();
+            assert_eq!(info.ssrc, ssrc);
+        }
+    }
+    // A stream that stays in use keeps its replay state.
+    let a = protect(&mut tx, &rtp_packet(500, 42, &[0; 8]));
+    unprotect(&mut rx, &a).unwrap();
+    for ssrc in 1..=3u32 {
+        let p = protect(&mut tx, &rtp_packet(600, ssrc, &[0; 8]));
+        unprotect(&mut rx, &p).unwrap();
+    }
+    assert_eq!(unprotect(&mut rx, &a).unwrap_err(), SrtpError::Replayed);
+}
+
+#[test]
+fn srtcp_round_trip_replay_and_clear_e_flag() {
+    let key = MasterKey::generate();
+    for suite in Suite::ALL {
+        let mut tx = SrtpContext::new(suite, &key);
+        let mut rx = SrtpContext::new(suite, &key);
+        let rtcp = hex("81c90007 00000099 00000042 01000002 0000ffff 00000010 00000000 00000000");
+        let mut first = Vec::new();
+        for n in 0..3 {
+            let mut buf = rtcp.clone();
+            buf.resize(rtcp.len() + SRTCP_OVERHEAD, 0);
+            let len = tx.protect_rtcp(&mut buf, rtcp.len()).unwrap();
+            assert_eq!(len, rtcp.len() + 14, "80-bit tag for {suite}");
+            assert_ne!(buf[8..rtcp.len()], rtcp[8..]);
+            if n == 0 {
+                first = buf.clone();
+            }
+            assert_eq!(rx.unprotect_rtcp(&mut buf), Ok(rtcp.len()));
+            assert_eq!(&buf[..rtcp.len()], &rtcp[..]);
+        }
+        assert_eq!(rx.unprotect_rtcp(&mut first), Err(SrtpError::Replayed));
+
+        let mut buf = rtcp.clone();
+        buf.resize(rtcp.len() + SRTCP_OVERHEAD, 0);
+        tx.protect_rtcp_unencrypted(&mut buf, rtcp.len()).unwrap();
+        assert_eq!(buf[..rtcp.len()], rtcp[..], "E=0 leaves the body in clear");
+        // Flipping E cannot pass authentication.
+        let mut flipped = buf.clone();
+        flipped[rtcp.len()] |= 0x80;
+        assert_eq!(rx.unprotect_rtcp(&mut flipped), Err(SrtpError::AuthFailed));
+        assert_eq!(rx.unprotect_rtcp(&mut buf), Ok(rtcp.len()));
+        assert_eq!(&buf[..rtcp.len()], &rtcp[..]);
+    }
+}
+
+#[test]
+fn suites_by_sdes_name() {
+    assert_eq!(
+        Suite::from_name("AES_CM_128_HMAC_SHA1_80"),
+        Some(Suite::AesCm128HmacSha1_80)
+    );
+    assert_eq!(
+        Suite::from_name("AES_CM_128_HMAC_SHA1_32"),
+        Some(Suite::AesCm128HmacSha1_32)
+    );
+    assert_eq!(Suite::from_name("aes_cm_128_hmac_sha1_80"), None);
+    assert_eq!(Suite::from_name("F8_128_HMAC_SHA1_80"), None);
+    assert_eq!(format!("{:?}", MasterKey::generate()), "MasterKey(..)");
+}
