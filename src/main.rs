@@ -26,6 +26,21 @@ enum Command {
     /// Add, list, remove extensions and set their passwords.
     #[command(subcommand)]
     Extension(ExtensionCommand),
+    /// The call history.
+    #[command(subcommand)]
+    Calls(CallsCommand),
+}
+
+#[derive(Subcommand)]
+enum CallsCommand {
+    /// Recent calls, newest first.
+    List {
+        /// How many calls to show.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
 }
 
 #[derive(Args)]
@@ -130,6 +145,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Extension(cmd) => run_async(extension(cmd)),
+        Command::Calls(cmd) => run_async(calls(cmd)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,6 +195,71 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     runtime
         .block_on(parley::runtime::serve(config))
         .map_err(|e| e.to_string())
+}
+
+async fn calls(cmd: CallsCommand) -> Result<(), String> {
+    let CallsCommand::List { limit, dir } = cmd;
+    let store = open_store(dir).await?;
+    let rows = store.recent_calls(limit).await.map_err(|e| e.to_string())?;
+    if rows.is_empty() {
+        println!("no calls yet");
+        return Ok(());
+    }
+    println!(
+        "{:<19}  {:<10} {:<10} {:<11} {:>8}  {:<26} {:<22} {:<22} {:>9}",
+        "STARTED (UTC)", "CALLER", "CALLEE", "OUTCOME", "TALK", "SIP", "CALLER LEG", "CALLEE LEG", "MOS in/out"
+    );
+    for r in rows {
+        let leg = |transport: Option<&str>, tls: Option<&str>, srtp: Option<&str>| match transport {
+            None => "-".to_string(),
+            Some(t) => format!(
+                "{t}{}{}",
+                tls.map(|v| format!(" {v}")).unwrap_or_default(),
+                if srtp.is_some() { " SRTP" } else { " RTP" }
+            ),
+        };
+        let mos = |media: Option<&str>, dir: &str| {
+            media
+                .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+                .and_then(|v| v[dir]["mos"].as_f64())
+                .map_or("-".to_string(), |m| format!("{m:.1}"))
+        };
+        // MOS of what the caller heard and of what it sent.
+        let quality = format!("{}/{}", mos(r.caller_media.as_deref(), "sent"), mos(r.caller_media.as_deref(), "received"));
+        println!(
+            "{:<19}  {:<10} {:<10} {:<11} {:>8}  {:<26} {:<22} {:<22} {:>9}",
+            format_unix_ms(r.started_at),
+            r.caller,
+            r.callee,
+            r.outcome,
+            format_duration_ms(r.duration_ms),
+            format!("{} {}", r.sip_status, r.sip_reason),
+            leg(Some(&r.caller_transport), r.caller_tls.as_deref(), r.caller_srtp.as_deref()),
+            leg(r.callee_transport.as_deref(), r.callee_tls.as_deref(), r.callee_srtp.as_deref()),
+            quality,
+        );
+    }
+    Ok(())
+}
+
+fn format_unix_ms(ms: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => ms.to_string(),
+    }
+}
+
+fn format_duration_ms(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
 async fn open_store(dir: DataDirArg) -> Result<Store, String> {

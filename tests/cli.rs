@@ -238,3 +238,93 @@ fn a_port_in_use_is_reported() {
         "{err}"
     );
 }
+
+#[test]
+fn call_history_is_listed_newest_first() {
+    use parley::media::{LegId, LegReport};
+    use parley::pbx::cdr::{CallRecord, EndedBy, LegRecord, Outcome};
+    use parley::sip::transport::Transport;
+    use parley::srtp::Suite;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (stdout, _) = text(&cli(d, &["calls", "list"], None));
+    assert!(stdout.contains("no calls yet"), "{stdout}");
+
+    let media = LegReport {
+        id: LegId(1),
+        suite: Some(Suite::AesCm128HmacSha1_80),
+        remote: Some("203.0.113.9:40000".parse().unwrap()),
+        received_packets: 4000,
+        received_bytes: 688_000,
+        lost: 0,
+        jitter_ms: 1.5,
+        auth_failures: 0,
+        replays: 0,
+        wrong_source: 0,
+        sent_packets: 4000,
+        sent_bytes: 728_000,
+        remote_fraction_lost: Some(0.0),
+        remote_jitter_ms: Some(2.0),
+        mos_received: Some(4.41),
+        mos_sent: Some(4.38),
+    };
+    let answered = CallRecord {
+        call_ref: "c-1".into(),
+        caller: "200".into(),
+        callee: "201".into(),
+        started_unix_ms: 1_795_000_000_000,
+        answered_unix_ms: Some(1_795_000_003_000),
+        ended_unix_ms: 1_795_000_083_500,
+        outcome: Outcome::Answered,
+        sip_status: 200,
+        sip_reason: "OK".into(),
+        ended_by: Some(EndedBy::Callee),
+        caller_leg: LegRecord {
+            transport: Transport::Tls,
+            tls_version: Some("TLSv1.3".into()),
+            srtp: Some(Suite::AesCm128HmacSha1_80),
+            media: Some(media),
+        },
+        callee_leg: Some(LegRecord { transport: Transport::Udp, tls_version: None, srtp: None, media: None }),
+    };
+    let busy = CallRecord {
+        call_ref: "c-2".into(),
+        started_unix_ms: 1_795_000_100_000,
+        answered_unix_ms: None,
+        ended_unix_ms: 1_795_000_101_000,
+        outcome: Outcome::Busy,
+        sip_status: 486,
+        sip_reason: "Busy Here".into(),
+        ended_by: None,
+        callee_leg: None,
+        ..answered.clone()
+    };
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+        let store = parley::store::Store::open(d).await.unwrap();
+        store.insert_call(&answered).await.unwrap();
+        store.insert_call(&busy).await.unwrap();
+        // The call reference is unique: a second write of the same call fails.
+        assert!(store.insert_call(&busy).await.is_err());
+        let rows = store.recent_calls(10).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].duration_ms, 80_500);
+        let media: serde_json::Value = serde_json::from_str(rows[1].caller_media.as_deref().unwrap()).unwrap();
+        assert_eq!(media["received"]["packets"], 4000);
+        assert_eq!(media["sent"]["mos"], 4.38);
+        store.close().await;
+    });
+
+    let (stdout, stderr) = text(&cli(d, &["calls", "list"], None));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}{stderr}");
+    assert!(lines[1].contains("busy") && lines[1].contains("486 Busy Here"), "{}", lines[1]);
+    assert!(lines[2].starts_with("2026-11-18 11:06:40"), "{}", lines[2]);
+    assert!(lines[2].contains("answered") && lines[2].contains("0:01:20"), "{}", lines[2]);
+    assert!(lines[2].contains("tls TLSv1.3 SRTP") && lines[2].contains("udp RTP"), "{}", lines[2]);
+    assert!(lines[2].contains("4.4/4.4"), "{}", lines[2]);
+    let (stdout, _) = text(&cli(d, &["calls", "list", "--limit", "1"], None));
+    assert_eq!(stdout.lines().count(), 2);
+    let out = cli(d, &["calls", "list", "--limit", "0"], None);
+    assert!(!out.status.success());
+}

@@ -8,7 +8,7 @@ use std::time::Instant;
 use smallvec::SmallVec;
 
 use super::stats::{Receiving, RemoteReport, Sending, parse_report_block};
-use crate::srtp::{MasterKey, SrtpContext, SrtpError, Suite};
+use crate::srtp::{MasterKey, SrtpContext, SrtpError, Suite, rtp_header_len};
 
 /// Identifies a leg across the control and data planes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,12 +118,25 @@ impl Leg {
     /// did; a new remote address clears the latch.
     pub fn configure(&mut self, media: LegMedia, now: Instant) {
         let old = self.media.take();
-        let same_keys = old.as_ref().map(|o| &o.keys) == Some(&media.keys);
-        if !same_keys {
+        // Each direction keeps its context (rollover counter, SRTCP index,
+        // replay window) unless its own key changed: restarting a context
+        // under the same key would reuse keystream or accept old packets
+        // again. Phones often send a new key with every re-INVITE.
+        let phone_key = |m: Option<&LegMedia>| {
+            m.and_then(|m| m.keys.as_ref())
+                .map(|k| (k.suite, k.phone_key.clone()))
+        };
+        let parley_key = |m: Option<&LegMedia>| {
+            m.and_then(|m| m.keys.as_ref())
+                .map(|k| (k.suite, k.parley_key.clone()))
+        };
+        if phone_key(old.as_ref()) != phone_key(Some(&media)) {
             self.rx = media
                 .keys
                 .as_ref()
                 .map(|k| SrtpContext::new(k.suite, &k.phone_key));
+        }
+        if parley_key(old.as_ref()) != parley_key(Some(&media)) {
             self.tx = media
                 .keys
                 .as_ref()
@@ -205,7 +218,12 @@ impl Leg {
                 return Err(Drop::Srtp(e));
             }
         };
-        // Authenticated (or from a trusted address): follow the phone there.
+        if kind == Kind::Rtp && rtp_header_len(&buf[..len]).is_err() {
+            self.receiving.malformed += 1;
+            return Err(Drop::Malformed);
+        }
+        // Authenticated (or from a trusted address) and well-formed: follow
+        // the phone there.
         match kind {
             Kind::Rtp => self.latched_rtp = Some(src),
             Kind::Rtcp => self.latched_rtcp = Some(src),
@@ -213,10 +231,6 @@ impl Leg {
         self.last_activity = now;
         match kind {
             Kind::Rtp => {
-                if len < 12 {
-                    self.receiving.malformed += 1;
-                    return Err(Drop::Malformed);
-                }
                 let seq = u16::from_be_bytes([buf[2], buf[3]]);
                 let ts = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
                 let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);

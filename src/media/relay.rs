@@ -206,7 +206,7 @@ impl Relay {
                         return;
                     }
                 } else {
-                    self.readable((token >> 1) as usize, token & 1 == 1, &mut buf, now);
+                    self.readable((token >> 1) as usize, token & 1 == 1, &mut buf);
                 }
             }
             if now >= next_tick {
@@ -222,7 +222,7 @@ impl Relay {
     /// One datagram from a readable socket, relayed if it passes. Reading one
     /// per readiness event keeps it to one receive syscall per packet; epoll
     /// reports the socket again while more are queued.
-    fn readable(&mut self, slot: usize, rtcp_socket: bool, buf: &mut [u8; BUF_LEN], now: Instant) {
+    fn readable(&mut self, slot: usize, rtcp_socket: bool, buf: &mut [u8; BUF_LEN]) {
         let Some(s) = self.slots.get_mut(slot) else {
             return;
         };
@@ -238,6 +238,9 @@ impl Relay {
             return;
         }
         let src = canonical(src);
+        // Arrival time per packet, for jitter: the batch's wake-up time can
+        // be a coalescing nap old.
+        let now = Instant::now();
         // Phones may multiplex RTCP even without negotiating it.
         let kind = if rtcp_socket {
             Kind::Rtcp

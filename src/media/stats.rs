@@ -30,6 +30,8 @@ pub struct Receiving {
     /// Previous packet's transit time, in timestamp units.
     last_transit: Option<i64>,
     epoch: Option<Instant>,
+    /// A packet that would start a new count, waiting for its successor.
+    probation: Option<(u32, u64)>,
 }
 
 /// Sequence bookkeeping for one SSRC.
@@ -59,8 +61,17 @@ impl Receiving {
             Some(s) if s.ssrc == ssrc && index.abs_diff(s.highest) < MAX_DROPOUT => {
                 s.highest = s.highest.max(index);
                 s.received += 1;
+                self.probation = None;
+            }
+            Some(_) if self.probation != Some((ssrc, index.wrapping_sub(1))) => {
+                // A new SSRC or a jump counts only once a second packet
+                // follows it (RFC 3550 A.1), so one stray packet cannot
+                // reset the counts.
+                self.probation = Some((ssrc, index));
+                return;
             }
             _ => {
+                self.probation = None;
                 // A new SSRC or a jump: bank the old stream's loss and start over.
                 self.lost_before += self.stream.as_ref().map_or(0, StreamCount::lost);
                 self.stream = Some(StreamCount {

@@ -30,6 +30,8 @@ pub enum AnchorError {
     NoAudio,
     #[error("SRTP Required By Encryption Policy")]
     SrtpRequired,
+    #[error("SRTP Needs TLS Signaling")]
+    KeysOverPlain,
     #[error("No Common Codec")]
     NoCommonCodec,
     #[error("Answer Does Not Match Offer")]
@@ -74,8 +76,15 @@ impl PhoneMedia {
         &self.sdp.media[self.audio]
     }
 
+    /// The phone's direction. An unspecified connection address (old-style
+    /// hold, RFC 3264 §8.4) means it wants nothing sent to it.
     pub fn direction(&self) -> Direction {
-        self.sdp.media_direction(self.audio)
+        let stated = self.sdp.media_direction(self.audio);
+        if self.rtp.is_none() {
+            stated.restricted(true, false)
+        } else {
+            stated
+        }
     }
 
     pub fn is_srtp(&self) -> bool {
@@ -132,20 +141,32 @@ pub fn read_phone_sdp(
             return Err(AnchorError::AnswerMismatch);
         }
     }
+    // An answer that carries keys Parley cannot use (over plain
+    // signaling, or with an MKI or lifetime it refuses) means the phone
+    // will send SRTP that Parley would take for plain RTP.
+    if answer_to.is_some() && offered_crypto && crypto.is_none() {
+        return Err(AnchorError::AnswerMismatch);
+    }
     if crypto.is_none() && security == MediaSecurity::Srtp {
         return Err(AnchorError::SrtpRequired);
     }
-    // A phone that insists on SRTP (RTP/SAVP) but gave no key we can use
-    // cannot be answered with plain RTP either.
-    if crypto.is_none() && m.is_srtp_profile() && tls && answer_to.is_none() {
-        return Err(AnchorError::SrtpRequired);
+    // A phone that insists on SRTP (RTP/SAVP) but gave no key Parley can
+    // use cannot be answered with plain RTP (RFC 4568 §7.1.2: the stream is
+    // rejected). Over plain signaling that is always so: keys sent there
+    // are never used.
+    if crypto.is_none() && m.is_srtp_profile() && answer_to.is_none() {
+        return Err(if tls {
+            AnchorError::SrtpRequired
+        } else {
+            AnchorError::KeysOverPlain
+        });
     }
     let conn = sdp
         .media_connection(audio)
         .and_then(|c| c.ip)
         .filter(|ip| !ip.is_unspecified());
     let rtp = conn.map(|ip| SocketAddr::new(ip, m.port));
-    let rtcp = rtp.map(|a| rtcp_address(m, a));
+    let rtcp = rtp.and_then(|a| rtcp_address(m, a));
     Ok(PhoneMedia {
         rtcp_mux: m.has_flag("rtcp-mux"),
         keys_over_plain: !tls && offered_crypto,
@@ -157,21 +178,20 @@ pub fn read_phone_sdp(
     })
 }
 
-/// Where RTCP goes: `a=rtcp` (RFC 3605), else the next port up.
-fn rtcp_address(m: &MediaDescription, rtp: SocketAddr) -> SocketAddr {
-    let explicit = m
-        .attribute("rtcp")
-        .and_then(|a| a.value.as_deref())
-        .and_then(|v| {
-            let mut parts = v.split_ascii_whitespace();
-            let port: u16 = parts.next()?.parse().ok()?;
-            let ip = match (parts.next(), parts.next(), parts.next()) {
-                (Some("IN"), Some(_), Some(addr)) => addr.parse().ok()?,
-                _ => rtp.ip(),
-            };
-            Some(SocketAddr::new(ip, port))
-        });
-    explicit.unwrap_or_else(|| SocketAddr::new(rtp.ip(), rtp.port().wrapping_add(1)))
+/// Where RTCP goes: `a=rtcp` (RFC 3605), else the next port up. An
+/// `a=rtcp` address Parley cannot read keeps its port, on the RTP
+/// address.
+fn rtcp_address(m: &MediaDescription, rtp: SocketAddr) -> Option<SocketAddr> {
+    if let Some(v) = m.attribute("rtcp").and_then(|a| a.value.as_deref()) {
+        let mut parts = v.split_ascii_whitespace();
+        let port: u16 = parts.next()?.parse().ok()?;
+        let ip = match (parts.next(), parts.next(), parts.next()) {
+            (Some("IN"), Some(_), Some(addr)) => addr.parse().unwrap_or(rtp.ip()),
+            _ => rtp.ip(),
+        };
+        return Some(SocketAddr::new(ip, port));
+    }
+    Some(SocketAddr::new(rtp.ip(), rtp.port().checked_add(1)?))
 }
 
 /// The SDP skeleton of one of Parley's legs.
@@ -280,13 +300,9 @@ pub fn answer_for_caller(
     // One m= line per offered one, in order; only the audio one is live.
     for (i, m) in caller.sdp.media.iter().enumerate() {
         if i == caller.audio {
-            // Keys sent over plain signaling were ignored: the offer is
-            // answered as the RTP offer it is treated as.
-            let proto = if caller.crypto.is_none() && offer.is_srtp_profile() {
-                "RTP/AVP".into()
-            } else {
-                offer.proto.clone()
-            };
+            // The offer's profile: an RTP/SAVP offer without usable keys
+            // was refused when it was read.
+            let proto = offer.proto.clone();
             sdp.media.push(MediaDescription {
                 media: "audio".into(),
                 port: local.port,
@@ -423,6 +439,13 @@ mod tests {
             "RTP/SAVP",
             &format!("a=crypto:1 AES_CM_128_HMAC_SHA1_80 {KEY_A}\r\n"),
         );
+        // RTP/SAVP over plain signaling cannot be answered at all.
+        assert_eq!(
+            read_phone_sdp(offer.as_bytes(), false, MediaSecurity::Plain, None).unwrap_err(),
+            AnchorError::KeysOverPlain
+        );
+        // Best-effort SRTP (RTP/AVP with keys) is taken as plain RTP.
+        let offer = offer.replace("RTP/SAVP", "RTP/AVP");
         let caller = read_phone_sdp(offer.as_bytes(), false, MediaSecurity::Plain, None).unwrap();
         assert!(caller.keys_over_plain);
         assert!(caller.crypto.is_none());
@@ -509,6 +532,20 @@ mod tests {
             .unwrap_err(),
             AnchorError::AnswerMismatch
         );
+        let mki_answer = answer(&format!(
+            "m=audio 6000 RTP/AVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 {KEY_B}|1:4\r\n"
+        ));
+        assert_eq!(
+            read_phone_sdp(
+                mki_answer.as_bytes(),
+                true,
+                MediaSecurity::SrtpIfAccepted,
+                Some(&to_callee)
+            )
+            .unwrap_err(),
+            AnchorError::AnswerMismatch,
+            "keys Parley cannot use in an answer"
+        );
         let plain_answer = answer("m=audio 6000 RTP/AVP 0\r\n");
         assert!(
             read_phone_sdp(
@@ -549,6 +586,13 @@ mod tests {
         let caller = read_phone_sdp(offer.as_bytes(), false, MediaSecurity::Plain, None).unwrap();
         assert_eq!(caller.rtp, None, "0.0.0.0 means do not send");
         assert_eq!(caller.direction(), Direction::SendOnly);
+        let old_style = offer.replace("a=sendonly\r\n", "");
+        let held = read_phone_sdp(old_style.as_bytes(), false, MediaSecurity::Plain, None).unwrap();
+        assert_eq!(
+            held.direction(),
+            Direction::SendOnly,
+            "c=0.0.0.0 alone is hold"
+        );
         let to_callee = offer_for_branch(&caller, MediaSecurity::Plain, &local(20_000));
         assert_eq!(to_callee.media_direction(0), Direction::SendOnly);
         let offer = offer.replace("0.0.0.0", "10.0.0.7");

@@ -4,6 +4,7 @@
 
 pub mod anchor;
 pub mod auth;
+pub mod cdr;
 pub mod core;
 pub mod directory;
 pub mod events;

@@ -212,14 +212,38 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Receive buffer of the SIP UDP socket: about a third of a second of
+/// REGISTER traffic at 20,000 registrations/s.
+const UDP_RECV_BUFFER: usize = 16 << 20;
+
+fn force_buffer(sock: &Socket, option: libc::c_int, bytes: usize) -> bool {
+    use std::os::fd::AsRawFd;
+    let value = bytes as libc::c_int;
+    // SAFETY: a valid socket and a live int of the size passed.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
 fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // [::] takes IPv4 peers too, as ::ffff:a.b.c.d.
         sock.set_only_v6(false)?;
     }
-    // Large buffers ride out bursts (a whole office re-registering).
-    let _ = sock.set_recv_buffer_size(4 << 20);
+    // Large buffers ride out bursts (a whole office re-registering) and
+    // the moments the core shares its CPU with the store writer. Past the
+    // system's rmem_max only a privileged process may go (SO_RCVBUFFORCE);
+    // otherwise the kernel caps the request.
+    if !force_buffer(&sock, libc::SO_RCVBUFFORCE, UDP_RECV_BUFFER) {
+        let _ = sock.set_recv_buffer_size(UDP_RECV_BUFFER);
+    }
     let _ = sock.set_send_buffer_size(4 << 20);
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;

@@ -9,6 +9,9 @@ use crate::srtp::{KEY_MATERIAL_LEN, MasterKey, Suite};
 pub const MAX_KEY_PARAMS: usize = 8;
 /// Session parameters on one line.
 pub const MAX_SESSION_PARAMS: usize = 8;
+/// The shortest key lifetime accepted, in packets: 2^24 is 93 hours of
+/// 20 ms audio.
+pub const MIN_KEY_LIFETIME: u64 = 1 << 24;
 /// The largest tag RFC 4568 allows (nine digits).
 const MAX_TAG: u32 = 999_999_999;
 
@@ -42,6 +45,8 @@ pub enum Unusable {
     SeveralKeys,
     #[error("MKI is not supported")]
     Mki,
+    #[error("key lifetime shorter than a call may last")]
+    ShortLifetime,
     #[error("unsupported session parameter {0}")]
     SessionParam(String),
 }
@@ -152,11 +157,16 @@ impl CryptoAttribute {
         if key.mki.is_some() {
             return Err(Unusable::Mki);
         }
+        // Parley does not re-key during a call, so a key must last longer
+        // than any call (RFC 4568 §6.1 forbids using it past its lifetime).
+        if key.lifetime.is_some_and(|l| l.packets() < MIN_KEY_LIFETIME) {
+            return Err(Unusable::ShortLifetime);
+        }
         for p in &self.session_params {
-            // A zero key derivation rate is what we do anyway; a window
-            // size only tunes the receiver's replay window. Anything else
-            // changes the protocol (RFC 4568 §6.3).
-            let harmless = p == "KDR=0" || p.starts_with("WSH=");
+            // A window size only tunes the receiver's replay window.
+            // Anything else, a key derivation rate included, changes the
+            // protocol (RFC 4568 §6.3).
+            let harmless = p.starts_with("WSH=");
             if !harmless {
                 return Err(Unusable::SessionParam(p.clone()));
             }

@@ -440,6 +440,15 @@ impl Parser {
             if bytes.len() < 2 || bytes[1] != b'=' || !bytes[0].is_ascii_lowercase() {
                 return Err(SdpError::BadLine(n));
             }
+            // No value may hold NUL, CR, LF or other controls (RFC 8866 §9
+            // byte-string): values are copied into SDP for the other leg,
+            // where a stray CR could start a line of the sender's choosing.
+            if bytes.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7F) {
+                return Err(SdpError::Malformed {
+                    line: n,
+                    what: "control character",
+                });
+            }
             self.line(bytes[0], &line[2..], n)?;
         }
         Ok(SessionDescription {

@@ -186,7 +186,24 @@ fn crypto_lines_are_checked() {
         Unusable::SessionParam("UNENCRYPTED_SRTP".into())
     );
     assert!(
-        ok(&format!("1 AES_CM_128_HMAC_SHA1_80 {key} KDR=0 WSH=128"))
+        ok(&format!("1 AES_CM_128_HMAC_SHA1_80 {key} WSH=128"))
+            .usable()
+            .is_ok()
+    );
+    assert_eq!(
+        ok(&format!("1 AES_CM_128_HMAC_SHA1_80 {key} KDR=0"))
+            .usable()
+            .unwrap_err(),
+        Unusable::SessionParam("KDR=0".into())
+    );
+    assert_eq!(
+        ok(&format!("1 AES_CM_128_HMAC_SHA1_80 {key}|2^20"))
+            .usable()
+            .unwrap_err(),
+        Unusable::ShortLifetime
+    );
+    assert!(
+        ok(&format!("1 AES_CM_128_HMAC_SHA1_80 {key}|2^31"))
             .usable()
             .is_ok()
     );
@@ -305,6 +322,14 @@ fn malformed_sdp_gets_typed_errors() {
     assert_eq!(
         SessionDescription::parse(b"v=0\r\n\xff").unwrap_err(),
         SdpError::NotText
+    );
+    let injected = format!("{head}m=audio 1 RTP/AVP 0\r\na=fmtp:0 x\rc=IN IP4 203.0.113.66\r\n");
+    assert_eq!(
+        SessionDescription::parse(injected.as_bytes()).unwrap_err(),
+        SdpError::Malformed {
+            line: 6,
+            what: "control character"
+        }
     );
 }
 

@@ -2,6 +2,7 @@
 //! writes messages, runs transactions and checks digest credentials, but
 //! never touches a socket or a clock. Time comes in as an argument.
 
+pub mod dialog;
 pub mod digest;
 pub mod message;
 pub mod stream;

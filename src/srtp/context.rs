@@ -14,6 +14,10 @@ use super::{MasterKey, SRTCP_INDEX_LEN, SRTCP_TAG_LEN, SrtpError, Suite};
 /// codec change); the least recently used state gives way to a new one,
 /// and a new SSRC only takes a slot once its first packet authenticates.
 const MAX_STREAMS: usize = 4;
+/// Streams remembered after they lost their slot, so one that returns
+/// resumes its indices instead of starting over (which would reuse
+/// keystream when sending, and accept replays when receiving).
+const MAX_RETIRED: usize = 32;
 /// The fixed RTP header.
 const RTP_HEADER_LEN: usize = 12;
 /// The fixed part of an RTCP packet that stays in clear: header and SSRC.
@@ -73,7 +77,7 @@ struct Stream {
     /// Rollover counter and highest sequence number (`s_l`) seen or sent.
     roc: u32,
     highest_seq: u16,
-    /// SRTP replay window (receiving) .
+    /// SRTP indices seen (receiving) or used (sending).
     rtp_window: ReplayWindow,
     /// SRTCP replay window (receiving).
     rtcp_window: ReplayWindow,
@@ -128,6 +132,16 @@ fn index(roc: u32, seq: u16) -> u64 {
     u64::from(roc) << 16 | u64::from(seq)
 }
 
+/// What is kept of a stream that lost its slot.
+#[derive(Debug, Clone, Copy)]
+struct Retired {
+    ssrc: u32,
+    roc: u32,
+    highest_seq: u16,
+    rtcp_top: Option<u64>,
+    rtcp_next: u32,
+}
+
 /// A packet [`SrtpContext::unprotect_rtp`] accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unprotected {
@@ -147,6 +161,8 @@ pub struct SrtpContext {
     rtp: SessionKeys,
     rtcp: SessionKeys,
     streams: [Option<Stream>; MAX_STREAMS],
+    retired: [Option<Retired>; MAX_RETIRED],
+    next_retired: usize,
     clock: u64,
 }
 
@@ -175,6 +191,8 @@ impl SrtpContext {
                 Label::RtcpSalt,
             ),
             streams: Default::default(),
+            retired: [None; MAX_RETIRED],
+            next_retired: 0,
             clock: 0,
         }
     }
@@ -196,6 +214,24 @@ impl SrtpContext {
     }
 
     /// Installs `stream`, replacing the least recently used one if full.
+    /// State for an SSRC without a slot. One that was pushed out before
+    /// comes back where it stopped: same rollover counter and SRTCP index,
+    /// and every older index counted as used (sending) or seen (receiving).
+    fn new_stream(&self, ssrc: u32, seq: u16) -> Stream {
+        let mut stream = Stream::new(ssrc, seq);
+        if let Some(r) = self.retired.iter().flatten().find(|r| r.ssrc == ssrc) {
+            stream.roc = r.roc;
+            stream.highest_seq = r.highest_seq;
+            stream.rtp_window = ReplayWindow::closed_up_to(index(r.roc, r.highest_seq));
+            stream.rtcp_window = r
+                .rtcp_top
+                .map(ReplayWindow::closed_up_to)
+                .unwrap_or_default();
+            stream.rtcp_next = r.rtcp_next;
+        }
+        stream
+    }
+
     fn insert(&mut self, mut stream: Stream) -> usize {
         stream.last_used = self.clock;
         let slot = self
@@ -207,6 +243,16 @@ impl SrtpContext {
                     .min_by_key(|&i| self.streams[i].as_ref().map_or(0, |s| s.last_used))
                     .unwrap_or(0)
             });
+        if let Some(old) = self.streams[slot].take() {
+            self.retired[self.next_retired] = Some(Retired {
+                ssrc: old.ssrc,
+                roc: old.roc,
+                highest_seq: old.highest_seq,
+                rtcp_top: old.rtcp_window.top(),
+                rtcp_next: old.rtcp_next,
+            });
+            self.next_retired = (self.next_retired + 1) % MAX_RETIRED;
+        }
         self.streams[slot] = Some(stream);
         slot
     }
@@ -214,7 +260,7 @@ impl SrtpContext {
     fn stream_or_insert(&mut self, ssrc: u32, seq: u16) -> usize {
         match self.find(ssrc) {
             Some(slot) => slot,
-            None => self.insert(Stream::new(ssrc, seq)),
+            None => self.insert(self.new_stream(ssrc, seq)),
         }
     }
 
@@ -231,9 +277,15 @@ impl SrtpContext {
         let slot = self.stream_or_insert(ssrc, seq);
         let stream = self.streams[slot].as_mut().expect("slot just found");
         let roc = stream.guess_roc(seq);
+        // Never protect two packets under one index: the second would reuse
+        // keystream. A relay forwards what arrives, duplicates included, so
+        // the sending side keeps a window of the indices it has used.
+        let idx = index(roc, seq);
+        stream.rtp_window.check(idx)?;
+        stream.rtp_window.accept(idx);
         stream.advance(roc, seq);
 
-        let iv = self.rtp.iv(ssrc, index(roc, seq));
+        let iv = self.rtp.iv(ssrc, idx);
         self.rtp.cipher.apply(iv, &mut buf[header_len..len]);
         let tag = self.rtp.mac(&[&buf[..len], &roc.to_be_bytes()]);
         buf[len..len + tag_len].copy_from_slice(&tag[..tag_len]);
@@ -248,7 +300,7 @@ impl SrtpContext {
         let header_len = rtp_header_len(&buf[..len])?;
         let (seq, ssrc) = rtp_seq_ssrc(buf);
         let slot = self.find(ssrc);
-        let fresh = Stream::new(ssrc, seq);
+        let fresh = self.new_stream(ssrc, seq);
         let stream = match slot {
             Some(slot) => self.streams[slot].as_ref().expect("slot just found"),
             None => &fresh,
@@ -345,13 +397,17 @@ impl SrtpContext {
         let srtcp_index = u64::from(e_index & MAX_SRTCP_INDEX);
 
         let slot = self.find(ssrc);
-        if let Some(slot) = slot {
-            self.streams[slot]
-                .as_ref()
-                .expect("slot just found")
-                .rtcp_window
-                .check(srtcp_index)?;
-        }
+        let fresh = self.new_stream(ssrc, 0);
+        let window = match slot {
+            Some(slot) => {
+                &self.streams[slot]
+                    .as_ref()
+                    .expect("slot just found")
+                    .rtcp_window
+            }
+            None => &fresh.rtcp_window,
+        };
+        window.check(srtcp_index)?;
         let expected = self.rtcp.mac(&[&buf[..auth_end]]);
         if !bool::from(expected[..SRTCP_TAG_LEN].ct_eq(&buf[auth_end..])) {
             return Err(SrtpError::AuthFailed);
@@ -362,7 +418,7 @@ impl SrtpContext {
         }
         let slot = match slot {
             Some(slot) => slot,
-            None => self.insert(Stream::new(ssrc, 0)),
+            None => self.insert(fresh),
         };
         self.streams[slot]
             .as_mut()
@@ -375,7 +431,7 @@ impl SrtpContext {
 
 /// The length of an RTP header with its CSRCs and extension, checked
 /// against the packet.
-pub(crate) fn rtp_header_len(packet: &[u8]) -> Result<usize, SrtpError> {
+pub fn rtp_header_len(packet: &[u8]) -> Result<usize, SrtpError> {
     if packet.len() < RTP_HEADER_LEN {
         return Err(SrtpError::TooShort);
     }

@@ -18,7 +18,7 @@ mod replay;
 #[cfg(test)]
 mod tests;
 
-pub use context::{SrtpContext, Unprotected};
+pub use context::{SrtpContext, Unprotected, rtp_header_len};
 pub use replay::REPLAY_WINDOW;
 
 /// Length of an AES-128 master key.

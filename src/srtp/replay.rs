@@ -33,6 +33,19 @@ impl ReplayWindow {
         }
     }
 
+    /// A window in which `top` and everything before it counts as seen.
+    pub(crate) fn closed_up_to(top: u64) -> Self {
+        ReplayWindow {
+            top,
+            seen: u128::MAX,
+            started: true,
+        }
+    }
+
+    pub(crate) fn top(&self) -> Option<u64> {
+        self.started.then_some(self.top)
+    }
+
     pub(crate) fn accept(&mut self, index: u64) {
         if !self.started {
             *self = ReplayWindow {

@@ -321,3 +321,55 @@ fn suites_by_sdes_name() {
     assert_eq!(Suite::from_name("F8_128_HMAC_SHA1_80"), None);
     assert_eq!(format!("{:?}", MasterKey::generate()), "MasterKey(..)");
 }
+
+#[test]
+fn sending_never_reuses_an_index() {
+    let key = MasterKey::generate();
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let mut buf = rtp_packet(7, 1, &[1; 20]);
+    buf.resize(buf.len() + 10, 0);
+    let len = buf.len() - 10;
+    tx.protect_rtp(&mut buf.clone(), len).unwrap();
+    // The same sequence number again, even with other content, is refused.
+    let mut other = rtp_packet(7, 1, &[2; 20]);
+    other.resize(other.len() + 10, 0);
+    assert_eq!(tx.protect_rtp(&mut other, len), Err(SrtpError::Replayed));
+    // Reordered but unused indices are fine.
+    let mut earlier = rtp_packet(5, 1, &[3; 20]);
+    earlier.resize(earlier.len() + 10, 0);
+    assert!(tx.protect_rtp(&mut earlier, len).is_ok());
+}
+
+#[test]
+fn a_returning_ssrc_resumes_instead_of_starting_over() {
+    let key = MasterKey::generate();
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    // SSRC 1 crosses a wrap, so its rollover counter is 1.
+    let mut old = Vec::new();
+    for seq in 65_530..=65_535u16 {
+        old.push(protect(&mut tx, &rtp_packet(seq, 1, &[0; 8])));
+    }
+    let late = protect(&mut tx, &rtp_packet(3, 1, &[0; 8]));
+    for p in old.iter().chain([&late]) {
+        unprotect(&mut rx, p).unwrap();
+    }
+    // Five other SSRCs push it out of both tables.
+    for ssrc in 10..15u32 {
+        let p = protect(&mut tx, &rtp_packet(100, ssrc, &[0; 8]));
+        unprotect(&mut rx, &p).unwrap();
+    }
+    // Replaying its old packets still fails on the receiving side...
+    assert_eq!(
+        unprotect(&mut rx, &old[0]).unwrap_err(),
+        SrtpError::Replayed
+    );
+    assert_eq!(unprotect(&mut rx, &late).unwrap_err(), SrtpError::Replayed);
+    // ...and when it returns, both sides continue with rollover counter 1.
+    let next = protect(&mut tx, &rtp_packet(4, 1, &[0; 8]));
+    assert_eq!(unprotect(&mut rx, &next).unwrap().1.index, (1 << 16) | 4);
+    let mut dup = rtp_packet(3, 1, &[9; 8]);
+    dup.resize(dup.len() + 10, 0);
+    let len = dup.len() - 10;
+    assert_eq!(tx.protect_rtp(&mut dup, len), Err(SrtpError::Replayed));
+}

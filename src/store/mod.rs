@@ -11,6 +11,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use crate::pbx::cdr::{CallRecord, LegRecord, media_json};
 use crate::pbx::directory::Extension;
 use crate::pbx::events::{StoreOp, StoredBinding};
 use crate::pbx::policy::EncryptionPolicy;
@@ -39,6 +40,31 @@ pub enum StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A row of the call history as stored.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct CallRow {
+    pub call_ref: String,
+    pub caller: String,
+    pub callee: String,
+    pub started_at: i64,
+    pub answered_at: Option<i64>,
+    pub ended_at: i64,
+    pub duration_ms: i64,
+    pub outcome: String,
+    pub sip_status: i64,
+    pub sip_reason: String,
+    pub ended_by: Option<String>,
+    pub caller_transport: String,
+    pub caller_tls: Option<String>,
+    pub caller_srtp: Option<String>,
+    /// JSON; see `pbx::cdr::media_json`.
+    pub caller_media: Option<String>,
+    pub callee_transport: Option<String>,
+    pub callee_tls: Option<String>,
+    pub callee_srtp: Option<String>,
+    pub callee_media: Option<String>,
+}
 
 #[derive(Clone)]
 pub struct Store {
@@ -318,6 +344,62 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(res.rows_affected())
+    }
+
+    /// Adds a call to the history.
+    pub async fn insert_call(&self, c: &CallRecord) -> Result<()> {
+        let leg = |l: Option<&LegRecord>| {
+            (
+                l.map(|l| l.transport.as_str()),
+                l.and_then(|l| l.tls_version.clone()),
+                l.and_then(|l| l.srtp.map(|s| s.name())),
+                l.and_then(|l| l.media.as_ref()).map(|m| media_json(m).to_string()),
+            )
+        };
+        let (caller_transport, caller_tls, caller_srtp, caller_media) = leg(Some(&c.caller_leg));
+        let (callee_transport, callee_tls, callee_srtp, callee_media) = leg(c.callee_leg.as_ref());
+        sqlx::query(
+            "INSERT INTO calls (call_ref, caller, callee, started_at, answered_at, ended_at, duration_ms,
+                                outcome, sip_status, sip_reason, ended_by,
+                                caller_transport, caller_tls, caller_srtp, caller_media,
+                                callee_transport, callee_tls, callee_srtp, callee_media)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.call_ref)
+        .bind(&c.caller)
+        .bind(&c.callee)
+        .bind(c.started_unix_ms)
+        .bind(c.answered_unix_ms)
+        .bind(c.ended_unix_ms)
+        .bind(c.duration_ms())
+        .bind(c.outcome.as_str())
+        .bind(i64::from(c.sip_status))
+        .bind(&c.sip_reason)
+        .bind(c.ended_by.map(|e| e.as_str()))
+        .bind(caller_transport)
+        .bind(caller_tls)
+        .bind(caller_srtp)
+        .bind(caller_media)
+        .bind(callee_transport)
+        .bind(callee_tls)
+        .bind(callee_srtp)
+        .bind(callee_media)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The most recent calls, newest first.
+    pub async fn recent_calls(&self, limit: u32) -> Result<Vec<CallRow>> {
+        Ok(sqlx::query_as::<_, CallRow>(
+            "SELECT call_ref, caller, callee, started_at, answered_at, ended_at, duration_ms, outcome,
+                    sip_status, sip_reason, ended_by, caller_transport, caller_tls, caller_srtp, caller_media,
+                    callee_transport, callee_tls, callee_srtp, callee_media
+             FROM calls ORDER BY started_at DESC, id DESC LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     pub async fn close(&self) {
