@@ -376,6 +376,7 @@ impl Config {
         c.lan = self.lan.clone();
         c.nonce_lifetime_secs = self.nonce_lifetime_secs;
         c.md5_only_user_agents = self.md5_only_user_agents.clone();
+        c.advertise = self.advertise;
         c
     }
 }

@@ -28,7 +28,10 @@ use crate::sip::transaction::{
 use crate::sip::transport::{ConnId, Flow, Transport};
 
 /// Methods Parley answers today; the Allow header of every 405 and OPTIONS.
-pub const ALLOWED_METHODS: &str = "REGISTER, OPTIONS, ACK, CANCEL";
+pub const ALLOWED_METHODS: &str = "INVITE, ACK, CANCEL, BYE, REGISTER, OPTIONS";
+
+mod calls;
+pub use calls::{MAX_CALLS, MAX_FORKS, MediaControl, NoMedia};
 /// How often expired lockout counters are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -43,6 +46,9 @@ pub struct CoreConfig {
     pub lan: LanNetworks,
     pub nonce_lifetime_secs: u64,
     pub md5_only_user_agents: Vec<String>,
+    /// The public address of Parley (`--advertise`), for devices outside
+    /// the LAN and where a socket is bound to the unspecified address.
+    pub advertise: Option<std::net::IpAddr>,
 }
 
 impl CoreConfig {
@@ -56,6 +62,7 @@ impl CoreConfig {
             lan: LanNetworks::default_private(),
             nonce_lifetime_secs: 300,
             md5_only_user_agents: vec!["baresip v0.".into(), "baresip v1.".into()],
+            advertise: None,
         }
     }
 }
@@ -79,6 +86,8 @@ pub enum Output {
         conn: ConnId,
         pinned: bool,
     },
+    /// A call ended: its record for the call history.
+    CallEnded(Box<super::cdr::CallRecord>),
 }
 
 /// Maps the monotonic clock the core runs on to wall-clock time, for
@@ -111,6 +120,8 @@ pub struct Core {
     next_sweep: Instant,
     /// The Date header of the current second, made once per second.
     date: (u64, String),
+    calls: calls::Calls,
+    media: Box<dyn MediaControl>,
 }
 
 impl Core {
@@ -137,8 +148,20 @@ impl Core {
             tag_hasher: Default::default(),
             next_sweep: now + SWEEP_INTERVAL,
             date: (0, String::new()),
+            calls: calls::Calls::default(),
+            media: Box::new(NoMedia),
             cfg,
         }
+    }
+
+    /// Connects the media plane; without it calls are refused with 503.
+    pub fn set_media(&mut self, media: Box<dyn MediaControl>) {
+        self.media = media;
+    }
+
+    /// Calls in progress.
+    pub fn call_count(&self) -> usize {
+        self.calls.len()
     }
 
     pub fn config(&self) -> &CoreConfig {
@@ -305,10 +328,11 @@ impl Core {
     fn handle_tu_input(&mut self, now: Instant, input: TuInput) {
         match input {
             TuInput::Request { tx, msg, flow } => self.handle_request(now, tx, msg, flow),
-            // No dialogs yet: an ACK for a 2xx has nothing to attach to.
-            TuInput::Ack { .. } => {}
-            TuInput::Response { .. } | TuInput::StrayResponse { .. } => {}
-            TuInput::ClientTimeout { .. } | TuInput::ServerNoAck { .. } => {}
+            TuInput::Ack { msg, .. } => self.call_ack(&msg),
+            TuInput::Response { tx, msg, .. } => self.call_response(now, tx, msg),
+            TuInput::StrayResponse { .. } => {}
+            TuInput::ClientTimeout { tx } => self.call_client_timeout(now, tx),
+            TuInput::ServerNoAck { .. } => {}
         }
     }
 
@@ -327,8 +351,18 @@ impl Core {
             self.respond(now, tx, 416, b.finish());
             return;
         }
+        let in_dialog = msg.to().and_then(|t| t.tag()).is_some();
+        if in_dialog && !matches!(method, Method::Register | Method::Options | Method::Cancel | Method::Ack) {
+            if !self.call_in_dialog(now, tx, &msg, flow) {
+                let b = self.response_builder(&msg, flow, 481, "Call/Transaction Does Not Exist");
+                self.respond(now, tx, 481, b.finish());
+            }
+            return;
+        }
         match method {
             Method::Register => self.handle_register(now, tx, &msg, flow),
+            Method::Invite => self.handle_invite(now, tx, msg, flow),
+            Method::Cancel => self.call_cancel(now, tx, msg, flow),
             Method::Options => {
                 let mut b = self.response_builder(&msg, flow, 200, "OK");
                 b.header(HeaderName::Allow, ALLOWED_METHODS);
@@ -337,11 +371,6 @@ impl Core {
                 b.header(HeaderName::AcceptLanguage, "en");
                 b.header(HeaderName::Supported, "");
                 self.respond(now, tx, 200, b.finish());
-            }
-            Method::Cancel => {
-                // Nothing Parley has accepted yet can be cancelled.
-                let b = self.response_builder(&msg, flow, 481, "Call/Transaction Does Not Exist");
-                self.respond(now, tx, 481, b.finish());
             }
             Method::Ack => {}
             Method::Other => {

@@ -77,8 +77,10 @@ pub struct StoredBinding {
     pub user_agent: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StoreOp {
     SaveBinding(StoredBinding),
     DeleteBinding { extension: String, key: String },
+    /// A finished call for the history.
+    Call(Box<super::cdr::CallRecord>),
 }

@@ -198,6 +198,11 @@ impl Driver {
                         );
                     }
                 }
+                Output::CallEnded(record) => {
+                    if self.store.try_send(StoreOp::Call(record)).is_err() {
+                        tracing::error!("store writer is behind; a call record was dropped");
+                    }
+                }
                 Output::Pin { conn, pinned } => {
                     if let Some(c) = conns.get_mut(&conn) {
                         c.pinned = pinned;

@@ -17,7 +17,8 @@ use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
-use crate::pbx::core::{Core, CoreKeys};
+use crate::media::{LegId, LegMedia, MediaConfig, MediaEngine, MediaError, OpenLeg};
+use crate::pbx::core::{Core, CoreKeys, MediaControl};
 use crate::pbx::directory::Directory;
 use crate::pbx::events::{Event, StoreOp};
 use crate::sip::transport::Transport;
@@ -48,6 +49,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the media relay: {0}")]
+    Media(std::io::Error),
 }
 
 /// Milliseconds since the process started; cheap to store in an atomic.
@@ -170,6 +173,28 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         dummy_ha1: rand::random(),
     };
     let mut core = Core::new(config.core_config(&realm), keys, now, unix_now);
+    // Media sockets listen where SIP does when SIP is bound to one address
+    // (a test on loopback, a host with several addresses); on all
+    // addresses otherwise.
+    let media_ip = [config.sip_tls, config.sip_udp, config.sip_tcp]
+        .into_iter()
+        .flatten()
+        .map(|a| a.ip())
+        .next()
+        .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+    let (media, mut media_events) = MediaEngine::start(MediaConfig {
+        bind_ip: media_ip,
+        ports: config.rtp_ports.0..=config.rtp_ports.1,
+        inactivity: MEDIA_INACTIVITY,
+    })
+    .map_err(ServeError::Media)?;
+    tracing::info!(ports = %format!("{}-{}", config.rtp_ports.0, config.rtp_ports.1), ip = %media_ip, "media relay started");
+    core.set_media(Box::new(EngineControl(media)));
+    tokio::spawn(async move {
+        while let Some(event) = media_events.recv().await {
+            tracing::debug!(?event, "media event");
+        }
+    });
     core.set_directory(now, Directory::new(extensions));
     let restored = core.restore_bindings(now, saved_bindings);
     if restored > 0 {
@@ -228,6 +253,34 @@ fn force_buffer(sock: &Socket, option: libc::c_int, bytes: usize) -> bool {
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         ) == 0
+    }
+}
+
+/// A call whose media stops this long is reported by the relay.
+const MEDIA_INACTIVITY: Duration = Duration::from_secs(60);
+
+/// The core's handle on the media relay.
+struct EngineControl(MediaEngine);
+
+impl MediaControl for EngineControl {
+    fn open_leg(&mut self) -> Result<OpenLeg, MediaError> {
+        self.0.open_leg()
+    }
+
+    fn configure(&mut self, id: LegId, media: LegMedia) {
+        if let Err(e) = self.0.configure(id, media) {
+            tracing::error!(leg = %id, error = %e, "media leg not configured");
+        }
+    }
+
+    fn bridge(&mut self, a: LegId, b: LegId) {
+        if let Err(e) = self.0.bridge(a, b) {
+            tracing::error!(error = %e, "media legs not bridged");
+        }
+    }
+
+    fn close(&mut self, id: LegId) {
+        let _ = self.0.close(id);
     }
 }
 

@@ -274,12 +274,24 @@ impl Store {
     /// rows themselves. Later writes to the same binding win.
     pub async fn apply(&self, ops: &[StoreOp]) -> Result<()> {
         let mut latest: HashMap<(&str, &str), &StoreOp> = HashMap::with_capacity(ops.len());
+        let mut calls = Vec::new();
         for op in ops {
             let key = match op {
                 StoreOp::SaveBinding(b) => (b.extension.as_str(), b.key.as_str()),
                 StoreOp::DeleteBinding { extension, key } => (extension.as_str(), key.as_str()),
+                StoreOp::Call(c) => {
+                    calls.push(c);
+                    continue;
+                }
             };
             latest.insert(key, op);
+        }
+        for c in calls {
+            // A call record that cannot be written is logged, not fatal to
+            // the binding writes batched with it.
+            if let Err(e) = self.insert_call(c).await {
+                tracing::error!(call_ref = %c.call_ref, error = %e, "call record not written");
+            }
         }
         let mut saves = Vec::new();
         let mut deletes = Vec::new();
@@ -301,6 +313,7 @@ impl Store {
                 StoreOp::DeleteBinding { extension, key } => {
                     deletes.push(serde_json::json!([extension, key]))
                 }
+                StoreOp::Call(_) => {}
             }
         }
         let mut tx = self.pool.begin().await?;

@@ -19,6 +19,7 @@ struct Harness {
     events: Vec<Event>,
     store: Vec<StoreOp>,
     pins: Vec<(ConnId, bool)>,
+    calls: Vec<crate::pbx::cdr::CallRecord>,
 }
 
 impl Harness {
@@ -47,6 +48,7 @@ impl Harness {
             events: vec![],
             store: vec![],
             pins: vec![],
+            calls: vec![],
         }
     }
 
@@ -57,15 +59,27 @@ impl Harness {
     }
 
     fn drain(&mut self) -> Vec<Message> {
+        self.drain_flows().into_iter().map(|(_, m)| m).collect()
+    }
+
+    /// Feeds one message and returns every transmit it caused, with where
+    /// each goes.
+    fn send_flows(&mut self, flow: Flow, bytes: Bytes) -> Vec<(Flow, Message)> {
+        self.core.handle_message(self.now, flow, bytes);
+        self.drain_flows()
+    }
+
+    fn drain_flows(&mut self) -> Vec<(Flow, Message)> {
         let mut sent = vec![];
         while let Some(o) = self.core.poll_output() {
             match o {
                 Output::Transmit(t) => {
-                    sent.push(Message::parse(t.bytes, Framing::Datagram).unwrap())
+                    sent.push((t.flow, Message::parse(t.bytes, Framing::Datagram).unwrap()))
                 }
                 Output::Event(e) => self.events.push(e),
                 Output::Store(s) => self.store.push(s),
                 Output::Pin { conn, pinned } => self.pins.push((conn, pinned)),
+                Output::CallEnded(r) => self.calls.push(*r),
             }
         }
         sent
@@ -468,7 +482,8 @@ fn bad_and_unsupported_requests_get_clear_errors() {
     let flow = udp_from("192.0.2.1:5060");
     let cases: Vec<(Bytes, u16, &str)> = vec![
         (request("FOO", ""), 501, "Not Implemented"),
-        (request("INVITE", ""), 405, "Method Not Allowed"),
+        (request("SUBSCRIBE", ""), 405, "Method Not Allowed"),
+        (request("INVITE", ""), 407, "Proxy Authentication Required"),
         (request("OPTIONS", "Require: 100rel, timer\r\n"), 420, "Bad Extension"),
         (request("CANCEL", ""), 481, "Call/Transaction Does Not Exist"),
         (
@@ -618,4 +633,248 @@ fn challenges_leave_no_transaction_state() {
     let mut ua = phone("100", "pw100", flow);
     h.register(&mut ua, flow);
     assert_eq!(h.core.transactions().server_count(), 1);
+}
+
+// ---- calls ---------------------------------------------------------------
+
+use std::sync::{Arc as StdArc, Mutex};
+
+use crate::media::{LegId, LegMedia, MediaError, OpenLeg};
+use crate::pbx::cdr::{EndedBy, Outcome};
+use crate::sdp::SessionDescription;
+use crate::sip::digest::Challenge;
+use crate::sip::message::NameAddr;
+
+/// Media plane stand-in: hands out ports and records what it was told.
+#[derive(Clone, Default)]
+struct FakeMedia {
+    log: StdArc<Mutex<Vec<String>>>,
+    configured: StdArc<Mutex<Vec<(LegId, LegMedia)>>>,
+    next: StdArc<Mutex<u64>>,
+}
+
+impl MediaControl for FakeMedia {
+    fn open_leg(&mut self) -> Result<OpenLeg, MediaError> {
+        let mut n = self.next.lock().unwrap();
+        *n += 1;
+        self.log.lock().unwrap().push(format!("open {}", *n));
+        Ok(OpenLeg { id: LegId(*n), port: 30_000 + 2 * *n as u16 })
+    }
+    fn configure(&mut self, id: LegId, media: LegMedia) {
+        self.log.lock().unwrap().push(format!("configure {}", id.0));
+        self.configured.lock().unwrap().push((id, media));
+    }
+    fn bridge(&mut self, a: LegId, b: LegId) {
+        self.log.lock().unwrap().push(format!("bridge {} {}", a.0, b.0));
+    }
+    fn close(&mut self, id: LegId) {
+        self.log.lock().unwrap().push(format!("close {}", id.0));
+    }
+}
+
+fn sdp_offer(ip: &str, port: u16) -> String {
+    format!(
+        "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
+         m=audio {port} RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
+         a=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n"
+    )
+}
+
+struct Caller {
+    user: &'static str,
+    password: &'static str,
+    flow: Flow,
+    cseq: u32,
+    challenge: Option<Challenge>,
+    nc: u32,
+}
+
+impl Caller {
+    fn invite(&mut self, to: &str) -> Bytes {
+        self.cseq += 1;
+        let ruri = format!("sip:{to}@{REALM}");
+        let mut b = MessageBuilder::request("INVITE", &ruri);
+        b.header_fmt(
+            HeaderName::Via,
+            format_args!("SIP/2.0/UDP {};branch=z9hG4bKinv{}", self.flow.remote, self.cseq),
+        );
+        b.header(HeaderName::MaxForwards, "70");
+        b.header_fmt(HeaderName::From, format_args!("\"Desk {u}\" <sip:{u}@{REALM}>;tag=caller{u}", u = self.user));
+        b.header_fmt(HeaderName::To, format_args!("<sip:{to}@{REALM}>"));
+        b.header(HeaderName::CallId, "call-1@phone");
+        b.header_fmt(HeaderName::CSeq, format_args!("{} INVITE", self.cseq));
+        b.header_fmt(HeaderName::Contact, format_args!("<sip:{}@{}>", self.user, self.flow.remote));
+        if let Some(ch) = &self.challenge {
+            self.nc += 1;
+            let creds = ch.answer("INVITE", &ruri, self.user, self.password, "abcdef01", self.nc);
+            b.header(HeaderName::ProxyAuthorization, &creds.to_header());
+        }
+        b.finish_with_body(Some("application/sdp"), sdp_offer(&self.flow.remote.ip().to_string(), 4000).as_bytes())
+    }
+
+    fn in_dialog(&mut self, method: &str, ok: &Message) -> Bytes {
+        self.cseq += 1;
+        let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap()).unwrap().uri.to_string();
+        let mut b = MessageBuilder::request(method, &contact);
+        b.header_fmt(
+            HeaderName::Via,
+            format_args!("SIP/2.0/UDP {};branch=z9hG4bK{method}{}", self.flow.remote, self.cseq),
+        );
+        b.header(HeaderName::From, ok.header(HeaderName::From).unwrap());
+        b.header(HeaderName::To, ok.header(HeaderName::To).unwrap());
+        b.header(HeaderName::CallId, "call-1@phone");
+        let seq = if method == "ACK" { ok.cseq().unwrap().seq } else { self.cseq };
+        b.header_fmt(HeaderName::CSeq, format_args!("{seq} {method}"));
+        b.finish_with_body(None, b"")
+    }
+}
+
+/// A callee device's answer to what Parley sent it.
+fn reply(req: &Message, status: u16, reason: &str, sdp: Option<&str>) -> Bytes {
+    let mut b = MessageBuilder::response_to(req, status, reason, Some("calleetag"));
+    b.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
+    match sdp {
+        Some(body) => b.finish_with_body(Some("application/sdp"), body.as_bytes()),
+        None => b.finish_with_body(None, b""),
+    }
+}
+
+struct CallSetup {
+    h: Harness,
+    media: FakeMedia,
+    caller: Caller,
+    callee_flow: Flow,
+}
+
+/// Extensions 100 (caller, LAN desk phone over UDP) and 102 (callee, UDP)
+/// registered, with a fake media plane.
+fn call_setup() -> CallSetup {
+    let mut h = Harness::new(cfg());
+    let media = FakeMedia::default();
+    h.core.set_media(Box::new(media.clone()));
+    let caller_flow = udp_from("192.168.1.20:5062");
+    let callee_flow = udp_from("192.168.1.30:5062");
+    let mut a = phone("100", "pw100", caller_flow);
+    assert!(matches!(h.register(&mut a, caller_flow).0, RegisterOutcome::Registered { .. }));
+    let mut b = phone("102", "pw102", callee_flow);
+    assert!(matches!(h.register(&mut b, callee_flow).0, RegisterOutcome::Registered { .. }));
+    let caller = Caller { user: "100", password: "pw100", flow: caller_flow, cseq: 0, challenge: None, nc: 0 };
+    CallSetup { h, media, caller, callee_flow }
+}
+
+impl CallSetup {
+    /// INVITE, 407, INVITE with credentials: returns what Parley sent.
+    fn dial(&mut self, to: &str) -> Vec<(Flow, Message)> {
+        let first = self.h.send_flows(self.caller.flow, self.caller.invite(to));
+        assert_eq!(first.len(), 1);
+        let challenge = &first[0].1;
+        assert_eq!(challenge.status(), Some(407));
+        self.caller.nc = 0;
+        self.caller.challenge =
+            Some(Challenge::parse(challenge.headers(HeaderName::ProxyAuthenticate).last().unwrap()).unwrap());
+        self.h.send_flows(self.caller.flow, self.caller.invite(to))
+    }
+}
+
+#[test]
+fn a_call_is_bridged_through_its_own_dialogs_and_media_legs() {
+    let mut s = call_setup();
+    let out = s.dial("102");
+    let statuses: Vec<_> = out.iter().filter_map(|(_, m)| m.status()).collect();
+    assert_eq!(statuses, [100]);
+    let (to_callee, invite) = out.iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap();
+    assert_eq!(*to_callee, s.callee_flow, "the INVITE goes out on the callee's registered flow");
+    assert_eq!(invite.request_uri(), s.h.core.registrar().bindings("102")[0].contact.as_ref().trim_matches(['<', '>']));
+    // A B2BUA: a Call-ID and tags of its own; the caller's address nowhere.
+    assert_ne!(invite.call_id(), Some("call-1@phone"));
+    let text = String::from_utf8_lossy(invite.as_bytes());
+    assert!(!text.contains("192.168.1.20"), "caller's address leaked:\n{text}");
+    assert!(invite.from().unwrap().uri.starts_with("sip:100@"));
+    let offer = SessionDescription::parse(invite.body()).unwrap();
+    assert_eq!(offer.media[0].proto, "RTP/AVP", "UDP legs never carry keys");
+    assert!(offer.media[0].attribute("crypto").is_none());
+
+    // Ringing is relayed to the caller.
+    let out = s.h.send_flows(s.callee_flow, reply(invite, 180, "Ringing", None));
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].0, out[0].1.status()), (s.caller.flow, Some(180)));
+
+    // The callee answers: ACK to it, 200 with Parley's SDP to the caller.
+    let answer = sdp_offer("192.168.1.30", 6000).replace("0 8 101", "8 101");
+    let out = s.h.send_flows(s.callee_flow, reply(invite, 200, "OK", Some(&answer)));
+    let ack = out.iter().find(|(_, m)| m.method() == Some(Method::Ack)).expect("ACK to the callee");
+    assert_eq!(ack.0, s.callee_flow);
+    let (_, ok) = out.iter().find(|(_, m)| m.status() == Some(200)).expect("200 to the caller");
+    let caller_sdp = SessionDescription::parse(ok.body()).unwrap();
+    assert_eq!(caller_sdp.media[0].formats, ["8", "101"]);
+    assert!(!String::from_utf8_lossy(ok.body()).contains("192.168.1.30"));
+    let log = s.media.log.lock().unwrap().clone();
+    assert_eq!(log, ["open 1", "open 2", "configure 1", "configure 2", "bridge 1 2"]);
+    let configured = s.media.configured.lock().unwrap().clone();
+    assert_eq!(configured[0].1.remote_rtp, Some(addr("192.168.1.20:4000")));
+    assert_eq!(configured[1].1.remote_rtp, Some(addr("192.168.1.30:6000")));
+    assert!(configured.iter().all(|(_, m)| m.keys.is_none()));
+    assert_eq!(s.h.core.call_count(), 1);
+
+    // ACK, then the caller hangs up: 200 to it, BYE to the callee.
+    assert!(s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", ok)).is_empty());
+    s.h.advance(Duration::from_secs(30));
+    let out = s.h.send_flows(s.caller.flow, s.caller.in_dialog("BYE", ok));
+    assert!(out.iter().any(|(f, m)| *f == s.caller.flow && m.status() == Some(200)));
+    let (f, bye) = out.iter().find(|(_, m)| m.method() == Some(Method::Bye)).expect("BYE to the callee");
+    assert_eq!(*f, s.callee_flow);
+    assert_eq!(bye.to().unwrap().tag(), Some("calleetag"));
+    assert_eq!(s.h.core.call_count(), 0);
+    assert!(s.media.log.lock().unwrap().ends_with(&["close 1".to_string(), "close 2".to_string()]));
+    let cdr = &s.h.calls[0];
+    assert_eq!((cdr.caller.as_str(), cdr.callee.as_str(), cdr.outcome), ("100", "102", Outcome::Answered));
+    assert_eq!(cdr.ended_by, Some(EndedBy::Caller));
+    assert_eq!(cdr.duration_ms(), 30_000);
+}
+
+#[test]
+fn unknown_unregistered_and_unauthenticated_calls_get_their_codes() {
+    let mut s = call_setup();
+    let out = s.dial("999");
+    assert_eq!(out.iter().filter_map(|(_, m)| m.status()).collect::<Vec<_>>(), [404]);
+    // 101 exists but has no device registered.
+    let out = s.h.send_flows(s.caller.flow, s.caller.invite("101"));
+    assert_eq!(out.iter().filter_map(|(_, m)| m.status()).collect::<Vec<_>>(), [480]);
+    // A wrong password is challenged again and never reaches the callee.
+    s.caller.password = "wrong";
+    let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+    assert_eq!(out.iter().filter_map(|(_, m)| m.status()).collect::<Vec<_>>(), [407]);
+    assert!(s.media.log.lock().unwrap().is_empty(), "no media leg for refused calls");
+}
+
+#[test]
+fn busy_callee_and_caller_cancel_end_the_call_with_a_record() {
+    let mut s = call_setup();
+    let out = s.dial("102");
+    let invite = out.into_iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap().1;
+    let out = s.h.send_flows(s.callee_flow, reply(&invite, 486, "Busy Here", None));
+    assert!(out.iter().any(|(f, m)| *f == s.caller.flow && m.status() == Some(486)));
+    assert_eq!(s.h.calls.last().unwrap().outcome, Outcome::Busy);
+    assert_eq!(s.h.core.call_count(), 0);
+
+    // Again, and this time the caller gives up while it rings.
+    s.caller.challenge = None;
+    let out = s.dial("102");
+    let invite = out.into_iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap().1;
+    s.h.send_flows(s.callee_flow, reply(&invite, 180, "Ringing", None));
+    let mut b = MessageBuilder::request("CANCEL", "sip:102@parley.test");
+    b.header_fmt(HeaderName::Via, format_args!("SIP/2.0/UDP {};branch=z9hG4bKinv{}", s.caller.flow.remote, s.caller.cseq));
+    b.header(HeaderName::From, "\"Desk 100\" <sip:100@parley.test>;tag=caller100");
+    b.header(HeaderName::To, "<sip:102@parley.test>");
+    b.header(HeaderName::CallId, "call-1@phone");
+    b.header_fmt(HeaderName::CSeq, format_args!("{} CANCEL", s.caller.cseq));
+    b.header(HeaderName::MaxForwards, "70");
+    let out = s.h.send_flows(s.caller.flow, b.finish_with_body(None, b""));
+    let statuses: Vec<_> = out.iter().filter(|(f, _)| *f == s.caller.flow).filter_map(|(_, m)| m.status()).collect();
+    assert_eq!(statuses, [200, 487]);
+    let (f, cancel) = out.iter().find(|(_, m)| m.method() == Some(Method::Cancel)).expect("CANCEL to the callee");
+    assert_eq!(*f, s.callee_flow);
+    assert_eq!(cancel.top_via().unwrap().branch(), invite.top_via().unwrap().branch());
+    assert_eq!(s.h.calls.last().unwrap().outcome, Outcome::Cancelled);
+    assert_eq!(s.h.core.call_count(), 0);
 }

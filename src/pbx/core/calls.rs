@@ -1,0 +1,768 @@
+//! Calls between extensions: Parley as a back-to-back user agent.
+//!
+//! The caller's INVITE ends here: Parley answers it on the caller's dialog
+//! and starts a dialog of its own towards every registered device of the
+//! callee (forking), each with its own Call-ID, tags, Contact and media leg.
+//! The first device to answer wins; the others are cancelled. Nothing of
+//! one side's signaling or media description reaches the other: SDP is
+//! rewritten per leg by `pbx::anchor`, media flows through `media`.
+//!
+//! Built so far: authentication with 407, routing (404, 480), forking,
+//! 180 relayed, first 2xx wins, the other forks cancelled, a late 2xx on
+//! another fork acknowledged and hung up, failures summed up into one
+//! final answer (486 over 480...), CANCEL from the caller, ACK, BYE from
+//! either side, call records. Not yet: re-INVITE/UPDATE/INFO in a call,
+//! early media, the ring timeout, session timers, hang-up on media loss.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use bytes::Bytes;
+use slab::Slab;
+
+use super::Core;
+use crate::media::{LegId, LegKeys, LegMedia, MediaError, OpenLeg};
+use crate::pbx::anchor::{
+    AnchorError, LocalMedia, PhoneMedia, answer_for_caller, offer_for_branch, read_phone_sdp,
+};
+use crate::pbx::auth::AuthResult;
+use crate::pbx::cdr::{CallRecord, EndedBy, LegRecord, Outcome};
+use crate::pbx::events::SecurityEvent;
+use crate::pbx::policy::MediaSecurity;
+use crate::sdp::SessionDescription;
+use crate::sip::dialog::{Dialog, MAX_FORWARDS};
+use crate::sip::message::{Framing, HeaderName, Message, MessageBuilder, Method, NameAddr, Uri};
+use crate::sip::transaction::{ClientTxId, ServerTxId};
+use crate::sip::transport::{Flow, Transport};
+use crate::srtp::MasterKey;
+
+/// Most calls up at once; beyond this new INVITEs get 503.
+pub const MAX_CALLS: usize = 10_000;
+/// Most devices one call rings at once.
+pub const MAX_FORKS: usize = 8;
+
+/// What the call logic needs from the media plane. The runtime implements
+/// it on `media::MediaEngine`; tests use a recording fake.
+pub trait MediaControl: Send {
+    /// A fresh leg on a free port pair.
+    fn open_leg(&mut self) -> Result<OpenLeg, MediaError>;
+    fn configure(&mut self, id: LegId, media: LegMedia);
+    fn bridge(&mut self, a: LegId, b: LegId);
+    fn close(&mut self, id: LegId);
+}
+
+/// The media plane when none is configured: every call is refused with 503.
+pub struct NoMedia;
+
+impl MediaControl for NoMedia {
+    fn open_leg(&mut self) -> Result<OpenLeg, MediaError> {
+        Err(MediaError::Stopped)
+    }
+    fn configure(&mut self, _: LegId, _: LegMedia) {}
+    fn bridge(&mut self, _: LegId, _: LegId) {}
+    fn close(&mut self, _: LegId) {}
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BranchState {
+    Calling,
+    Ringing,
+    Answered,
+    /// Final non-2xx response, or timeout (408).
+    Failed(u16),
+    /// CANCEL sent.
+    Cancelled,
+}
+
+struct Branch {
+    tx: ClientTxId,
+    flow: Flow,
+    request: Message,
+    leg: OpenLeg,
+    local: LocalMedia,
+    security: MediaSecurity,
+    offer: SessionDescription,
+    state: BranchState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Ringing,
+    Answered,
+}
+
+/// Which side of a call a dialog belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Caller,
+    Callee,
+}
+
+struct Call {
+    call_ref: String,
+    caller: String,
+    callee: String,
+    started: Instant,
+    answered: Option<Instant>,
+    state: State,
+    invite_tx: ServerTxId,
+    invite: Message,
+    caller_flow: Flow,
+    caller_media: PhoneMedia,
+    caller_leg: OpenLeg,
+    caller_local: LocalMedia,
+    caller_dialog: Option<Dialog>,
+    branches: Vec<Branch>,
+    winner: Option<usize>,
+    callee_dialog: Option<Dialog>,
+    callee_media: Option<PhoneMedia>,
+    ringing_sent: bool,
+}
+
+/// Every call in progress, with the indexes that find one from a
+/// transaction or a dialog.
+#[derive(Default)]
+pub(crate) struct Calls {
+    calls: Slab<Call>,
+    by_invite: HashMap<ServerTxId, usize>,
+    by_branch: HashMap<ClientTxId, (usize, usize)>,
+    /// (Call-ID, Parley's tag) of each established dialog.
+    by_dialog: HashMap<(String, String), (usize, Side)>,
+    next_ref: u64,
+}
+
+impl Calls {
+    pub(crate) fn len(&self) -> usize {
+        self.calls.len()
+    }
+}
+
+fn random_hex() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn branch_id() -> String {
+    format!("z9hG4bK{}", random_hex())
+}
+
+/// Where a final status comes from when every device failed: the most
+/// telling one wins (RFC 3261 §16.7 picks the "best" response similarly).
+fn summarize(statuses: &[u16]) -> (u16, &'static str, Outcome) {
+    if statuses.iter().any(|&s| s == 486 || s == 600) {
+        (486, "Busy Here", Outcome::Busy)
+    } else if statuses.contains(&603) {
+        (603, "Decline", Outcome::Declined)
+    } else if statuses.contains(&488) {
+        (488, "Not Acceptable Here", Outcome::Rejected)
+    } else if statuses.contains(&408) {
+        (408, "Request Timeout", Outcome::NoAnswer)
+    } else {
+        (480, "Temporarily Unavailable", Outcome::Unavailable)
+    }
+}
+
+impl Core {
+    /// Parley's address towards a device on `flow`: the local address of
+    /// the flow, or the advertised one when the socket is bound to any.
+    fn local_host(&self, flow: &Flow) -> SocketAddr {
+        let ip = if flow.local.ip().is_unspecified() {
+            self.cfg.advertise.unwrap_or(IpAddr::from([127, 0, 0, 1]))
+        } else {
+            flow.local.ip()
+        };
+        SocketAddr::new(ip, flow.local.port())
+    }
+
+    /// The address media must reach Parley at, for a device at `remote`:
+    /// the LAN address for LAN devices, the advertised one for the others.
+    fn media_address(&self, flow: &Flow) -> IpAddr {
+        let local = self.local_host(flow).ip();
+        if self.cfg.lan.contains(flow.remote.ip()) {
+            local
+        } else {
+            self.cfg.advertise.unwrap_or(local)
+        }
+    }
+
+    fn contact_uri(&self, flow: &Flow) -> String {
+        let host = self.local_host(flow);
+        match flow.transport {
+            Transport::Udp => format!("sip:parley@{host}"),
+            t => format!("sip:parley@{host};transport={}", t.as_str()),
+        }
+    }
+
+    fn via(&self, flow: &Flow, branch: &str) -> String {
+        format!("SIP/2.0/{} {};branch={branch};rport", flow.transport.via_token(), self.local_host(flow))
+    }
+
+    fn proxy_challenge(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow, stale: bool) {
+        let unix_secs = self.clock.unix(now).as_secs();
+        let mut b = self.response_builder(msg, flow, 407, "Proxy Authentication Required");
+        let challenges =
+            self.auth.challenges(unix_secs, flow.remote.ip(), stale, msg.header(HeaderName::UserAgent));
+        for c in challenges.headers() {
+            b.header_fmt(HeaderName::ProxyAuthenticate, format_args!("{c}"));
+        }
+        self.tx.respond_stateless(tx, b.finish());
+    }
+
+    fn reject(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow, status: u16, reason: &str) {
+        let b = self.response_builder(msg, flow, status, reason);
+        self.respond(now, tx, status, b.finish());
+    }
+
+    /// A new INVITE (no To tag): authenticate the caller, route to the
+    /// callee's devices.
+    pub(super) fn handle_invite(&mut self, now: Instant, tx: ServerTxId, msg: Message, flow: Flow) {
+        let from_user = msg.from().and_then(|f| Uri::parse(f.uri).ok()).and_then(|u| u.user).map(super::percent_decode);
+        let Some(caller) = from_user else {
+            return self.reject(now, tx, &msg, flow, 400, "From URI Must Name An Extension");
+        };
+        let source = flow.remote.ip();
+        if self.lockout.blocked(now, source, &caller).is_some() {
+            let b = self.response_builder(&msg, flow, 403, "Too Many Failed Attempts");
+            self.tx.respond_stateless(tx, b.finish());
+            return;
+        }
+        let unix_secs = self.clock.unix(now).as_secs();
+        let ext = match self.auth.check(unix_secs, source, &msg, HeaderName::ProxyAuthorization, &caller, &self.directory) {
+            AuthResult::Authenticated(ext) => ext,
+            AuthResult::Challenge => return self.proxy_challenge(now, tx, &msg, flow, false),
+            AuthResult::Stale => return self.proxy_challenge(now, tx, &msg, flow, true),
+            AuthResult::Malformed(e) => {
+                return self.reject(now, tx, &msg, flow, 400, &format!("Malformed Proxy-Authorization ({e})"));
+            }
+            AuthResult::WrongUser { username } => {
+                tracing::warn!(%username, caller = %caller, "credentials of another extension refused");
+                self.security(SecurityEvent::WrongUser { source, extension: caller.clone(), username });
+                return self.reject(now, tx, &msg, flow, 403, "Credentials Do Not Match The Calling Extension");
+            }
+            AuthResult::Failed { username, countable } => {
+                tracing::info!(%username, caller = %caller, "call authentication failed");
+                self.security(SecurityEvent::AuthFailed { source, extension: caller.clone(), transport: flow.transport });
+                if countable {
+                    self.lockout.record_failure(now, source, &caller);
+                }
+                return self.proxy_challenge(now, tx, &msg, flow, false);
+            }
+        };
+        let caller_policy = ext.encryption;
+        let span = tracing::info_span!("call", caller = %caller, source = %flow.remote);
+        let _entered = span.enter();
+        if self.calls.len() >= MAX_CALLS {
+            let mut b = self.response_builder(&msg, flow, 503, "Too Many Calls");
+            b.header(HeaderName::RetryAfter, "5");
+            self.respond(now, tx, 503, b.finish());
+            return;
+        }
+        let caller_security = match caller_policy.media_security(flow.transport, source, &self.cfg.lan) {
+            Ok(s) => s,
+            Err(v) => {
+                tracing::warn!(violation = %v, "call refused by the caller's encryption policy");
+                self.security(SecurityEvent::PolicyViolation {
+                    source,
+                    extension: caller.clone(),
+                    transport: flow.transport,
+                    violation: v,
+                });
+                return self.reject(now, tx, &msg, flow, 403, &v.to_string());
+            }
+        };
+
+        let callee = Uri::parse(msg.request_uri()).ok().and_then(|u| u.user).map(super::percent_decode);
+        let Some(callee) = callee.filter(|c| self.directory.get(c).is_some()) else {
+            return self.reject(now, tx, &msg, flow, 404, "Not Found");
+        };
+        let callee_policy = self.directory.get(&callee).map(|e| e.encryption).unwrap_or_default();
+        let bindings: Vec<Flow> = self.registrar.bindings(&callee).iter().map(|b| b.flow).collect();
+        let contacts: Vec<String> = self.registrar.bindings(&callee).iter().map(|b| b.contact.to_string()).collect();
+        if bindings.is_empty() {
+            return self.reject(now, tx, &msg, flow, 480, "Temporarily Unavailable");
+        }
+
+        let offer = match read_phone_sdp(msg.body(), flow.transport == Transport::Tls, caller_security, None) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::info!(error = %e, "caller's offer refused");
+                return self.reject(now, tx, &msg, flow, 488, &e.to_string());
+            }
+        };
+        if offer.keys_over_plain {
+            tracing::warn!("caller put SRTP keys in SDP over plain signaling; they were ignored");
+        }
+        let caller_leg = match self.media.open_leg() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "no media port for the caller's leg");
+                return self.reject(now, tx, &msg, flow, 503, "No Media Port Available");
+            }
+        };
+        let caller_local = LocalMedia {
+            addr: self.media_address(&flow),
+            port: caller_leg.port,
+            key: MasterKey::generate(),
+            session_id: rand::random::<u32>().into(),
+            version: 1,
+        };
+        self.respond(now, tx, 100, self.response_builder(&msg, flow, 100, "Trying").finish());
+
+        self.calls.next_ref += 1;
+        let call_ref = format!("call-{}-{}", self.calls.next_ref, &random_hex()[..6]);
+        tracing::info!(%call_ref, %callee, devices = bindings.len(), "call routed");
+        let call_id = format!("{}@parley", random_hex());
+        let from_tag = random_hex();
+        let display = msg.from().and_then(|f| f.display).unwrap_or("");
+        let mut branches = Vec::new();
+        for (binding_flow, contact) in bindings.into_iter().zip(contacts).take(MAX_FORKS) {
+            let security =
+                match callee_policy.media_security(binding_flow.transport, binding_flow.remote.ip(), &self.cfg.lan) {
+                    Ok(s) => s,
+                    Err(_) => continue,
+                };
+            let Ok(leg) = self.media.open_leg() else {
+                tracing::error!("no media port for a callee leg");
+                continue;
+            };
+            let local = LocalMedia {
+                addr: self.media_address(&binding_flow),
+                port: leg.port,
+                key: MasterKey::generate(),
+                session_id: rand::random::<u32>().into(),
+                version: 1,
+            };
+            let sdp = offer_for_branch(&offer, security, &local);
+            let target = NameAddr::parse(&contact).map(|c| c.uri.to_string()).unwrap_or(contact.clone());
+            let mut b = MessageBuilder::request("INVITE", &target);
+            b.header(HeaderName::Via, &self.via(&binding_flow, &branch_id()));
+            b.header(HeaderName::MaxForwards, MAX_FORWARDS);
+            b.header_fmt(
+                HeaderName::From,
+                format_args!("{display} <sip:{caller}@{}>;tag={from_tag}", self.cfg.realm),
+            );
+            b.header_fmt(HeaderName::To, format_args!("<sip:{callee}@{}>", self.cfg.realm));
+            b.header(HeaderName::CallId, &call_id);
+            b.header(HeaderName::CSeq, "1 INVITE");
+            b.header_fmt(HeaderName::Contact, format_args!("<{}>", self.contact_uri(&binding_flow)));
+            b.header(HeaderName::Allow, super::ALLOWED_METHODS);
+            b.header(HeaderName::UserAgent, &self.cfg.server_name);
+            let bytes = b.finish_with_body(Some("application/sdp"), &sdp.to_bytes());
+            let Ok(request) = Message::parse(bytes.clone(), Framing::Datagram) else {
+                self.media.close(leg.id);
+                continue;
+            };
+            match self.tx.send_request(now, binding_flow, bytes) {
+                Ok(ctx) => branches.push(Branch {
+                    tx: ctx,
+                    flow: binding_flow,
+                    request,
+                    leg,
+                    local,
+                    security,
+                    offer: sdp,
+                    state: BranchState::Calling,
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a fork");
+                    self.media.close(leg.id);
+                }
+            }
+        }
+        if branches.is_empty() {
+            self.media.close(caller_leg.id);
+            // Every device was unusable under the callee's policy.
+            return self.reject(now, tx, &msg, flow, 480, "No Device Can Take The Call Securely");
+        }
+        let entry = self.calls.calls.vacant_entry();
+        let idx = entry.key();
+        for (i, b) in branches.iter().enumerate() {
+            self.calls.by_branch.insert(b.tx, (idx, i));
+        }
+        self.calls.by_invite.insert(tx, idx);
+        entry.insert(Call {
+            call_ref,
+            caller,
+            callee,
+            started: now,
+            answered: None,
+            state: State::Ringing,
+            invite_tx: tx,
+            invite: msg,
+            caller_flow: flow,
+            caller_media: offer,
+            caller_leg,
+            caller_local,
+            caller_dialog: None,
+            branches,
+            winner: None,
+            callee_dialog: None,
+            callee_media: None,
+            ringing_sent: false,
+        });
+    }
+
+    /// A response on one of the forks.
+    pub(super) fn call_response(&mut self, now: Instant, ctx: ClientTxId, msg: Message) {
+        let Some(&(idx, bi)) = self.calls.by_branch.get(&ctx) else {
+            return;
+        };
+        let status = msg.status().unwrap_or(500);
+        if msg.cseq().is_some_and(|c| c.method != Method::Invite) {
+            // Responses to BYE or CANCEL need nothing more.
+            self.calls.by_branch.remove(&ctx);
+            return;
+        }
+        match status {
+            100 => {}
+            101..=199 => self.fork_ringing(now, idx, bi),
+            200..=299 => self.fork_answered(now, idx, bi, msg),
+            _ => self.fork_failed(now, idx, bi, status),
+        }
+    }
+
+    pub(super) fn call_client_timeout(&mut self, now: Instant, ctx: ClientTxId) {
+        if let Some(&(idx, bi)) = self.calls.by_branch.get(&ctx) {
+            let is_invite = self.calls.calls[idx].branches[bi].tx == ctx;
+            if is_invite {
+                self.fork_failed(now, idx, bi, 408);
+            } else {
+                self.calls.by_branch.remove(&ctx);
+            }
+        }
+    }
+
+    fn fork_ringing(&mut self, now: Instant, idx: usize, bi: usize) {
+        let call = &mut self.calls.calls[idx];
+        if call.branches[bi].state == BranchState::Calling {
+            call.branches[bi].state = BranchState::Ringing;
+        }
+        if call.state != State::Ringing || call.ringing_sent {
+            return;
+        }
+        call.ringing_sent = true;
+        let (tx, flow) = (call.invite_tx, call.caller_flow);
+        let b = self.response_builder(&self.calls.calls[idx].invite, flow, 180, "Ringing");
+        self.respond(now, tx, 180, b.finish());
+    }
+
+    fn fork_failed(&mut self, now: Instant, idx: usize, bi: usize, status: u16) {
+        let call = &mut self.calls.calls[idx];
+        let branch = &mut call.branches[bi];
+        if matches!(branch.state, BranchState::Answered | BranchState::Failed(_)) {
+            return;
+        }
+        branch.state = BranchState::Failed(status);
+        self.media.close(branch.leg.id);
+        self.calls.by_branch.remove(&branch.tx);
+        if call.state != State::Ringing {
+            return;
+        }
+        let open = call.branches.iter().any(|b| matches!(b.state, BranchState::Calling | BranchState::Ringing));
+        if open {
+            return;
+        }
+        let statuses: Vec<u16> = call
+            .branches
+            .iter()
+            .filter_map(|b| match b.state {
+                BranchState::Failed(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let (status, reason, outcome) = summarize(&statuses);
+        let (tx, flow) = (call.invite_tx, call.caller_flow);
+        let b = self.response_builder(&self.calls.calls[idx].invite, flow, status, reason);
+        self.respond(now, tx, status, b.finish());
+        self.finish_call(now, idx, outcome, status, reason, None);
+    }
+
+    fn fork_answered(&mut self, now: Instant, idx: usize, bi: usize, msg: Message) {
+        let flow = self.calls.calls[idx].branches[bi].flow;
+        let contact = self.contact_uri(&flow);
+        let Ok(mut dialog) = Dialog::as_uac(&self.calls.calls[idx].branches[bi].request, &msg, &contact) else {
+            tracing::warn!("2xx without the headers a dialog needs; ignored");
+            return;
+        };
+        let via = self.via(&flow, &branch_id());
+        let ack = dialog.ack(1, &via, None);
+        self.transmit(flow, ack);
+        let call = &self.calls.calls[idx];
+        let branch = &call.branches[bi];
+        if call.state != State::Ringing || call.winner.is_some() {
+            // A second device answered too late: it gets ACK and BYE.
+            let via = self.via(&flow, &branch_id());
+            let bye = dialog.request("BYE", &via, None).finish_with_body(None, b"");
+            if let Ok(c) = self.tx.send_request(now, flow, bye) {
+                self.calls.by_branch.insert(c, (idx, bi));
+            }
+            return;
+        }
+        let tls = flow.transport == Transport::Tls;
+        let answer = match read_phone_sdp(msg.body(), tls, branch.security, Some(&branch.offer)) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "callee's answer refused; hanging up that device");
+                let via = self.via(&flow, &branch_id());
+                let bye = dialog.request("BYE", &via, None).finish_with_body(None, b"");
+                let _ = self.tx.send_request(now, flow, bye);
+                return self.fork_failed(now, idx, bi, 488);
+            }
+        };
+        let caller_answer = match answer_for_caller(&call.caller_media, &answer, &call.caller_local) {
+            Ok(a) => a,
+            Err(e) => {
+                let via = self.via(&flow, &branch_id());
+                let bye = dialog.request("BYE", &via, None).finish_with_body(None, b"");
+                let _ = self.tx.send_request(now, flow, bye);
+                return self.fork_failed(now, idx, bi, if e == AnchorError::NoCommonCodec { 488 } else { 500 });
+            }
+        };
+        // Media: each leg hears its own phone with the phone's key and
+        // speaks to it with Parley's key for that leg.
+        let caller_media = leg_media(&call.caller_media, &call.caller_local, call.caller_flow);
+        let callee_media = leg_media(&answer, &branch.local, flow);
+        let (caller_leg, callee_leg) = (call.caller_leg.id, branch.leg.id);
+        self.media.configure(caller_leg, caller_media);
+        self.media.configure(callee_leg, callee_media);
+        self.media.bridge(caller_leg, callee_leg);
+
+        // The caller's dialog, answered with 200 and Parley's SDP.
+        let call = &self.calls.calls[idx];
+        let to_tag = self.to_tag(&call.invite);
+        let to_tag = std::str::from_utf8(&to_tag).unwrap_or_default().to_string();
+        let caller_contact = self.contact_uri(&call.caller_flow);
+        let Ok(caller_dialog) = Dialog::as_uas(&call.invite, &to_tag, &caller_contact, rand::random::<u16>().into())
+        else {
+            return;
+        };
+        let mut b = self.response_builder(&call.invite, call.caller_flow, 200, "OK");
+        b.header_fmt(HeaderName::Contact, format_args!("<{caller_contact}>"));
+        b.header(HeaderName::Allow, super::ALLOWED_METHODS);
+        let ok = b.finish_with_body(Some("application/sdp"), &caller_answer.to_bytes());
+        let invite_tx = call.invite_tx;
+        self.respond(now, invite_tx, 200, ok);
+
+        let call = &mut self.calls.calls[idx];
+        call.state = State::Answered;
+        call.answered = Some(now);
+        call.winner = Some(bi);
+        call.branches[bi].state = BranchState::Answered;
+        let callee_key = (dialog.call_id.clone(), dialog.local_tag.clone());
+        let caller_key = (caller_dialog.call_id.clone(), caller_dialog.local_tag.clone());
+        call.callee_dialog = Some(dialog);
+        call.caller_dialog = Some(caller_dialog);
+        call.callee_media = Some(answer);
+        tracing::info!(call_ref = %call.call_ref, "call answered");
+        self.calls.by_dialog.insert(callee_key, (idx, Side::Callee));
+        self.calls.by_dialog.insert(caller_key, (idx, Side::Caller));
+        self.calls.by_invite.remove(&invite_tx);
+        self.cancel_other_forks(now, idx, Some(bi));
+    }
+
+    fn cancel_other_forks(&mut self, now: Instant, idx: usize, keep: Option<usize>) {
+        let n = self.calls.calls[idx].branches.len();
+        for bi in 0..n {
+            if Some(bi) == keep {
+                continue;
+            }
+            let branch = &self.calls.calls[idx].branches[bi];
+            if !matches!(branch.state, BranchState::Calling | BranchState::Ringing) {
+                continue;
+            }
+            // CANCEL copies the INVITE's Request-URI, top Via, Call-ID,
+            // From, To and CSeq number (RFC 3261 §9.1).
+            let req = &branch.request;
+            let mut b = MessageBuilder::request("CANCEL", req.request_uri());
+            for (name, value) in [
+                (HeaderName::Via, req.header(HeaderName::Via)),
+                (HeaderName::From, req.header(HeaderName::From)),
+                (HeaderName::To, req.header(HeaderName::To)),
+                (HeaderName::CallId, req.header(HeaderName::CallId)),
+            ] {
+                b.header(name, value.unwrap_or(""));
+            }
+            b.header(HeaderName::CSeq, "1 CANCEL");
+            b.header(HeaderName::MaxForwards, MAX_FORWARDS);
+            let cancel = b.finish_with_body(None, b"");
+            let flow = branch.flow;
+            let leg = branch.leg.id;
+            if let Ok(c) = self.tx.send_request(now, flow, cancel) {
+                self.calls.by_branch.insert(c, (idx, bi));
+            }
+            self.calls.calls[idx].branches[bi].state = BranchState::Cancelled;
+            self.media.close(leg);
+        }
+    }
+
+    /// CANCEL from the caller while it rings.
+    pub(super) fn call_cancel(&mut self, now: Instant, tx: ServerTxId, msg: Message, flow: Flow) {
+        let invite = self.tx.find_invite_for_cancel(&msg);
+        let idx = invite.and_then(|i| self.calls.by_invite.get(&i).copied());
+        let Some(idx) = idx else {
+            return self.reject(now, tx, &msg, flow, 481, "Call/Transaction Does Not Exist");
+        };
+        self.reject(now, tx, &msg, flow, 200, "OK");
+        let call = &self.calls.calls[idx];
+        if call.state != State::Ringing {
+            return;
+        }
+        let (itx, iflow) = (call.invite_tx, call.caller_flow);
+        let b = self.response_builder(&call.invite, iflow, 487, "Request Terminated");
+        self.respond(now, itx, 487, b.finish());
+        self.cancel_other_forks(now, idx, None);
+        self.finish_call(now, idx, Outcome::Cancelled, 487, "Request Terminated", Some(EndedBy::Caller));
+    }
+
+    /// A request inside a dialog (it has a To tag). Returns false when it
+    /// belongs to no call, so the core answers 481.
+    pub(super) fn call_in_dialog(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow) -> bool {
+        let local_tag = msg.to().and_then(|t| t.tag()).unwrap_or("");
+        let key = (msg.call_id().unwrap_or("").to_string(), local_tag.to_string());
+        let Some(&(idx, side)) = self.calls.by_dialog.get(&key) else {
+            return false;
+        };
+        let seq = msg.cseq().map(|c| c.seq).unwrap_or(0);
+        let dialog = match side {
+            Side::Caller => self.calls.calls[idx].caller_dialog.as_mut(),
+            Side::Callee => self.calls.calls[idx].callee_dialog.as_mut(),
+        };
+        let Some(dialog) = dialog else {
+            return false;
+        };
+        if !dialog.matches(msg) {
+            return false;
+        }
+        if !dialog.accept_remote_cseq(seq) {
+            self.reject(now, tx, msg, flow, 500, "CSeq Out Of Order");
+            return true;
+        }
+        match msg.method() {
+            Some(Method::Bye) => {
+                self.reject(now, tx, msg, flow, 200, "OK");
+                let ended_by = if side == Side::Caller { EndedBy::Caller } else { EndedBy::Callee };
+                self.hang_up_other_side(now, idx, side);
+                self.finish_call(now, idx, Outcome::Answered, 200, "OK", Some(ended_by));
+            }
+            _ => {
+                let mut b = self.response_builder(msg, flow, 501, "Not Implemented In A Call Yet");
+                b.header(HeaderName::Allow, "ACK, BYE, CANCEL");
+                self.respond(now, tx, 501, b.finish());
+            }
+        }
+        true
+    }
+
+    /// An ACK for the 200 Parley sent the caller.
+    pub(super) fn call_ack(&mut self, msg: &Message) {
+        let local_tag = msg.to().and_then(|t| t.tag()).unwrap_or("");
+        let key = (msg.call_id().unwrap_or("").to_string(), local_tag.to_string());
+        if let Some(&(idx, Side::Caller)) = self.calls.by_dialog.get(&key) {
+            tracing::debug!(call_ref = %self.calls.calls[idx].call_ref, "caller acknowledged");
+        }
+    }
+
+    fn hang_up_other_side(&mut self, now: Instant, idx: usize, ended: Side) {
+        let call = &mut self.calls.calls[idx];
+        let (dialog, flow) = match ended {
+            Side::Caller => (call.callee_dialog.as_mut(), call.winner.map(|w| call.branches[w].flow)),
+            Side::Callee => (call.caller_dialog.as_mut(), Some(call.caller_flow)),
+        };
+        let (Some(dialog), Some(flow)) = (dialog, flow) else {
+            return;
+        };
+        let transport = flow.transport.via_token();
+        let host = if flow.local.ip().is_unspecified() {
+            SocketAddr::new(self.cfg.advertise.unwrap_or(IpAddr::from([127, 0, 0, 1])), flow.local.port())
+        } else {
+            flow.local
+        };
+        let via = format!("SIP/2.0/{transport} {host};branch={};rport", branch_id());
+        let bye = dialog.request("BYE", &via, None).finish_with_body(None, b"");
+        if let Ok(c) = self.tx.send_request(now, flow, bye) {
+            self.calls.by_branch.insert(c, (idx, usize::MAX));
+        }
+    }
+
+    /// Ends a call: closes its media legs, drops its indexes, writes its
+    /// record.
+    fn finish_call(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        outcome: Outcome,
+        status: u16,
+        reason: &str,
+        ended_by: Option<EndedBy>,
+    ) {
+        if !self.calls.calls.contains(idx) {
+            return;
+        }
+        let call = self.calls.calls.remove(idx);
+        self.calls.by_invite.remove(&call.invite_tx);
+        self.calls.by_branch.retain(|_, (i, _)| *i != idx);
+        self.calls.by_dialog.retain(|_, (i, _)| *i != idx);
+        self.media.close(call.caller_leg.id);
+        for b in &call.branches {
+            if b.state == BranchState::Answered {
+                self.media.close(b.leg.id);
+            }
+        }
+        let unix_ms = |t: Instant| self.clock.unix(t).as_millis() as i64;
+        let winner = call.winner.map(|w| &call.branches[w]);
+        let record = CallRecord {
+            call_ref: call.call_ref.clone(),
+            caller: call.caller.clone(),
+            callee: call.callee.clone(),
+            started_unix_ms: unix_ms(call.started),
+            answered_unix_ms: call.answered.map(unix_ms),
+            ended_unix_ms: unix_ms(now),
+            outcome,
+            sip_status: status,
+            sip_reason: reason.to_string(),
+            ended_by,
+            caller_leg: LegRecord {
+                transport: call.caller_flow.transport,
+                tls_version: None,
+                srtp: call.caller_media.crypto.as_ref().map(|c| c.1),
+                media: None,
+            },
+            callee_leg: winner.map(|b| LegRecord {
+                transport: b.flow.transport,
+                tls_version: None,
+                srtp: call.callee_media.as_ref().and_then(|m| m.crypto.as_ref()).map(|c| c.1),
+                media: None,
+            }),
+        };
+        tracing::info!(call_ref = %call.call_ref, outcome = %outcome, status, "call ended");
+        self.out.push_back(super::Output::CallEnded(Box::new(record)));
+    }
+
+    fn transmit(&mut self, flow: Flow, bytes: Bytes) {
+        self.out.push_back(super::Output::Transmit(crate::sip::transaction::Transmit { flow, bytes }));
+    }
+}
+
+/// The media settings of a leg from the phone's SDP and Parley's side.
+fn leg_media(phone: &PhoneMedia, local: &LocalMedia, flow: Flow) -> LegMedia {
+    let keys = phone.crypto.as_ref().map(|(_, suite, key)| LegKeys {
+        suite: *suite,
+        phone_key: key.clone(),
+        parley_key: local.key.clone(),
+    });
+    let mut trusted = smallvec::SmallVec::new();
+    if let Some(rtp) = phone.rtp {
+        trusted.push(rtp.ip());
+    }
+    if !trusted.contains(&flow.remote.ip()) {
+        trusted.push(flow.remote.ip().to_canonical());
+    }
+    LegMedia {
+        remote_rtp: phone.rtp,
+        remote_rtcp: phone.rtcp,
+        rtcp_mux: phone.rtcp_mux,
+        keys,
+        trusted_ips: trusted,
+        clock_rate: 8000,
+    }
+}
