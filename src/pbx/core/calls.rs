@@ -194,21 +194,44 @@ impl Core {
     }
 
     fn via(&self, flow: &Flow, branch: &str) -> String {
-        format!("SIP/2.0/{} {};branch={branch};rport", flow.transport.via_token(), self.local_host(flow))
+        format!(
+            "SIP/2.0/{} {};branch={branch};rport",
+            flow.transport.via_token(),
+            self.local_host(flow)
+        )
     }
 
-    fn proxy_challenge(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow, stale: bool) {
+    fn proxy_challenge(
+        &mut self,
+        now: Instant,
+        tx: ServerTxId,
+        msg: &Message,
+        flow: Flow,
+        stale: bool,
+    ) {
         let unix_secs = self.clock.unix(now).as_secs();
         let mut b = self.response_builder(msg, flow, 407, "Proxy Authentication Required");
-        let challenges =
-            self.auth.challenges(unix_secs, flow.remote.ip(), stale, msg.header(HeaderName::UserAgent));
+        let challenges = self.auth.challenges(
+            unix_secs,
+            flow.remote.ip(),
+            stale,
+            msg.header(HeaderName::UserAgent),
+        );
         for c in challenges.headers() {
             b.header_fmt(HeaderName::ProxyAuthenticate, format_args!("{c}"));
         }
         self.tx.respond_stateless(tx, b.finish());
     }
 
-    fn reject(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow, status: u16, reason: &str) {
+    fn reject(
+        &mut self,
+        now: Instant,
+        tx: ServerTxId,
+        msg: &Message,
+        flow: Flow,
+        status: u16,
+        reason: &str,
+    ) {
         let b = self.response_builder(msg, flow, status, reason);
         self.respond(now, tx, status, b.finish());
     }
@@ -216,7 +239,11 @@ impl Core {
     /// A new INVITE (no To tag): authenticate the caller, route to the
     /// callee's devices.
     pub(super) fn handle_invite(&mut self, now: Instant, tx: ServerTxId, msg: Message, flow: Flow) {
-        let from_user = msg.from().and_then(|f| Uri::parse(f.uri).ok()).and_then(|u| u.user).map(super::percent_decode);
+        let from_user = msg
+            .from()
+            .and_then(|f| Uri::parse(f.uri).ok())
+            .and_then(|u| u.user)
+            .map(super::percent_decode);
         let Some(caller) = from_user else {
             return self.reject(now, tx, &msg, flow, 400, "From URI Must Name An Extension");
         };
@@ -227,21 +254,53 @@ impl Core {
             return;
         }
         let unix_secs = self.clock.unix(now).as_secs();
-        let ext = match self.auth.check(unix_secs, source, &msg, HeaderName::ProxyAuthorization, &caller, &self.directory) {
+        let ext = match self.auth.check(
+            unix_secs,
+            source,
+            &msg,
+            HeaderName::ProxyAuthorization,
+            &caller,
+            &self.directory,
+        ) {
             AuthResult::Authenticated(ext) => ext,
             AuthResult::Challenge => return self.proxy_challenge(now, tx, &msg, flow, false),
             AuthResult::Stale => return self.proxy_challenge(now, tx, &msg, flow, true),
             AuthResult::Malformed(e) => {
-                return self.reject(now, tx, &msg, flow, 400, &format!("Malformed Proxy-Authorization ({e})"));
+                return self.reject(
+                    now,
+                    tx,
+                    &msg,
+                    flow,
+                    400,
+                    &format!("Malformed Proxy-Authorization ({e})"),
+                );
             }
             AuthResult::WrongUser { username } => {
                 tracing::warn!(%username, caller = %caller, "credentials of another extension refused");
-                self.security(SecurityEvent::WrongUser { source, extension: caller.clone(), username });
-                return self.reject(now, tx, &msg, flow, 403, "Credentials Do Not Match The Calling Extension");
+                self.security(SecurityEvent::WrongUser {
+                    source,
+                    extension: caller.clone(),
+                    username,
+                });
+                return self.reject(
+                    now,
+                    tx,
+                    &msg,
+                    flow,
+                    403,
+                    "Credentials Do Not Match The Calling Extension",
+                );
             }
-            AuthResult::Failed { username, countable } => {
+            AuthResult::Failed {
+                username,
+                countable,
+            } => {
                 tracing::info!(%username, caller = %caller, "call authentication failed");
-                self.security(SecurityEvent::AuthFailed { source, extension: caller.clone(), transport: flow.transport });
+                self.security(SecurityEvent::AuthFailed {
+                    source,
+                    extension: caller.clone(),
+                    transport: flow.transport,
+                });
                 if countable {
                     self.lockout.record_failure(now, source, &caller);
                 }
@@ -257,7 +316,11 @@ impl Core {
             self.respond(now, tx, 503, b.finish());
             return;
         }
-        let caller_security = match caller_policy.media_security(flow.transport, source, &self.cfg.lan) {
+        let caller_security = match caller_policy.media_security(
+            flow.transport,
+            source,
+            &self.cfg.lan,
+        ) {
             Ok(s) => s,
             Err(v) => {
                 tracing::warn!(violation = %v, "call refused by the caller's encryption policy");
@@ -271,18 +334,40 @@ impl Core {
             }
         };
 
-        let callee = Uri::parse(msg.request_uri()).ok().and_then(|u| u.user).map(super::percent_decode);
+        let callee = Uri::parse(msg.request_uri())
+            .ok()
+            .and_then(|u| u.user)
+            .map(super::percent_decode);
         let Some(callee) = callee.filter(|c| self.directory.get(c).is_some()) else {
             return self.reject(now, tx, &msg, flow, 404, "Not Found");
         };
-        let callee_policy = self.directory.get(&callee).map(|e| e.encryption).unwrap_or_default();
-        let bindings: Vec<Flow> = self.registrar.bindings(&callee).iter().map(|b| b.flow).collect();
-        let contacts: Vec<String> = self.registrar.bindings(&callee).iter().map(|b| b.contact.to_string()).collect();
+        let callee_policy = self
+            .directory
+            .get(&callee)
+            .map(|e| e.encryption)
+            .unwrap_or_default();
+        let bindings: Vec<Flow> = self
+            .registrar
+            .bindings(&callee)
+            .iter()
+            .map(|b| b.flow)
+            .collect();
+        let contacts: Vec<String> = self
+            .registrar
+            .bindings(&callee)
+            .iter()
+            .map(|b| b.contact.to_string())
+            .collect();
         if bindings.is_empty() {
             return self.reject(now, tx, &msg, flow, 480, "Temporarily Unavailable");
         }
 
-        let offer = match read_phone_sdp(msg.body(), flow.transport == Transport::Tls, caller_security, None) {
+        let offer = match read_phone_sdp(
+            msg.body(),
+            flow.transport == Transport::Tls,
+            caller_security,
+            None,
+        ) {
             Ok(o) => o,
             Err(e) => {
                 tracing::info!(error = %e, "caller's offer refused");
@@ -306,7 +391,12 @@ impl Core {
             session_id: rand::random::<u32>().into(),
             version: 1,
         };
-        self.respond(now, tx, 100, self.response_builder(&msg, flow, 100, "Trying").finish());
+        self.respond(
+            now,
+            tx,
+            100,
+            self.response_builder(&msg, flow, 100, "Trying").finish(),
+        );
 
         self.calls.next_ref += 1;
         let call_ref = format!("call-{}-{}", self.calls.next_ref, &random_hex()[..6]);
@@ -316,11 +406,14 @@ impl Core {
         let display = msg.from().and_then(|f| f.display).unwrap_or("");
         let mut branches = Vec::new();
         for (binding_flow, contact) in bindings.into_iter().zip(contacts).take(MAX_FORKS) {
-            let security =
-                match callee_policy.media_security(binding_flow.transport, binding_flow.remote.ip(), &self.cfg.lan) {
-                    Ok(s) => s,
-                    Err(_) => continue,
-                };
+            let security = match callee_policy.media_security(
+                binding_flow.transport,
+                binding_flow.remote.ip(),
+                &self.cfg.lan,
+            ) {
+                Ok(s) => s,
+                Err(_) => continue,
+            };
             let Ok(leg) = self.media.open_leg() else {
                 tracing::error!("no media port for a callee leg");
                 continue;
@@ -333,7 +426,9 @@ impl Core {
                 version: 1,
             };
             let sdp = offer_for_branch(&offer, security, &local);
-            let target = NameAddr::parse(&contact).map(|c| c.uri.to_string()).unwrap_or(contact.clone());
+            let target = NameAddr::parse(&contact)
+                .map(|c| c.uri.to_string())
+                .unwrap_or(contact.clone());
             let mut b = MessageBuilder::request("INVITE", &target);
             b.header(HeaderName::Via, &self.via(&binding_flow, &branch_id()));
             b.header(HeaderName::MaxForwards, MAX_FORWARDS);
@@ -341,10 +436,16 @@ impl Core {
                 HeaderName::From,
                 format_args!("{display} <sip:{caller}@{}>;tag={from_tag}", self.cfg.realm),
             );
-            b.header_fmt(HeaderName::To, format_args!("<sip:{callee}@{}>", self.cfg.realm));
+            b.header_fmt(
+                HeaderName::To,
+                format_args!("<sip:{callee}@{}>", self.cfg.realm),
+            );
             b.header(HeaderName::CallId, &call_id);
             b.header(HeaderName::CSeq, "1 INVITE");
-            b.header_fmt(HeaderName::Contact, format_args!("<{}>", self.contact_uri(&binding_flow)));
+            b.header_fmt(
+                HeaderName::Contact,
+                format_args!("<{}>", self.contact_uri(&binding_flow)),
+            );
             b.header(HeaderName::Allow, super::ALLOWED_METHODS);
             b.header(HeaderName::UserAgent, &self.cfg.server_name);
             let bytes = b.finish_with_body(Some("application/sdp"), &sdp.to_bytes());
@@ -372,7 +473,14 @@ impl Core {
         if branches.is_empty() {
             self.media.close(caller_leg.id);
             // Every device was unusable under the callee's policy.
-            return self.reject(now, tx, &msg, flow, 480, "No Device Can Take The Call Securely");
+            return self.reject(
+                now,
+                tx,
+                &msg,
+                flow,
+                480,
+                "No Device Can Take The Call Securely",
+            );
         }
         let entry = self.calls.calls.vacant_entry();
         let idx = entry.key();
@@ -458,7 +566,10 @@ impl Core {
         if call.state != State::Ringing {
             return;
         }
-        let open = call.branches.iter().any(|b| matches!(b.state, BranchState::Calling | BranchState::Ringing));
+        let open = call
+            .branches
+            .iter()
+            .any(|b| matches!(b.state, BranchState::Calling | BranchState::Ringing));
         if open {
             return;
         }
@@ -480,7 +591,9 @@ impl Core {
     fn fork_answered(&mut self, now: Instant, idx: usize, bi: usize, msg: Message) {
         let flow = self.calls.calls[idx].branches[bi].flow;
         let contact = self.contact_uri(&flow);
-        let Ok(mut dialog) = Dialog::as_uac(&self.calls.calls[idx].branches[bi].request, &msg, &contact) else {
+        let Ok(mut dialog) =
+            Dialog::as_uac(&self.calls.calls[idx].branches[bi].request, &msg, &contact)
+        else {
             tracing::warn!("2xx without the headers a dialog needs; ignored");
             return;
         };
@@ -492,7 +605,9 @@ impl Core {
         if call.state != State::Ringing || call.winner.is_some() {
             // A second device answered too late: it gets ACK and BYE.
             let via = self.via(&flow, &branch_id());
-            let bye = dialog.request("BYE", &via, None).finish_with_body(None, b"");
+            let bye = dialog
+                .request("BYE", &via, None)
+                .finish_with_body(None, b"");
             if let Ok(c) = self.tx.send_request(now, flow, bye) {
                 self.calls.by_branch.insert(c, (idx, bi));
             }
@@ -504,18 +619,32 @@ impl Core {
             Err(e) => {
                 tracing::warn!(error = %e, "callee's answer refused; hanging up that device");
                 let via = self.via(&flow, &branch_id());
-                let bye = dialog.request("BYE", &via, None).finish_with_body(None, b"");
+                let bye = dialog
+                    .request("BYE", &via, None)
+                    .finish_with_body(None, b"");
                 let _ = self.tx.send_request(now, flow, bye);
                 return self.fork_failed(now, idx, bi, 488);
             }
         };
-        let caller_answer = match answer_for_caller(&call.caller_media, &answer, &call.caller_local) {
+        let caller_answer = match answer_for_caller(&call.caller_media, &answer, &call.caller_local)
+        {
             Ok(a) => a,
             Err(e) => {
                 let via = self.via(&flow, &branch_id());
-                let bye = dialog.request("BYE", &via, None).finish_with_body(None, b"");
+                let bye = dialog
+                    .request("BYE", &via, None)
+                    .finish_with_body(None, b"");
                 let _ = self.tx.send_request(now, flow, bye);
-                return self.fork_failed(now, idx, bi, if e == AnchorError::NoCommonCodec { 488 } else { 500 });
+                return self.fork_failed(
+                    now,
+                    idx,
+                    bi,
+                    if e == AnchorError::NoCommonCodec {
+                        488
+                    } else {
+                        500
+                    },
+                );
             }
         };
         // Media: each leg hears its own phone with the phone's key and
@@ -532,8 +661,12 @@ impl Core {
         let to_tag = self.to_tag(&call.invite);
         let to_tag = std::str::from_utf8(&to_tag).unwrap_or_default().to_string();
         let caller_contact = self.contact_uri(&call.caller_flow);
-        let Ok(caller_dialog) = Dialog::as_uas(&call.invite, &to_tag, &caller_contact, rand::random::<u16>().into())
-        else {
+        let Ok(caller_dialog) = Dialog::as_uas(
+            &call.invite,
+            &to_tag,
+            &caller_contact,
+            rand::random::<u16>().into(),
+        ) else {
             return;
         };
         let mut b = self.response_builder(&call.invite, call.caller_flow, 200, "OK");
@@ -549,7 +682,10 @@ impl Core {
         call.winner = Some(bi);
         call.branches[bi].state = BranchState::Answered;
         let callee_key = (dialog.call_id.clone(), dialog.local_tag.clone());
-        let caller_key = (caller_dialog.call_id.clone(), caller_dialog.local_tag.clone());
+        let caller_key = (
+            caller_dialog.call_id.clone(),
+            caller_dialog.local_tag.clone(),
+        );
         call.callee_dialog = Some(dialog);
         call.caller_dialog = Some(caller_dialog);
         call.callee_media = Some(answer);
@@ -611,14 +747,30 @@ impl Core {
         let b = self.response_builder(&call.invite, iflow, 487, "Request Terminated");
         self.respond(now, itx, 487, b.finish());
         self.cancel_other_forks(now, idx, None);
-        self.finish_call(now, idx, Outcome::Cancelled, 487, "Request Terminated", Some(EndedBy::Caller));
+        self.finish_call(
+            now,
+            idx,
+            Outcome::Cancelled,
+            487,
+            "Request Terminated",
+            Some(EndedBy::Caller),
+        );
     }
 
     /// A request inside a dialog (it has a To tag). Returns false when it
     /// belongs to no call, so the core answers 481.
-    pub(super) fn call_in_dialog(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow) -> bool {
+    pub(super) fn call_in_dialog(
+        &mut self,
+        now: Instant,
+        tx: ServerTxId,
+        msg: &Message,
+        flow: Flow,
+    ) -> bool {
         let local_tag = msg.to().and_then(|t| t.tag()).unwrap_or("");
-        let key = (msg.call_id().unwrap_or("").to_string(), local_tag.to_string());
+        let key = (
+            msg.call_id().unwrap_or("").to_string(),
+            local_tag.to_string(),
+        );
         let Some(&(idx, side)) = self.calls.by_dialog.get(&key) else {
             return false;
         };
@@ -640,7 +792,11 @@ impl Core {
         match msg.method() {
             Some(Method::Bye) => {
                 self.reject(now, tx, msg, flow, 200, "OK");
-                let ended_by = if side == Side::Caller { EndedBy::Caller } else { EndedBy::Callee };
+                let ended_by = if side == Side::Caller {
+                    EndedBy::Caller
+                } else {
+                    EndedBy::Callee
+                };
                 self.hang_up_other_side(now, idx, side);
                 self.finish_call(now, idx, Outcome::Answered, 200, "OK", Some(ended_by));
             }
@@ -656,7 +812,10 @@ impl Core {
     /// An ACK for the 200 Parley sent the caller.
     pub(super) fn call_ack(&mut self, msg: &Message) {
         let local_tag = msg.to().and_then(|t| t.tag()).unwrap_or("");
-        let key = (msg.call_id().unwrap_or("").to_string(), local_tag.to_string());
+        let key = (
+            msg.call_id().unwrap_or("").to_string(),
+            local_tag.to_string(),
+        );
         if let Some(&(idx, Side::Caller)) = self.calls.by_dialog.get(&key) {
             tracing::debug!(call_ref = %self.calls.calls[idx].call_ref, "caller acknowledged");
         }
@@ -665,7 +824,10 @@ impl Core {
     fn hang_up_other_side(&mut self, now: Instant, idx: usize, ended: Side) {
         let call = &mut self.calls.calls[idx];
         let (dialog, flow) = match ended {
-            Side::Caller => (call.callee_dialog.as_mut(), call.winner.map(|w| call.branches[w].flow)),
+            Side::Caller => (
+                call.callee_dialog.as_mut(),
+                call.winner.map(|w| call.branches[w].flow),
+            ),
             Side::Callee => (call.caller_dialog.as_mut(), Some(call.caller_flow)),
         };
         let (Some(dialog), Some(flow)) = (dialog, flow) else {
@@ -673,12 +835,17 @@ impl Core {
         };
         let transport = flow.transport.via_token();
         let host = if flow.local.ip().is_unspecified() {
-            SocketAddr::new(self.cfg.advertise.unwrap_or(IpAddr::from([127, 0, 0, 1])), flow.local.port())
+            SocketAddr::new(
+                self.cfg.advertise.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+                flow.local.port(),
+            )
         } else {
             flow.local
         };
         let via = format!("SIP/2.0/{transport} {host};branch={};rport", branch_id());
-        let bye = dialog.request("BYE", &via, None).finish_with_body(None, b"");
+        let bye = dialog
+            .request("BYE", &via, None)
+            .finish_with_body(None, b"");
         if let Ok(c) = self.tx.send_request(now, flow, bye) {
             self.calls.by_branch.insert(c, (idx, usize::MAX));
         }
@@ -730,16 +897,25 @@ impl Core {
             callee_leg: winner.map(|b| LegRecord {
                 transport: b.flow.transport,
                 tls_version: None,
-                srtp: call.callee_media.as_ref().and_then(|m| m.crypto.as_ref()).map(|c| c.1),
+                srtp: call
+                    .callee_media
+                    .as_ref()
+                    .and_then(|m| m.crypto.as_ref())
+                    .map(|c| c.1),
                 media: None,
             }),
         };
         tracing::info!(call_ref = %call.call_ref, outcome = %outcome, status, "call ended");
-        self.out.push_back(super::Output::CallEnded(Box::new(record)));
+        self.out
+            .push_back(super::Output::CallEnded(Box::new(record)));
     }
 
     fn transmit(&mut self, flow: Flow, bytes: Bytes) {
-        self.out.push_back(super::Output::Transmit(crate::sip::transaction::Transmit { flow, bytes }));
+        self.out
+            .push_back(super::Output::Transmit(crate::sip::transaction::Transmit {
+                flow,
+                bytes,
+            }));
     }
 }
 

@@ -1,0 +1,147 @@
+//! Calls through Parley between real softphones: two baresip instances
+//! over TLS with mandatory SRTP, the audio anchored in Parley.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::baresip::{Baresip, Control, Options, tone_of, wav_samples};
+use support::{DOMAIN, Parley, free_port, wait_until};
+
+fn account(ext: &str, password: &str, server: std::net::SocketAddr) -> String {
+    format!(
+        "<sip:{ext}@{DOMAIN};transport=tls>;auth_pass={password};outbound=\"sip:{server};transport=tls\";regint=600;mediaenc=srtp-mand;answermode=auto;audio_codecs=pcmu"
+    )
+}
+
+/// The recording of what a phone heard (`…-dec.wav`).
+fn heard(phone: &Baresip) -> PathBuf {
+    let rec = phone.dir.join("rec");
+    let find = || {
+        std::fs::read_dir(&rec)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.to_string_lossy().ends_with("-dec.wav"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || find().is_some()),
+        "no recording in {}",
+        rec.display()
+    );
+    find().unwrap()
+}
+
+/// Checks that a recording holds `hz` (±5 %) loud enough to be the tone,
+/// not noise; the first half second (call set-up) is skipped.
+fn assert_tone(path: &Path, hz: f64) {
+    // The WAV header is completed when the call ends; give it a moment.
+    let (rate, samples) = (0..50)
+        .find_map(|_| {
+            let r = std::panic::catch_unwind(|| wav_samples(path)).ok();
+            if r.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r
+        })
+        .expect("a readable recording");
+    let skip = rate as usize / 2;
+    assert!(
+        samples.len() > skip + rate as usize,
+        "{}: only {} samples",
+        path.display(),
+        samples.len()
+    );
+    let (freq, rms) = tone_of(rate, &samples[skip..]);
+    eprintln!(
+        "{}: {freq:.0} Hz, rms {rms:.0}, {} samples at {rate} Hz",
+        path.display(),
+        samples.len()
+    );
+    assert!(
+        (freq - hz).abs() < hz * 0.05,
+        "{}: heard {freq:.0} Hz, expected {hz} Hz",
+        path.display()
+    );
+    assert!(rms > 1000.0, "{}: too quiet (rms {rms:.0})", path.display());
+}
+
+#[test]
+fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
+    let p = Parley::start("");
+    p.add_extension("100", "password100", "required");
+    p.add_extension("101", "password101", "required");
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = Baresip::start_with(
+        p.data_dir(),
+        "a",
+        &account("100", "password100", p.tls),
+        &p.ca_cert(),
+        &Options {
+            tone_hz: 440,
+            ctrl_port: Some(port_a),
+        },
+    );
+    let b = Baresip::start_with(
+        p.data_dir(),
+        "b",
+        &account("101", "password101", p.tls),
+        &p.ca_cert(),
+        &Options {
+            tone_hz: 1000,
+            ctrl_port: Some(port_b),
+        },
+    );
+    assert!(
+        a.wait_log("[1 binding]", Duration::from_secs(15)),
+        "100 did not register"
+    );
+    assert!(
+        b.wait_log("[1 binding]", Duration::from_secs(15)),
+        "101 did not register"
+    );
+    let mut ctl_a = Control::connect(port_a);
+    let mut ctl_b = Control::connect(port_b);
+
+    ctl_a.command("dial", &format!("sip:101@{DOMAIN}"));
+    assert!(
+        ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
+        "call not established\n--- parley ---\n{}\n--- a ---\n{}\n--- b ---\n{}",
+        p.log(),
+        a.log(),
+        b.log()
+    );
+    assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    // Both legs negotiated SRTP with Parley, each with its own keys.
+    assert!(ctl_a.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)));
+    assert!(ctl_b.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_secs(3));
+    ctl_a.command("hangup", "");
+    assert!(ctl_a.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    assert!(
+        ctl_b.wait_event("CALL_CLOSED", Duration::from_secs(10)),
+        "the callee was not hung up"
+    );
+
+    // Each phone heard the other's tone, so audio crossed the anchor both
+    // ways, decrypted and re-encrypted.
+    assert_tone(&heard(&b), 440.0);
+    assert_tone(&heard(&a), 1000.0);
+
+    // The call is in the history, SRTP on both legs.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).contains("answered")
+        }),
+        "no call record:\n{}",
+        String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
+    );
+    let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
+    let row = list.lines().nth(1).unwrap();
+    assert!(
+        row.contains("100") && row.contains("101") && row.contains("200 OK"),
+        "{row}"
+    );
+    assert_eq!(row.matches("tls").count(), 2, "{row}");
+    assert_eq!(row.matches("SRTP").count(), 2, "{row}");
+}
