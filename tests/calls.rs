@@ -115,7 +115,8 @@ fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
     // Both legs negotiated SRTP with Parley, each with its own keys.
     assert!(ctl_a.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)));
     assert!(ctl_b.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)));
-    std::thread::sleep(Duration::from_secs(3));
+    // Long enough for each phone to send RTCP reports (every ~5 s).
+    std::thread::sleep(Duration::from_secs(7));
     ctl_a.command("hangup", "");
     assert!(ctl_a.wait_event("CALL_CLOSED", Duration::from_secs(10)));
     assert!(
@@ -144,4 +145,11 @@ fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
     );
     assert_eq!(row.matches("tls").count(), 2, "{row}");
     assert_eq!(row.matches("SRTP").count(), 2, "{row}");
+    // With the relay's statistics: a MOS each way on the caller's leg.
+    let mos = row.split_whitespace().last().unwrap();
+    let (sent, received) = mos.split_once('/').unwrap();
+    for m in [sent, received] {
+        let m: f64 = m.parse().unwrap_or_else(|_| panic!("no MOS in {row}"));
+        assert!(m > 4.0, "a clean loopback call rates above 4: {row}");
+    }
 }

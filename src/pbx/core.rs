@@ -49,6 +49,8 @@ pub struct CoreConfig {
     /// The public address of Parley (`--advertise`), for devices outside
     /// the LAN and where a socket is bound to the unspecified address.
     pub advertise: Option<std::net::IpAddr>,
+    /// How long a call rings before the caller gets 480.
+    pub ring_timeout: Duration,
 }
 
 impl CoreConfig {
@@ -63,6 +65,7 @@ impl CoreConfig {
             nonce_lifetime_secs: 300,
             md5_only_user_agents: vec!["baresip v0.".into(), "baresip v1.".into()],
             advertise: None,
+            ring_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -239,6 +242,7 @@ impl Core {
             self.tx.poll_timeout(),
             self.registrar.next_expiry(),
             Some(self.next_sweep),
+            self.calls.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -256,6 +260,7 @@ impl Core {
             self.lockout.sweep(now);
             self.next_sweep = now + SWEEP_INTERVAL;
         }
+        self.call_timers(now);
     }
 
     /// A TCP/TLS connection closed: its bindings and transactions go.

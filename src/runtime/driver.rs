@@ -16,6 +16,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use super::stream::ConnShared;
 use super::udp_batch;
 use super::uptime_millis;
+use crate::media::MediaEvent;
 use crate::pbx::core::{Core, Output};
 use crate::pbx::directory::Directory;
 use crate::pbx::events::{Event, StoreOp};
@@ -59,6 +60,8 @@ pub struct Driver {
     pub core: Core,
     pub udp: Option<Arc<UdpSocket>>,
     pub inbound: mpsc::Receiver<Inbound>,
+    /// What the media relay reports (quiet legs, final statistics).
+    pub media_events: mpsc::UnboundedReceiver<MediaEvent>,
     pub store: mpsc::Sender<StoreOp>,
     pub events: broadcast::Sender<Event>,
     /// New extension sets from the store watcher (`None` once it stopped).
@@ -114,6 +117,9 @@ impl Driver {
                             }
                         }
                     }
+                }
+                Some(event) = self.media_events.recv() => {
+                    self.core.handle_media_event(Instant::now(), event);
                 }
                 _ = sleep_until(deadline) => {
                     self.core.handle_timeout(Instant::now());

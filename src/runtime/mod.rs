@@ -182,7 +182,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .map(|a| a.ip())
         .next()
         .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
-    let (media, mut media_events) = MediaEngine::start(MediaConfig {
+    let (media, media_events) = MediaEngine::start(MediaConfig {
         bind_ip: media_ip,
         ports: config.rtp_ports.0..=config.rtp_ports.1,
         inactivity: MEDIA_INACTIVITY,
@@ -190,11 +190,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     .map_err(ServeError::Media)?;
     tracing::info!(ports = %format!("{}-{}", config.rtp_ports.0, config.rtp_ports.1), ip = %media_ip, "media relay started");
     core.set_media(Box::new(EngineControl(media)));
-    tokio::spawn(async move {
-        while let Some(event) = media_events.recv().await {
-            tracing::debug!(?event, "media event");
-        }
-    });
+
     core.set_directory(now, Directory::new(extensions));
     let restored = core.restore_bindings(now, saved_bindings);
     if restored > 0 {
@@ -221,6 +217,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         core,
         udp,
         inbound: inbound_rx,
+        media_events,
         store: store_tx,
         events: events_tx,
         directory: Some(dir_rx),

@@ -14,7 +14,8 @@
 //! either side, call records. Not yet: re-INVITE/UPDATE/INFO in a call,
 //! early media, the ring timeout, session timers, hang-up on media loss.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
@@ -22,7 +23,7 @@ use bytes::Bytes;
 use slab::Slab;
 
 use super::Core;
-use crate::media::{LegId, LegKeys, LegMedia, MediaError, OpenLeg};
+use crate::media::{LegId, LegKeys, LegMedia, LegReport, MediaError, MediaEvent, OpenLeg};
 use crate::pbx::anchor::{
     AnchorError, LocalMedia, PhoneMedia, answer_for_caller, offer_for_branch, read_phone_sdp,
 };
@@ -41,6 +42,9 @@ use crate::srtp::MasterKey;
 pub const MAX_CALLS: usize = 10_000;
 /// Most devices one call rings at once.
 pub const MAX_FORKS: usize = 8;
+/// How long a finished call's record waits for its legs' media
+/// statistics from the relay before it is written without them.
+const REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the call logic needs from the media plane. The runtime implements
 /// it on `media::MediaEngine`; tests use a recording fake.
@@ -100,6 +104,8 @@ enum Side {
 }
 
 struct Call {
+    /// Tells a reused slab slot from the call a timer was armed for.
+    uid: u64,
     call_ref: String,
     caller: String,
     callee: String,
@@ -129,12 +135,43 @@ pub(crate) struct Calls {
     by_branch: HashMap<ClientTxId, (usize, usize)>,
     /// (Call-ID, Parley's tag) of each established dialog.
     by_dialog: HashMap<(String, String), (usize, Side)>,
+    /// The two bridged legs of each answered call.
+    by_leg: HashMap<LegId, usize>,
+    /// Ring timeouts: (deadline, call slot, call uid).
+    ring_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Records of ended calls waiting for their legs' statistics.
+    pending: Vec<PendingRecord>,
     next_ref: u64,
+}
+
+struct PendingRecord {
+    record: CallRecord,
+    caller_leg: LegId,
+    callee_leg: Option<LegId>,
+    deadline: Instant,
+}
+
+impl PendingRecord {
+    fn complete(&self) -> bool {
+        self.record.caller_leg.media.is_some()
+            && (self.callee_leg.is_none()
+                || self
+                    .record
+                    .callee_leg
+                    .as_ref()
+                    .is_some_and(|l| l.media.is_some()))
+    }
 }
 
 impl Calls {
     pub(crate) fn len(&self) -> usize {
         self.calls.len()
+    }
+
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let ring = self.ring_timers.peek().map(|Reverse((t, _, _))| *t);
+        let report = self.pending.iter().map(|p| p.deadline).min();
+        ring.into_iter().chain(report).min()
     }
 }
 
@@ -399,6 +436,7 @@ impl Core {
         );
 
         self.calls.next_ref += 1;
+        let uid = self.calls.next_ref;
         let call_ref = format!("call-{}-{}", self.calls.next_ref, &random_hex()[..6]);
         tracing::info!(%call_ref, %callee, devices = bindings.len(), "call routed");
         let call_id = format!("{}@parley", random_hex());
@@ -488,7 +526,11 @@ impl Core {
             self.calls.by_branch.insert(b.tx, (idx, i));
         }
         self.calls.by_invite.insert(tx, idx);
+        self.calls
+            .ring_timers
+            .push(Reverse((now + self.cfg.ring_timeout, idx, uid)));
         entry.insert(Call {
+            uid,
             call_ref,
             caller,
             callee,
@@ -690,6 +732,8 @@ impl Core {
         call.caller_dialog = Some(caller_dialog);
         call.callee_media = Some(answer);
         tracing::info!(call_ref = %call.call_ref, "call answered");
+        self.calls.by_leg.insert(caller_leg, idx);
+        self.calls.by_leg.insert(callee_leg, idx);
         self.calls.by_dialog.insert(callee_key, (idx, Side::Callee));
         self.calls.by_dialog.insert(caller_key, (idx, Side::Caller));
         self.calls.by_invite.remove(&invite_tx);
@@ -869,6 +913,7 @@ impl Core {
         self.calls.by_invite.remove(&call.invite_tx);
         self.calls.by_branch.retain(|_, (i, _)| *i != idx);
         self.calls.by_dialog.retain(|_, (i, _)| *i != idx);
+        self.calls.by_leg.retain(|_, i| *i != idx);
         self.media.close(call.caller_leg.id);
         for b in &call.branches {
             if b.state == BranchState::Answered {
@@ -906,8 +951,98 @@ impl Core {
             }),
         };
         tracing::info!(call_ref = %call.call_ref, outcome = %outcome, status, "call ended");
-        self.out
-            .push_back(super::Output::CallEnded(Box::new(record)));
+        // Answered calls had media: their record waits for the relay's
+        // statistics of both legs (or REPORT_WAIT). Others are written now.
+        match winner {
+            Some(w) => self.calls.pending.push(PendingRecord {
+                record,
+                caller_leg: call.caller_leg.id,
+                callee_leg: Some(w.leg.id),
+                deadline: now + REPORT_WAIT,
+            }),
+            None => self
+                .out
+                .push_back(super::Output::CallEnded(Box::new(record))),
+        }
+    }
+
+    /// Ring timeouts and overdue call records.
+    pub(super) fn call_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((deadline, idx, uid))) = self.calls.ring_timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.calls.ring_timers.pop();
+            let ringing = self
+                .calls
+                .calls
+                .get(idx)
+                .is_some_and(|c| c.uid == uid && c.state == State::Ringing);
+            if !ringing {
+                continue;
+            }
+            tracing::info!(call_ref = %self.calls.calls[idx].call_ref, "nobody answered in time");
+            let call = &self.calls.calls[idx];
+            let (itx, iflow) = (call.invite_tx, call.caller_flow);
+            let b = self.response_builder(&call.invite, iflow, 480, "No Answer");
+            self.respond(now, itx, 480, b.finish());
+            self.cancel_other_forks(now, idx, None);
+            self.finish_call(now, idx, Outcome::NoAnswer, 480, "No Answer", None);
+        }
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.calls.pending)
+            .into_iter()
+            .partition(|p| p.deadline <= now || p.complete());
+        self.calls.pending = waiting;
+        for p in due {
+            self.out
+                .push_back(super::Output::CallEnded(Box::new(p.record)));
+        }
+    }
+
+    /// What the media relay reports: a leg gone quiet ends its call; a
+    /// closed leg's statistics complete its call's record.
+    pub fn handle_media_event(&mut self, now: Instant, event: MediaEvent) {
+        match event {
+            MediaEvent::Inactive { id, idle } => {
+                let Some(&idx) = self.calls.by_leg.get(&id) else {
+                    return;
+                };
+                tracing::warn!(
+                    call_ref = %self.calls.calls[idx].call_ref, leg = %id, idle_secs = idle.as_secs(),
+                    "no media from a phone; ending the call"
+                );
+                self.hang_up_other_side(now, idx, Side::Caller);
+                self.hang_up_other_side(now, idx, Side::Callee);
+                self.finish_call(
+                    now,
+                    idx,
+                    Outcome::Answered,
+                    200,
+                    "Media Timeout",
+                    Some(EndedBy::Parley),
+                );
+            }
+            MediaEvent::Closed { report } => self.attach_report(now, report),
+        }
+    }
+
+    fn attach_report(&mut self, now: Instant, report: LegReport) {
+        let Some(p) = self
+            .calls
+            .pending
+            .iter_mut()
+            .find(|p| p.caller_leg == report.id || p.callee_leg == Some(report.id))
+        else {
+            return;
+        };
+        if p.caller_leg == report.id {
+            p.record.caller_leg.media = Some(report);
+        } else if let Some(leg) = &mut p.record.callee_leg {
+            leg.media = Some(report);
+        }
+        if p.complete() {
+            self.call_timers(now);
+        }
     }
 
     fn transmit(&mut self, flow: Flow, bytes: Bytes) {

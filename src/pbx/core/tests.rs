@@ -639,7 +639,7 @@ fn challenges_leave_no_transaction_state() {
 
 use std::sync::{Arc as StdArc, Mutex};
 
-use crate::media::{LegId, LegMedia, MediaError, OpenLeg};
+use crate::media::{LegId, LegMedia, LegReport, MediaError, MediaEvent, OpenLeg};
 use crate::pbx::cdr::{EndedBy, Outcome};
 use crate::sdp::SessionDescription;
 use crate::sip::digest::Challenge;
@@ -826,7 +826,15 @@ fn a_call_is_bridged_through_its_own_dialogs_and_media_legs() {
     assert_eq!(bye.to().unwrap().tag(), Some("calleetag"));
     assert_eq!(s.h.core.call_count(), 0);
     assert!(s.media.log.lock().unwrap().ends_with(&["close 1".to_string(), "close 2".to_string()]));
+    // The record waits for both legs' statistics from the relay.
+    assert!(s.h.calls.is_empty());
+    for id in [1, 2] {
+        s.h.core.handle_media_event(s.h.now, MediaEvent::Closed { report: report(id, 1500) });
+    }
+    s.h.drain();
     let cdr = &s.h.calls[0];
+    assert_eq!(cdr.caller_leg.media.as_ref().unwrap().received_packets, 1500);
+    assert_eq!(cdr.callee_leg.as_ref().unwrap().media.as_ref().unwrap().id, LegId(2));
     assert_eq!((cdr.caller.as_str(), cdr.callee.as_str(), cdr.outcome), ("100", "102", Outcome::Answered));
     assert_eq!(cdr.ended_by, Some(EndedBy::Caller));
     assert_eq!(cdr.duration_ms(), 30_000);
@@ -877,4 +885,70 @@ fn busy_callee_and_caller_cancel_end_the_call_with_a_record() {
     assert_eq!(cancel.top_via().unwrap().branch(), invite.top_via().unwrap().branch());
     assert_eq!(s.h.calls.last().unwrap().outcome, Outcome::Cancelled);
     assert_eq!(s.h.core.call_count(), 0);
+}
+
+fn report(id: u64, packets: u64) -> LegReport {
+    LegReport {
+        id: LegId(id),
+        suite: None,
+        remote: None,
+        received_packets: packets,
+        received_bytes: packets * 172,
+        lost: 0,
+        jitter_ms: 0.5,
+        auth_failures: 0,
+        replays: 0,
+        wrong_source: 0,
+        sent_packets: packets,
+        sent_bytes: packets * 172,
+        remote_fraction_lost: None,
+        remote_jitter_ms: None,
+        mos_received: Some(4.4),
+        mos_sent: None,
+    }
+}
+
+/// Dials 102 and has it answer; returns the caller's 200.
+fn answered_call(s: &mut CallSetup) -> Message {
+    let out = s.dial("102");
+    let invite = out.into_iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap().1;
+    let answer = sdp_offer("192.168.1.30", 6000);
+    let out = s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&answer)));
+    out.into_iter().find(|(_, m)| m.status() == Some(200)).unwrap().1
+}
+
+#[test]
+fn unanswered_calls_time_out_and_quiet_media_ends_a_call() {
+    let mut s = call_setup();
+    let out = s.dial("102");
+    let invite = out.into_iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap().1;
+    s.h.send_flows(s.callee_flow, reply(&invite, 180, "Ringing", None));
+    // Nobody picks up: at the ring timeout the caller gets 480 and the
+    // device a CANCEL.
+    let target = s.h.now + Duration::from_secs(30);
+    let mut sent = vec![];
+    while let Some(t) = s.h.core.poll_timeout().filter(|t| *t <= target) {
+        s.h.now = t.max(s.h.now);
+        s.h.core.handle_timeout(s.h.now);
+        sent.extend(s.h.drain_flows());
+    }
+    assert!(sent.iter().any(|(f, m)| *f == s.caller.flow && m.status() == Some(480)), "{sent:?}");
+    assert!(sent.iter().any(|(f, m)| *f == s.callee_flow && m.method() == Some(Method::Cancel)));
+    assert_eq!(s.h.calls.last().unwrap().outcome, Outcome::NoAnswer);
+    assert_eq!(s.h.core.call_count(), 0);
+
+    // An answered call whose media goes quiet is hung up on both sides.
+    s.caller.challenge = None;
+    answered_call(&mut s);
+    let legs: Vec<LegId> = s.media.configured.lock().unwrap().iter().map(|(id, _)| *id).collect();
+    s.h.core.handle_media_event(s.h.now, MediaEvent::Inactive { id: legs[0], idle: Duration::from_secs(60) });
+    let out = s.h.drain_flows();
+    let byes: Vec<Flow> = out.iter().filter(|(_, m)| m.method() == Some(Method::Bye)).map(|(f, _)| *f).collect();
+    assert_eq!(byes.len(), 2, "{out:?}");
+    assert!(byes.contains(&s.caller.flow) && byes.contains(&s.callee_flow));
+    assert_eq!(s.h.core.call_count(), 0);
+    // Without statistics from the relay the record is written anyway.
+    s.h.advance(Duration::from_secs(3));
+    let cdr = s.h.calls.last().unwrap();
+    assert_eq!((cdr.ended_by, cdr.sip_reason.as_str()), (Some(EndedBy::Parley), "Media Timeout"));
 }
