@@ -95,6 +95,8 @@ pub struct HttpsSection {
 #[serde(deny_unknown_fields)]
 pub struct MediaSection {
     pub rtp_ports: Option<String>,
+    pub ring_timeout_secs: Option<u64>,
+    pub media_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +145,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub nonce_lifetime_secs: u64,
+    /// How long a call rings before the caller gets 480.
+    pub ring_timeout: Duration,
+    /// A call whose media stops this long is hung up.
+    pub media_timeout: Duration,
     pub md5_only_user_agents: Vec<String>,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
@@ -336,6 +342,14 @@ impl Config {
                 "must be at least security.lockout_extension_failures",
             ));
         }
+        let ring_timeout = Duration::from_secs(positive(
+            "media.ring_timeout_secs",
+            f.media.ring_timeout_secs.unwrap_or(30),
+        )?);
+        let media_timeout = Duration::from_secs(positive(
+            "media.media_timeout_secs",
+            f.media.media_timeout_secs.unwrap_or(60),
+        )?);
         let log_level = f.log.level.unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(ConfigError::new(
@@ -358,6 +372,8 @@ impl Config {
             idle_timeout,
             max_connections,
             nonce_lifetime_secs,
+            ring_timeout,
+            media_timeout,
             md5_only_user_agents,
             cert_file,
             key_file,
@@ -377,6 +393,7 @@ impl Config {
         c.nonce_lifetime_secs = self.nonce_lifetime_secs;
         c.md5_only_user_agents = self.md5_only_user_agents.clone();
         c.advertise = self.advertise;
+        c.ring_timeout = self.ring_timeout;
         c
     }
 }

@@ -185,7 +185,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let (media, media_events) = MediaEngine::start(MediaConfig {
         bind_ip: media_ip,
         ports: config.rtp_ports.0..=config.rtp_ports.1,
-        inactivity: MEDIA_INACTIVITY,
+        inactivity: config.media_timeout,
     })
     .map_err(ServeError::Media)?;
     tracing::info!(ports = %format!("{}-{}", config.rtp_ports.0, config.rtp_ports.1), ip = %media_ip, "media relay started");
@@ -252,9 +252,6 @@ fn force_buffer(sock: &Socket, option: libc::c_int, bytes: usize) -> bool {
         ) == 0
     }
 }
-
-/// A call whose media stops this long is reported by the relay.
-const MEDIA_INACTIVITY: Duration = Duration::from_secs(60);
 
 /// The core's handle on the media relay.
 struct EngineControl(MediaEngine);
