@@ -11,8 +11,9 @@
 //! 180 relayed, first 2xx wins, the other forks cancelled, a late 2xx on
 //! another fork acknowledged and hung up, failures summed up into one
 //! final answer (486 over 480...), CANCEL from the caller, ACK, BYE from
-//! either side, call records. Not yet: re-INVITE/UPDATE/INFO in a call,
-//! early media, the ring timeout, session timers, hang-up on media loss.
+//! either side, re-INVITE passed through (hold, resume), the ring timeout,
+//! hang-up on media loss, call records. Not yet: UPDATE, INFO, offerless
+//! re-INVITEs, early media, session timers.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -96,6 +97,22 @@ enum State {
     Answered,
 }
 
+/// The `by_branch` slot of a re-INVITE Parley sent on a call's other side.
+const REINVITE: usize = usize::MAX - 1;
+
+/// A re-INVITE in progress: one side's new offer, passed to the other.
+struct Reinvite {
+    /// Who sent it, on which transaction.
+    from: Side,
+    tx: ServerTxId,
+    request: Message,
+    flow: Flow,
+    offer: PhoneMedia,
+    /// What Parley offered the other side, and under which CSeq.
+    sent: SessionDescription,
+    sent_seq: u32,
+}
+
 /// Which side of a call a dialog belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -124,6 +141,7 @@ struct Call {
     callee_dialog: Option<Dialog>,
     callee_media: Option<PhoneMedia>,
     ringing_sent: bool,
+    reinvite: Option<Reinvite>,
 }
 
 /// Every call in progress, with the indexes that find one from a
@@ -549,6 +567,7 @@ impl Core {
             callee_dialog: None,
             callee_media: None,
             ringing_sent: false,
+            reinvite: None,
         });
     }
 
@@ -563,6 +582,10 @@ impl Core {
             self.calls.by_branch.remove(&ctx);
             return;
         }
+        if bi == REINVITE {
+            self.reinvite_response(now, idx, ctx, msg);
+            return;
+        }
         match status {
             100 => {}
             101..=199 => self.fork_ringing(now, idx, bi),
@@ -573,7 +596,18 @@ impl Core {
 
     pub(super) fn call_client_timeout(&mut self, now: Instant, ctx: ClientTxId) {
         if let Some(&(idx, bi)) = self.calls.by_branch.get(&ctx) {
-            let is_invite = self.calls.calls[idx].branches[bi].tx == ctx;
+            if bi == REINVITE {
+                self.calls.by_branch.remove(&ctx);
+                if let Some(r) = self.calls.calls[idx].reinvite.take() {
+                    let b = self.response_builder(&r.request, r.flow, 408, "Request Timeout");
+                    self.respond(now, r.tx, 408, b.finish());
+                }
+                return;
+            }
+            let is_invite = self.calls.calls[idx]
+                .branches
+                .get(bi)
+                .is_some_and(|b| b.tx == ctx);
             if is_invite {
                 self.fork_failed(now, idx, bi, 408);
             } else {
@@ -844,9 +878,10 @@ impl Core {
                 self.hang_up_other_side(now, idx, side);
                 self.finish_call(now, idx, Outcome::Answered, 200, "OK", Some(ended_by));
             }
+            Some(Method::Invite) => self.reinvite(now, idx, side, tx, msg, flow),
             _ => {
                 let mut b = self.response_builder(msg, flow, 501, "Not Implemented In A Call Yet");
-                b.header(HeaderName::Allow, "ACK, BYE, CANCEL");
+                b.header(HeaderName::Allow, "INVITE, ACK, BYE, CANCEL");
                 self.respond(now, tx, 501, b.finish());
             }
         }
@@ -866,27 +901,23 @@ impl Core {
     }
 
     fn hang_up_other_side(&mut self, now: Instant, idx: usize, ended: Side) {
-        let call = &mut self.calls.calls[idx];
-        let (dialog, flow) = match ended {
-            Side::Caller => (
-                call.callee_dialog.as_mut(),
-                call.winner.map(|w| call.branches[w].flow),
-            ),
-            Side::Callee => (call.caller_dialog.as_mut(), Some(call.caller_flow)),
+        let call = &self.calls.calls[idx];
+        let flow = match ended {
+            Side::Caller => call.winner.map(|w| call.branches[w].flow),
+            Side::Callee => Some(call.caller_flow),
         };
-        let (Some(dialog), Some(flow)) = (dialog, flow) else {
+        let Some(flow) = flow else {
             return;
         };
-        let transport = flow.transport.via_token();
-        let host = if flow.local.ip().is_unspecified() {
-            SocketAddr::new(
-                self.cfg.advertise.unwrap_or(IpAddr::from([127, 0, 0, 1])),
-                flow.local.port(),
-            )
-        } else {
-            flow.local
+        let via = self.via(&flow, &branch_id());
+        let call = &mut self.calls.calls[idx];
+        let dialog = match ended {
+            Side::Caller => call.callee_dialog.as_mut(),
+            Side::Callee => call.caller_dialog.as_mut(),
         };
-        let via = format!("SIP/2.0/{transport} {host};branch={};rport", branch_id());
+        let Some(dialog) = dialog else {
+            return;
+        };
         let bye = dialog
             .request("BYE", &via, None)
             .finish_with_body(None, b"");
@@ -1075,5 +1106,208 @@ fn leg_media(phone: &PhoneMedia, local: &LocalMedia, flow: Flow) -> LegMedia {
         keys,
         trusted_ips: trusted,
         clock_rate: 8000,
+    }
+}
+
+impl Core {
+    /// A re-INVITE (hold, resume, new codec, new address) from one side of
+    /// an answered call: its offer goes to the other side, rewritten for
+    /// that leg, and the answer comes back the same way. Keys stay as they
+    /// are on each leg unless a phone changes its own.
+    fn reinvite(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        from: Side,
+        tx: ServerTxId,
+        msg: &Message,
+        flow: Flow,
+    ) {
+        let call = &self.calls.calls[idx];
+        if call.reinvite.is_some() {
+            return self.reject(now, tx, msg, flow, 491, "Request Pending");
+        }
+        let Some(w) = call.winner else {
+            return self.reject(now, tx, msg, flow, 491, "Request Pending");
+        };
+        let (x_media, y_media) = match from {
+            Side::Caller => (Some(&call.caller_media), call.callee_media.as_ref()),
+            Side::Callee => (call.callee_media.as_ref(), Some(&call.caller_media)),
+        };
+        // A leg keeps its protection: SRTP stays SRTP, plain stays plain.
+        let security = |m: Option<&PhoneMedia>| {
+            if m.is_some_and(PhoneMedia::is_srtp) {
+                MediaSecurity::Srtp
+            } else {
+                MediaSecurity::Plain
+            }
+        };
+        let (x_security, y_security) = (security(x_media), security(y_media));
+        if msg.body().is_empty() {
+            // An offerless re-INVITE would need Parley to offer; not yet.
+            return self.reject(now, tx, msg, flow, 488, "Offer Required");
+        }
+        let offer = match read_phone_sdp(
+            msg.body(),
+            flow.transport == Transport::Tls,
+            x_security,
+            None,
+        ) {
+            Ok(o) => o,
+            Err(e) => return self.reject(now, tx, msg, flow, 488, &e.to_string()),
+        };
+        let y_flow = match from {
+            Side::Caller => self.calls.calls[idx].branches[w].flow,
+            Side::Callee => self.calls.calls[idx].caller_flow,
+        };
+        let via = self.via(&y_flow, &branch_id());
+        let call = &mut self.calls.calls[idx];
+        let (y_local, y_dialog) = match from {
+            Side::Caller => (&mut call.branches[w].local, call.callee_dialog.as_mut()),
+            Side::Callee => (&mut call.caller_local, call.caller_dialog.as_mut()),
+        };
+        let Some(y_dialog) = y_dialog else {
+            return;
+        };
+        y_local.version += 1;
+        let sent = offer_for_branch(&offer, y_security, y_local);
+        let mut b = y_dialog.request("INVITE", &via, None);
+        b.header(HeaderName::Allow, super::ALLOWED_METHODS);
+        let sent_seq = y_dialog.local_seq;
+        let bytes = b.finish_with_body(Some("application/sdp"), &sent.to_bytes());
+        if let Some(d) = match from {
+            Side::Caller => call.caller_dialog.as_mut(),
+            Side::Callee => call.callee_dialog.as_mut(),
+        } {
+            d.refresh_target(msg);
+        }
+        match self.tx.send_request(now, y_flow, bytes) {
+            Ok(ctx) => {
+                self.calls.by_branch.insert(ctx, (idx, REINVITE));
+                self.calls.calls[idx].reinvite = Some(Reinvite {
+                    from,
+                    tx,
+                    request: msg.clone(),
+                    flow,
+                    offer,
+                    sent,
+                    sent_seq,
+                });
+                let b = self.response_builder(msg, flow, 100, "Trying");
+                self.respond(now, tx, 100, b.finish());
+            }
+            Err(_) => self.reject(now, tx, msg, flow, 500, "Cannot Reach The Other Party"),
+        }
+    }
+
+    fn reinvite_response(&mut self, now: Instant, idx: usize, ctx: ClientTxId, msg: Message) {
+        let status = msg.status().unwrap_or(500);
+        if status < 200 {
+            return;
+        }
+        self.calls.by_branch.remove(&ctx);
+        let Some(r) = self.calls.calls[idx].reinvite.take() else {
+            return;
+        };
+        if status >= 300 {
+            // The other side refused: so does Parley, with its status.
+            let reason = msg.reason().to_string();
+            let b = self.response_builder(&r.request, r.flow, status, &reason);
+            self.respond(now, r.tx, status, b.finish());
+            return;
+        }
+        let Some(w) = self.calls.calls[idx].winner else {
+            return;
+        };
+        let y_flow = match r.from {
+            Side::Caller => self.calls.calls[idx].branches[w].flow,
+            Side::Callee => self.calls.calls[idx].caller_flow,
+        };
+        let via = self.via(&y_flow, &branch_id());
+        let call = &mut self.calls.calls[idx];
+        let y_dialog = match r.from {
+            Side::Caller => call.callee_dialog.as_mut(),
+            Side::Callee => call.caller_dialog.as_mut(),
+        };
+        let Some(y_dialog) = y_dialog else {
+            return;
+        };
+        y_dialog.refresh_target(&msg);
+        let ack = y_dialog.ack(r.sent_seq, &via, None);
+        self.transmit(y_flow, ack);
+
+        let call = &self.calls.calls[idx];
+        let y_security = match r.from {
+            Side::Caller => call.callee_media.as_ref(),
+            Side::Callee => Some(&call.caller_media),
+        }
+        .map_or(MediaSecurity::Plain, |m| {
+            if m.is_srtp() {
+                MediaSecurity::Srtp
+            } else {
+                MediaSecurity::Plain
+            }
+        });
+        let answer = match read_phone_sdp(
+            msg.body(),
+            y_flow.transport == Transport::Tls,
+            y_security,
+            Some(&r.sent),
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "answer to a re-INVITE refused");
+                let b = self.response_builder(&r.request, r.flow, 488, &e.to_string());
+                self.respond(now, r.tx, 488, b.finish());
+                return;
+            }
+        };
+        let call = &mut self.calls.calls[idx];
+        let x_local = match r.from {
+            Side::Caller => &mut call.caller_local,
+            Side::Callee => &mut call.branches[w].local,
+        };
+        x_local.version += 1;
+        let x_answer = match answer_for_caller(&r.offer, &answer, x_local) {
+            Ok(a) => a,
+            Err(e) => {
+                let b = self.response_builder(&r.request, r.flow, 488, &e.to_string());
+                self.respond(now, r.tx, 488, b.finish());
+                return;
+            }
+        };
+        // Both legs follow the new descriptions.
+        let (x_leg, y_leg) = match r.from {
+            Side::Caller => (call.caller_leg.id, call.branches[w].leg.id),
+            Side::Callee => (call.branches[w].leg.id, call.caller_leg.id),
+        };
+        let y_local = match r.from {
+            Side::Caller => &call.branches[w].local,
+            Side::Callee => &call.caller_local,
+        };
+        let x_local = match r.from {
+            Side::Caller => &call.caller_local,
+            Side::Callee => &call.branches[w].local,
+        };
+        let x_media = leg_media(&r.offer, x_local, r.flow);
+        let y_media = leg_media(&answer, y_local, y_flow);
+        match r.from {
+            Side::Caller => {
+                call.caller_media = r.offer.clone();
+                call.callee_media = Some(answer);
+            }
+            Side::Callee => {
+                call.callee_media = Some(r.offer.clone());
+                call.caller_media = answer;
+            }
+        }
+        self.media.configure(x_leg, x_media);
+        self.media.configure(y_leg, y_media);
+        let contact = self.contact_uri(&r.flow);
+        let mut b = self.response_builder(&r.request, r.flow, 200, "OK");
+        b.header_fmt(HeaderName::Contact, format_args!("<{contact}>"));
+        b.header(HeaderName::Allow, super::ALLOWED_METHODS);
+        let ok = b.finish_with_body(Some("application/sdp"), &x_answer.to_bytes());
+        self.respond(now, r.tx, 200, ok);
     }
 }

@@ -641,7 +641,7 @@ use std::sync::{Arc as StdArc, Mutex};
 
 use crate::media::{LegId, LegMedia, LegReport, MediaError, MediaEvent, OpenLeg};
 use crate::pbx::cdr::{EndedBy, Outcome};
-use crate::sdp::SessionDescription;
+use crate::sdp::{Direction, SessionDescription};
 use crate::sip::digest::Challenge;
 use crate::sip::message::NameAddr;
 
@@ -951,4 +951,56 @@ fn unanswered_calls_time_out_and_quiet_media_ends_a_call() {
     s.h.advance(Duration::from_secs(3));
     let cdr = s.h.calls.last().unwrap();
     assert_eq!((cdr.ended_by, cdr.sip_reason.as_str()), (Some(EndedBy::Parley), "Media Timeout"));
+}
+
+#[test]
+fn hold_and_resume_pass_through_to_the_other_side() {
+    let mut s = call_setup();
+    let out = s.dial("102");
+    let invite = out.into_iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap().1;
+    let answer = sdp_offer("192.168.1.30", 6000);
+    let out = s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&answer)));
+    let ok = out.into_iter().find(|(_, m)| m.status() == Some(200)).unwrap().1;
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let configured_before = s.media.configured.lock().unwrap().len();
+
+    for (caller_dir, callee_dir) in [("sendonly", "recvonly"), ("sendrecv", "sendrecv")] {
+        // The caller re-INVITEs (hold, then resume).
+        s.caller.cseq += 1;
+        let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap()).unwrap().uri.to_string();
+        let mut b = MessageBuilder::request("INVITE", &contact);
+        b.header_fmt(HeaderName::Via, format_args!("SIP/2.0/UDP {};branch=z9hG4bKre{}", s.caller.flow.remote, s.caller.cseq));
+        b.header(HeaderName::From, ok.header(HeaderName::From).unwrap());
+        b.header(HeaderName::To, ok.header(HeaderName::To).unwrap());
+        b.header(HeaderName::CallId, "call-1@phone");
+        b.header_fmt(HeaderName::CSeq, format_args!("{} INVITE", s.caller.cseq));
+        b.header_fmt(HeaderName::Contact, format_args!("<sip:100@{}>", s.caller.flow.remote));
+        let body = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", &format!("a={caller_dir}"));
+        let out = s.h.send_flows(s.caller.flow, b.finish_with_body(Some("application/sdp"), body.as_bytes()));
+        assert!(out.iter().any(|(f, m)| *f == s.caller.flow && m.status() == Some(100)));
+        let (f, reinvite) = out.iter().find(|(_, m)| m.method() == Some(Method::Invite)).expect("re-INVITE to the callee");
+        assert_eq!(*f, s.callee_flow);
+        // In the callee's dialog: its Call-ID and tags, the next CSeq.
+        assert_eq!(reinvite.call_id(), invite.call_id());
+        assert_eq!(reinvite.to().unwrap().tag(), Some("calleetag"));
+        let offer = SessionDescription::parse(reinvite.body()).unwrap();
+        assert_eq!(offer.media_direction(0), match caller_dir { "sendonly" => Direction::SendOnly, _ => Direction::SendRecv });
+        let first = SessionDescription::parse(invite.body()).unwrap();
+        assert_eq!(offer.media[0].port, first.media[0].port, "same leg, same port");
+        assert!(offer.origin.session_version > first.origin.session_version);
+
+        // The callee agrees; Parley ACKs it and answers the caller.
+        let answer = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", &format!("a={callee_dir}"));
+        let mut rb = MessageBuilder::response_to(reinvite, 200, "OK", None);
+        rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
+        let out = s.h.send_flows(s.callee_flow, rb.finish_with_body(Some("application/sdp"), answer.as_bytes()));
+        let ack = out.iter().find(|(_, m)| m.method() == Some(Method::Ack)).expect("ACK to the callee");
+        assert_eq!(ack.1.cseq().unwrap().seq, reinvite.cseq().unwrap().seq);
+        let (_, ok2) = out.iter().find(|(f, m)| *f == s.caller.flow && m.status() == Some(200)).expect("200 to the caller");
+        let to_caller = SessionDescription::parse(ok2.body()).unwrap();
+        assert_eq!(to_caller.media_direction(0).name(), callee_dir);
+    }
+    // Each round reconfigured both legs; the call is still up.
+    assert_eq!(s.media.configured.lock().unwrap().len(), configured_before + 4);
+    assert_eq!(s.h.core.call_count(), 1);
 }
