@@ -5,26 +5,10 @@ use smallvec::smallvec;
 
 use super::leg::{Drop, Leg};
 use super::*;
-use crate::srtp::{MAX_SRTP_OVERHEAD, MasterKey, SrtpContext, SrtpError};
+use crate::srtp::tests::{protect, rtp_packet as rtp};
+use crate::srtp::{MasterKey, SrtpContext, SrtpError};
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-fn rtp(seq: u16, ssrc: u32, payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0x80, 0x00];
-    p.extend_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
-    p.extend_from_slice(&ssrc.to_be_bytes());
-    p.extend_from_slice(payload);
-    p
-}
-
-fn protect(ctx: &mut SrtpContext, plain: &[u8]) -> Vec<u8> {
-    let mut buf = plain.to_vec();
-    buf.resize(plain.len() + MAX_SRTP_OVERHEAD, 0);
-    let n = ctx.protect_rtp(&mut buf, plain.len()).unwrap();
-    buf.truncate(n);
-    buf
-}
 
 fn srtp_media(remote: SocketAddr, phone_key: &MasterKey, parley_key: &MasterKey) -> LegMedia {
     LegMedia {

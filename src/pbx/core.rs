@@ -419,8 +419,8 @@ impl Core {
             &self.directory,
         ) {
             AuthResult::Authenticated(ext) => ext,
-            AuthResult::Challenge => return self.challenge(now, tx, msg, flow, false),
-            AuthResult::Stale => return self.challenge(now, tx, msg, flow, true),
+            AuthResult::Challenge => return self.challenge(now, tx, msg, flow, false, false),
+            AuthResult::Stale => return self.challenge(now, tx, msg, flow, true, false),
             AuthResult::Malformed(e) => {
                 let b = self.response_builder(
                     msg,
@@ -470,7 +470,7 @@ impl Core {
                         seconds,
                     });
                 }
-                return self.challenge(now, tx, msg, flow, false);
+                return self.challenge(now, tx, msg, flow, false, false);
             }
             AuthResult::WrongUser { username } => {
                 tracing::warn!(%username, "credentials of another extension refused");
@@ -539,9 +539,16 @@ impl Core {
         self.report(now, changes);
     }
 
-    fn challenge(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow, stale: bool) {
+    /// A 401 (registrations) or, with `proxy`, a 407 (calls) with fresh
+    /// challenges.
+    fn challenge(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow, stale: bool, proxy: bool) {
         let unix_secs = self.clock.unix(now).as_secs();
-        let mut b = self.response_builder(msg, flow, 401, "Unauthorized");
+        let (status, reason, header) = if proxy {
+            (407, "Proxy Authentication Required", HeaderName::ProxyAuthenticate)
+        } else {
+            (401, "Unauthorized", HeaderName::WwwAuthenticate)
+        };
+        let mut b = self.response_builder(msg, flow, status, reason);
         let challenges = self.auth.challenges(
             unix_secs,
             flow.remote.ip(),
@@ -549,7 +556,7 @@ impl Core {
             msg.header(HeaderName::UserAgent),
         );
         for c in challenges.headers() {
-            b.header_fmt(HeaderName::WwwAuthenticate, format_args!("{c}"));
+            b.header_fmt(header, format_args!("{c}"));
         }
         // Unauthenticated requests leave no state behind.
         self.tx.respond_stateless(tx, b.finish());

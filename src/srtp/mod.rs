@@ -16,7 +16,7 @@ mod kdf;
 mod keystream;
 mod replay;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use context::{SrtpContext, Unprotected, rtp_header_len};
 pub use replay::REPLAY_WINDOW;

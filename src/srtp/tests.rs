@@ -20,7 +20,8 @@ fn rfc_master() -> MasterKey {
     MasterKey::from_bytes(m)
 }
 
-fn rtp_packet(seq: u16, ssrc: u32, payload: &[u8]) -> Vec<u8> {
+/// A plain RTP packet (version 2, PT 0) for tests.
+pub(crate) fn rtp_packet(seq: u16, ssrc: u32, payload: &[u8]) -> Vec<u8> {
     let mut p = vec![0x80, 0x00];
     p.extend_from_slice(&seq.to_be_bytes());
     p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
@@ -29,7 +30,8 @@ fn rtp_packet(seq: u16, ssrc: u32, payload: &[u8]) -> Vec<u8> {
     p
 }
 
-fn protect(ctx: &mut SrtpContext, plain: &[u8]) -> Vec<u8> {
+/// `plain` protected into a new buffer.
+pub(crate) fn protect(ctx: &mut SrtpContext, plain: &[u8]) -> Vec<u8> {
     let mut buf = plain.to_vec();
     buf.resize(plain.len() + MAX_SRTP_OVERHEAD, 0);
     let n = ctx.protect_rtp(&mut buf, plain.len()).unwrap();

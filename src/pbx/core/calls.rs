@@ -256,28 +256,6 @@ impl Core {
         )
     }
 
-    fn proxy_challenge(
-        &mut self,
-        now: Instant,
-        tx: ServerTxId,
-        msg: &Message,
-        flow: Flow,
-        stale: bool,
-    ) {
-        let unix_secs = self.clock.unix(now).as_secs();
-        let mut b = self.response_builder(msg, flow, 407, "Proxy Authentication Required");
-        let challenges = self.auth.challenges(
-            unix_secs,
-            flow.remote.ip(),
-            stale,
-            msg.header(HeaderName::UserAgent),
-        );
-        for c in challenges.headers() {
-            b.header_fmt(HeaderName::ProxyAuthenticate, format_args!("{c}"));
-        }
-        self.tx.respond_stateless(tx, b.finish());
-    }
-
     fn reject(
         &mut self,
         now: Instant,
@@ -318,8 +296,8 @@ impl Core {
             &self.directory,
         ) {
             AuthResult::Authenticated(ext) => ext,
-            AuthResult::Challenge => return self.proxy_challenge(now, tx, &msg, flow, false),
-            AuthResult::Stale => return self.proxy_challenge(now, tx, &msg, flow, true),
+            AuthResult::Challenge => return self.challenge(now, tx, &msg, flow, false, true),
+            AuthResult::Stale => return self.challenge(now, tx, &msg, flow, true, true),
             AuthResult::Malformed(e) => {
                 return self.reject(
                     now,
@@ -359,7 +337,7 @@ impl Core {
                 if countable {
                     self.lockout.record_failure(now, source, &caller);
                 }
-                return self.proxy_challenge(now, tx, &msg, flow, false);
+                return self.challenge(now, tx, &msg, flow, false, true);
             }
         };
         let caller_policy = ext.encryption;
