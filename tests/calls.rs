@@ -9,9 +9,24 @@ use std::time::Duration;
 use support::baresip::{Baresip, Control, Options, tone_of, wav_samples};
 use support::{DOMAIN, Parley, free_port, wait_until};
 
+/// The tests here each run Parley and two real phones with live audio;
+/// one at a time keeps the recordings clean on a small machine.
+static ONE_CALL_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_CALL_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn account(ext: &str, password: &str, server: std::net::SocketAddr) -> String {
     format!(
         "<sip:{ext}@{DOMAIN};transport=tls>;auth_pass={password};outbound=\"sip:{server};transport=tls\";regint=600;mediaenc=srtp-mand;answermode=auto;audio_codecs=pcmu"
+    )
+}
+
+/// A LAN desk phone's account: UDP, plain RTP.
+fn udp_account(ext: &str, password: &str, server: std::net::SocketAddr) -> String {
+    format!(
+        "<sip:{ext}@{DOMAIN}>;auth_pass={password};outbound=\"sip:{server}\";regint=600;answermode=auto;audio_codecs=pcmu"
     )
 }
 
@@ -68,6 +83,7 @@ fn assert_tone(path: &Path, hz: f64) {
 
 #[test]
 fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
+    let _serial = serial();
     let p = Parley::start("");
     p.add_extension("100", "password100", "required");
     p.add_extension("101", "password101", "required");
@@ -152,4 +168,84 @@ fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
         let m: f64 = m.parse().unwrap_or_else(|_| panic!("no MOS in {row}"));
         assert!(m > 4.0, "a clean loopback call rates above 4: {row}");
     }
+}
+
+/// A LAN desk phone on UDP with plain RTP calls a softphone that insists
+/// on SRTP: Parley bridges the RTP leg to the SRTP leg, and no key ever
+/// travels over UDP.
+#[test]
+fn a_plain_rtp_desk_phone_calls_an_srtp_softphone() {
+    let _serial = serial();
+    let p = Parley::start("");
+    p.add_extension("200", "password200", "required-remote");
+    p.add_extension("201", "password201", "required");
+    let (port_a, port_b) = (free_port(), free_port());
+    let desk = Baresip::start_with(
+        p.data_dir(),
+        "desk",
+        &udp_account("200", "password200", p.udp),
+        &p.ca_cert(),
+        &Options {
+            tone_hz: 600,
+            ctrl_port: Some(port_a),
+        },
+    );
+    let soft = Baresip::start_with(
+        p.data_dir(),
+        "soft",
+        &account("201", "password201", p.tls),
+        &p.ca_cert(),
+        &Options {
+            tone_hz: 1200,
+            ctrl_port: Some(port_b),
+        },
+    );
+    assert!(
+        desk.wait_log("[1 binding]", Duration::from_secs(15)),
+        "200 did not register"
+    );
+    assert!(
+        soft.wait_log("[1 binding]", Duration::from_secs(15)),
+        "201 did not register"
+    );
+    let mut ctl_desk = Control::connect(port_a);
+    let mut ctl_soft = Control::connect(port_b);
+    ctl_desk.command("dial", &format!("sip:201@{DOMAIN}"));
+    assert!(
+        ctl_desk.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
+        "call not established\n--- parley ---\n{}\n--- desk ---\n{}\n--- soft ---\n{}",
+        p.log(),
+        desk.log(),
+        soft.log()
+    );
+    assert!(ctl_soft.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    assert!(
+        ctl_soft.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)),
+        "the softphone leg is SRTP"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    ctl_soft.command("hangup", "");
+    assert!(ctl_soft.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    assert!(
+        ctl_desk.wait_event("CALL_CLOSED", Duration::from_secs(10)),
+        "the desk phone was not hung up"
+    );
+
+    assert_tone(&heard(&soft), 600.0);
+    assert_tone(&heard(&desk), 1200.0);
+    // Nothing Parley sent the desk phone over UDP carried a key.
+    let desk_log = desk.log();
+    assert!(
+        !desk_log.contains("a=crypto"),
+        "SDES key sent over UDP:\n{desk_log}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).contains("answered")
+        }),
+        "no call record"
+    );
+    let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
+    let row = list.lines().nth(1).unwrap();
+    assert!(row.contains("udp RTP") && row.contains("tls SRTP"), "{row}");
 }
