@@ -50,16 +50,18 @@ fn heard(phone: &Baresip) -> PathBuf {
 /// Checks that a recording holds `hz` (±5 %) loud enough to be the tone,
 /// not noise; the first half second (call set-up) is skipped.
 fn assert_tone(path: &Path, hz: f64) {
-    // The WAV header is completed when the call ends; give it a moment.
-    let (rate, samples) = (0..50)
-        .find_map(|_| {
-            let r = std::panic::catch_unwind(|| wav_samples(path)).ok();
-            if r.is_none() {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            r
-        })
-        .expect("a readable recording");
+    // The WAV header gets its sizes when the recording is closed, a moment
+    // after the call ends; until then it reads as empty or not at all.
+    let complete = |r: &(u32, Vec<i16>)| r.1.len() > r.0 as usize * 3 / 2;
+    let mut last = None;
+    for _ in 0..50 {
+        last = std::panic::catch_unwind(|| wav_samples(path)).ok();
+        if last.as_ref().is_some_and(complete) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (rate, samples) = last.expect("a readable recording");
     let skip = rate as usize / 2;
     assert!(
         samples.len() > skip + rate as usize,
@@ -248,4 +250,173 @@ fn a_plain_rtp_desk_phone_calls_an_srtp_softphone() {
     let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
     let row = list.lines().nth(1).unwrap();
     assert!(row.contains("udp RTP") && row.contains("tls SRTP"), "{row}");
+}
+
+/// A softphone that rings until told what to do.
+fn manual_account(ext: &str, password: &str, server: std::net::SocketAddr) -> String {
+    account(ext, password, server).replace("answermode=auto", "answermode=manual")
+}
+
+/// What a caller is told: unknown number, nobody registered, hang-up while
+/// it rings, busy.
+#[test]
+fn real_phones_get_the_right_outcome() {
+    let _serial = serial();
+    let p = Parley::start("");
+    p.add_extension("300", "password300", "required");
+    p.add_extension("301", "password301", "required");
+    p.add_extension("302", "password302", "required");
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = Baresip::start_with(
+        p.data_dir(),
+        "caller",
+        &account("300", "password300", p.tls),
+        &p.ca_cert(),
+        &Options {
+            tone_hz: 440,
+            ctrl_port: Some(port_a),
+        },
+    );
+    let b = Baresip::start_with(
+        p.data_dir(),
+        "callee",
+        &manual_account("301", "password301", p.tls),
+        &p.ca_cert(),
+        &Options {
+            tone_hz: 1000,
+            ctrl_port: Some(port_b),
+        },
+    );
+    assert!(a.wait_log("[1 binding]", Duration::from_secs(15)));
+    assert!(b.wait_log("[1 binding]", Duration::from_secs(15)));
+    let mut ctl_a = Control::connect(port_a);
+    let mut ctl_b = Control::connect(port_b);
+
+    ctl_a.command("dial", &format!("sip:999@{DOMAIN}"));
+    assert!(
+        ctl_a.wait_event("404 Not Found", Duration::from_secs(10)),
+        "{}",
+        a.log()
+    );
+    ctl_a.command("dial", &format!("sip:302@{DOMAIN}"));
+    assert!(
+        ctl_a.wait_event("480 Temporarily Unavailable", Duration::from_secs(10)),
+        "{}",
+        a.log()
+    );
+
+    // The caller gives up while it rings: the callee stops ringing.
+    ctl_a.command("dial", &format!("sip:301@{DOMAIN}"));
+    assert!(
+        ctl_b.wait_event("CALL_INCOMING", Duration::from_secs(10)),
+        "{}",
+        b.log()
+    );
+    assert!(ctl_a.wait_event("CALL_RINGING", Duration::from_secs(5)));
+    ctl_a.command("hangup", "");
+    assert!(
+        ctl_b.wait_event("CALL_CLOSED", Duration::from_secs(10)),
+        "ringing did not stop:\n{}",
+        b.log()
+    );
+
+    assert!(ctl_a.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+
+    // The callee turns the next call down: the caller hears busy.
+    ctl_b.events.clear();
+    ctl_a.events.clear();
+    ctl_a.command("dial", &format!("sip:301@{DOMAIN}"));
+    assert!(ctl_b.wait_event("CALL_INCOMING", Duration::from_secs(10)));
+    ctl_b.command("hangup", "");
+    assert!(
+        ctl_a.wait_event("486 Busy Here", Duration::from_secs(10)),
+        "{:?}",
+        ctl_a.events
+    );
+
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
+            ["not-found", "unavailable", "cancelled", "busy"]
+                .iter()
+                .all(|o| list.contains(o))
+        }),
+        "{}",
+        String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
+    );
+}
+
+/// One extension on two phones: both ring, the first to answer gets the
+/// call, the other is let go, and the audio flows with the one that won.
+#[test]
+fn both_devices_of_an_extension_ring_and_the_first_answer_wins() {
+    let _serial = serial();
+    let p = Parley::start("");
+    p.add_extension("400", "password400", "required");
+    p.add_extension("401", "password401", "required");
+    let ports = [free_port(), free_port(), free_port()];
+    let a = Baresip::start_with(
+        p.data_dir(),
+        "caller",
+        &account("400", "password400", p.tls),
+        &p.ca_cert(),
+        &Options {
+            tone_hz: 440,
+            ctrl_port: Some(ports[0]),
+        },
+    );
+    let desk = Baresip::start_with(
+        p.data_dir(),
+        "desk",
+        &manual_account("401", "password401", p.tls),
+        &p.ca_cert(),
+        &Options {
+            tone_hz: 800,
+            ctrl_port: Some(ports[1]),
+        },
+    );
+    let mobile = Baresip::start_with(
+        p.data_dir(),
+        "mobile",
+        &manual_account("401", "password401", p.tls),
+        &p.ca_cert(),
+        &Options {
+            tone_hz: 1300,
+            ctrl_port: Some(ports[2]),
+        },
+    );
+    for phone in [&a, &desk, &mobile] {
+        assert!(
+            phone.wait_log("200 OK", Duration::from_secs(15)),
+            "{}",
+            phone.log()
+        );
+    }
+    let mut ctl_a = Control::connect(ports[0]);
+    let mut ctl_desk = Control::connect(ports[1]);
+    let mut ctl_mobile = Control::connect(ports[2]);
+    ctl_a.command("dial", &format!("sip:401@{DOMAIN}"));
+    assert!(
+        ctl_desk.wait_event("CALL_INCOMING", Duration::from_secs(10)),
+        "desk did not ring"
+    );
+    assert!(
+        ctl_mobile.wait_event("CALL_INCOMING", Duration::from_secs(10)),
+        "mobile did not ring"
+    );
+    ctl_mobile.command("accept", "");
+    assert!(
+        ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(10)),
+        "{}",
+        p.log()
+    );
+    assert!(
+        ctl_desk.wait_event("CALL_CLOSED", Duration::from_secs(10)),
+        "the desk phone kept ringing"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    ctl_a.command("hangup", "");
+    assert!(ctl_mobile.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    assert_tone(&heard(&a), 1300.0);
+    assert_tone(&heard(&mobile), 440.0);
 }

@@ -363,7 +363,17 @@ impl Core {
                     transport: flow.transport,
                     violation: v,
                 });
-                return self.reject(now, tx, &msg, flow, 403, &v.to_string());
+                let dialed = dialed_number(&msg);
+                return self.refuse_call(
+                    now,
+                    tx,
+                    &msg,
+                    flow,
+                    403,
+                    &v.to_string(),
+                    &caller,
+                    &dialed,
+                );
             }
         };
 
@@ -372,7 +382,8 @@ impl Core {
             .and_then(|u| u.user)
             .map(super::percent_decode);
         let Some(callee) = callee.filter(|c| self.directory.get(c).is_some()) else {
-            return self.reject(now, tx, &msg, flow, 404, "Not Found");
+            let dialed = dialed_number(&msg);
+            return self.refuse_call(now, tx, &msg, flow, 404, "Not Found", &caller, &dialed);
         };
         let callee_policy = self
             .directory
@@ -392,7 +403,16 @@ impl Core {
             .map(|b| b.contact.to_string())
             .collect();
         if bindings.is_empty() {
-            return self.reject(now, tx, &msg, flow, 480, "Temporarily Unavailable");
+            return self.refuse_call(
+                now,
+                tx,
+                &msg,
+                flow,
+                480,
+                "Temporarily Unavailable",
+                &caller,
+                &callee,
+            );
         }
 
         let offer = match read_phone_sdp(
@@ -404,7 +424,16 @@ impl Core {
             Ok(o) => o,
             Err(e) => {
                 tracing::info!(error = %e, "caller's offer refused");
-                return self.reject(now, tx, &msg, flow, 488, &e.to_string());
+                return self.refuse_call(
+                    now,
+                    tx,
+                    &msg,
+                    flow,
+                    488,
+                    &e.to_string(),
+                    &caller,
+                    &callee,
+                );
             }
         };
         if offer.keys_over_plain {
@@ -414,7 +443,16 @@ impl Core {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "no media port for the caller's leg");
-                return self.reject(now, tx, &msg, flow, 503, "No Media Port Available");
+                return self.refuse_call(
+                    now,
+                    tx,
+                    &msg,
+                    flow,
+                    503,
+                    "No Media Port Available",
+                    &caller,
+                    &callee,
+                );
             }
         };
         let caller_local = LocalMedia {
@@ -507,13 +545,15 @@ impl Core {
         if branches.is_empty() {
             self.media.close(caller_leg.id);
             // Every device was unusable under the callee's policy.
-            return self.reject(
+            return self.refuse_call(
                 now,
                 tx,
                 &msg,
                 flow,
                 480,
                 "No Device Can Take The Call Securely",
+                &caller,
+                &callee,
             );
         }
         let entry = self.calls.calls.vacant_entry();
@@ -547,6 +587,53 @@ impl Core {
             ringing_sent: false,
             reinvite: None,
         });
+    }
+
+    /// Refuses a call from an authenticated caller; the attempt goes into
+    /// the history with the status the caller got.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse_call(
+        &mut self,
+        now: Instant,
+        tx: ServerTxId,
+        msg: &Message,
+        flow: Flow,
+        status: u16,
+        reason: &str,
+        caller: &str,
+        callee: &str,
+    ) {
+        self.reject(now, tx, msg, flow, status, reason);
+        let outcome = match status {
+            404 => Outcome::NotFound,
+            480 => Outcome::Unavailable,
+            403 | 488 => Outcome::Rejected,
+            _ => Outcome::Failed,
+        };
+        tracing::info!(%callee, status, reason, "call refused");
+        let at = self.clock.unix(now).as_millis() as i64;
+        self.calls.next_ref += 1;
+        let record = CallRecord {
+            call_ref: format!("call-{}-{}", self.calls.next_ref, &random_hex()[..6]),
+            caller: caller.to_string(),
+            callee: callee.to_string(),
+            started_unix_ms: at,
+            answered_unix_ms: None,
+            ended_unix_ms: at,
+            outcome,
+            sip_status: status,
+            sip_reason: reason.to_string(),
+            ended_by: None,
+            caller_leg: LegRecord {
+                transport: flow.transport,
+                tls_version: None,
+                srtp: None,
+                media: None,
+            },
+            callee_leg: None,
+        };
+        self.out
+            .push_back(super::Output::CallEnded(Box::new(record)));
     }
 
     /// A response on one of the forks.
@@ -1061,6 +1148,16 @@ impl Core {
                 bytes,
             }));
     }
+}
+
+/// The number a caller dialed, as the history shows it (bounded: it comes
+/// from the network).
+fn dialed_number(msg: &Message) -> String {
+    let user = Uri::parse(msg.request_uri())
+        .ok()
+        .and_then(|u| u.user)
+        .map(super::percent_decode);
+    user.unwrap_or_default().chars().take(32).collect()
 }
 
 /// The media settings of a leg from the phone's SDP and Parley's side.
