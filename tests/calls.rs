@@ -161,7 +161,7 @@ fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
         row.contains("100") && row.contains("101") && row.contains("200 OK"),
         "{row}"
     );
-    assert_eq!(row.matches("tls").count(), 2, "{row}");
+    assert_eq!(row.matches("tls TLSv1.3 SRTP").count(), 2, "{row}");
     assert_eq!(row.matches("SRTP").count(), 2, "{row}");
     // With the relay's statistics: a MOS each way on the caller's leg.
     let mos = row.split_whitespace().last().unwrap();
@@ -249,7 +249,7 @@ fn a_plain_rtp_desk_phone_calls_an_srtp_softphone() {
     );
     let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
     let row = list.lines().nth(1).unwrap();
-    assert!(row.contains("udp RTP") && row.contains("tls SRTP"), "{row}");
+    assert!(row.contains("udp RTP") && row.contains("tls TLSv1.3 SRTP"), "{row}");
 }
 
 /// A softphone that rings until told what to do.

@@ -125,6 +125,8 @@ pub struct Core {
     date: (u64, String),
     calls: calls::Calls,
     media: Box<dyn MediaControl>,
+    /// The TLS version of each open TLS connection, for call records.
+    tls_versions: std::collections::HashMap<ConnId, &'static str>,
 }
 
 impl Core {
@@ -153,6 +155,7 @@ impl Core {
             date: (0, String::new()),
             calls: calls::Calls::default(),
             media: Box::new(NoMedia),
+            tls_versions: Default::default(),
             cfg,
         }
     }
@@ -263,8 +266,14 @@ impl Core {
         self.call_timers(now);
     }
 
+    /// Notes what a TLS connection negotiated (shown in call records).
+    pub fn set_tls_version(&mut self, conn: ConnId, version: &'static str) {
+        self.tls_versions.insert(conn, version);
+    }
+
     /// A TCP/TLS connection closed: its bindings and transactions go.
     pub fn handle_flow_closed(&mut self, now: Instant, flow: Flow) {
+        self.tls_versions.remove(&flow.conn);
         let changes = self.registrar.flow_closed(flow.conn);
         self.report(now, changes);
         self.tx.flow_failed(&flow);

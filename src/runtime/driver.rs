@@ -35,6 +35,8 @@ pub enum Inbound {
     Opened {
         flow: Flow,
         handle: Arc<ConnShared>,
+        /// The negotiated TLS version, on TLS connections.
+        tls_version: Option<&'static str>,
     },
     Message {
         flow: Flow,
@@ -143,7 +145,14 @@ impl Driver {
 
     fn handle_inbound(&mut self, now: Instant, item: Inbound, conns: &mut HashMap<ConnId, Conn>) {
         match item {
-            Inbound::Opened { flow, handle } => {
+            Inbound::Opened {
+                flow,
+                handle,
+                tls_version,
+            } => {
+                if let Some(v) = tls_version {
+                    self.core.set_tls_version(flow.conn, v);
+                }
                 conns.insert(
                     flow.conn,
                     Conn {

@@ -129,10 +129,17 @@ pub async fn accept_loop(
             let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
             let flow = Flow::stream(transport, local, remote, conn);
             match tls {
-                None => run(Plain(tcp), flow, inbound).await,
+                None => run(Plain(tcp), flow, None, inbound).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => run(Tls(stream), flow, inbound).await,
+                        Ok(Ok(stream)) => {
+                            let version = match stream.get_ref().1.protocol_version() {
+                                Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
+                                Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
+                                _ => None,
+                            };
+                            run(Tls(stream), flow, version, inbound).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
                         Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                     }
@@ -250,12 +257,18 @@ fn read_available<C: Conn>(conn: &mut C, pending: &mut BytesMut) -> io::Result<R
 }
 
 /// Serves one established connection until either side closes it.
-async fn run<C: Conn>(mut conn: C, flow: Flow, inbound: mpsc::Sender<Inbound>) {
+async fn run<C: Conn>(
+    mut conn: C,
+    flow: Flow,
+    tls_version: Option<&'static str>,
+    inbound: mpsc::Sender<Inbound>,
+) {
     let shared = Arc::new(ConnShared::new());
     if inbound
         .send(Inbound::Opened {
             flow,
             handle: shared.clone(),
+            tls_version,
         })
         .await
         .is_err()

@@ -626,7 +626,7 @@ impl Core {
             ended_by: None,
             caller_leg: LegRecord {
                 transport: flow.transport,
-                tls_version: None,
+                tls_version: self.tls_versions.get(&flow.conn).map(|v| v.to_string()),
                 srtp: None,
                 media: None,
             },
@@ -1031,13 +1031,16 @@ impl Core {
             ended_by,
             caller_leg: LegRecord {
                 transport: call.caller_flow.transport,
-                tls_version: None,
+                tls_version: self
+                    .tls_versions
+                    .get(&call.caller_flow.conn)
+                    .map(|v| v.to_string()),
                 srtp: call.caller_media.crypto.as_ref().map(|c| c.1),
                 media: None,
             },
             callee_leg: winner.map(|b| LegRecord {
                 transport: b.flow.transport,
-                tls_version: None,
+                tls_version: self.tls_versions.get(&b.flow.conn).map(|v| v.to_string()),
                 srtp: call
                     .callee_media
                     .as_ref()
