@@ -240,6 +240,18 @@ impl Core {
         }
     }
 
+    /// Parley's side of a new leg towards a device on `flow`: its address,
+    /// the leg's port, a fresh key, a new SDP session.
+    fn new_local_media(&self, flow: &Flow, leg: &OpenLeg) -> LocalMedia {
+        LocalMedia {
+            addr: self.media_address(flow),
+            port: leg.port,
+            key: MasterKey::generate(),
+            session_id: rand::random::<u32>().into(),
+            version: 1,
+        }
+    }
+
     fn contact_uri(&self, flow: &Flow) -> String {
         let host = self.local_host(flow);
         match flow.transport {
@@ -455,13 +467,7 @@ impl Core {
                 );
             }
         };
-        let caller_local = LocalMedia {
-            addr: self.media_address(&flow),
-            port: caller_leg.port,
-            key: MasterKey::generate(),
-            session_id: rand::random::<u32>().into(),
-            version: 1,
-        };
+        let caller_local = self.new_local_media(&flow, &caller_leg);
         self.respond(
             now,
             tx,
@@ -490,13 +496,7 @@ impl Core {
                 tracing::error!("no media port for a callee leg");
                 continue;
             };
-            let local = LocalMedia {
-                addr: self.media_address(&binding_flow),
-                port: leg.port,
-                key: MasterKey::generate(),
-                session_id: rand::random::<u32>().into(),
-                version: 1,
-            };
+            let local = self.new_local_media(&binding_flow, &leg);
             let sdp = offer_for_branch(&offer, security, &local);
             let target = NameAddr::parse(&contact)
                 .map(|c| c.uri.to_string())
