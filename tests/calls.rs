@@ -89,27 +89,8 @@ fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
     let p = Parley::start("");
     p.add_extension("100", "password100", "required");
     p.add_extension("101", "password101", "required");
-    let (port_a, port_b) = (free_port(), free_port());
-    let a = Baresip::start_with(
-        p.data_dir(),
-        "a",
-        &account("100", "password100", p.tls),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 440,
-            ctrl_port: Some(port_a),
-        },
-    );
-    let b = Baresip::start_with(
-        p.data_dir(),
-        "b",
-        &account("101", "password101", p.tls),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 1000,
-            ctrl_port: Some(port_b),
-        },
-    );
+    let (a, mut ctl_a) = phone(&p, "a", &account("100", "password100", p.tls), 440);
+    let (b, mut ctl_b) = phone(&p, "b", &account("101", "password101", p.tls), 1000);
     assert!(
         a.wait_log("[1 binding]", Duration::from_secs(15)),
         "100 did not register"
@@ -118,8 +99,6 @@ fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
         b.wait_log("[1 binding]", Duration::from_secs(15)),
         "101 did not register"
     );
-    let mut ctl_a = Control::connect(port_a);
-    let mut ctl_b = Control::connect(port_b);
 
     ctl_a.command("dial", &format!("sip:101@{DOMAIN}"));
     assert!(
@@ -181,27 +160,8 @@ fn a_plain_rtp_desk_phone_calls_an_srtp_softphone() {
     let p = Parley::start("");
     p.add_extension("200", "password200", "required-remote");
     p.add_extension("201", "password201", "required");
-    let (port_a, port_b) = (free_port(), free_port());
-    let desk = Baresip::start_with(
-        p.data_dir(),
-        "desk",
-        &udp_account("200", "password200", p.udp),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 600,
-            ctrl_port: Some(port_a),
-        },
-    );
-    let soft = Baresip::start_with(
-        p.data_dir(),
-        "soft",
-        &account("201", "password201", p.tls),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 1200,
-            ctrl_port: Some(port_b),
-        },
-    );
+    let (desk, mut ctl_desk) = phone(&p, "desk", &udp_account("200", "password200", p.udp), 600);
+    let (soft, mut ctl_soft) = phone(&p, "soft", &account("201", "password201", p.tls), 1200);
     assert!(
         desk.wait_log("[1 binding]", Duration::from_secs(15)),
         "200 did not register"
@@ -210,8 +170,6 @@ fn a_plain_rtp_desk_phone_calls_an_srtp_softphone() {
         soft.wait_log("[1 binding]", Duration::from_secs(15)),
         "201 did not register"
     );
-    let mut ctl_desk = Control::connect(port_a);
-    let mut ctl_soft = Control::connect(port_b);
     ctl_desk.command("dial", &format!("sip:201@{DOMAIN}"));
     assert!(
         ctl_desk.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
@@ -252,6 +210,15 @@ fn a_plain_rtp_desk_phone_calls_an_srtp_softphone() {
     assert!(row.contains("udp RTP") && row.contains("tls TLSv1.3 SRTP"), "{row}");
 }
 
+/// A baresip phone with its own tone and a control connection.
+fn phone(p: &Parley, name: &str, account: &str, tone_hz: u32) -> (Baresip, Control) {
+    let port = free_port();
+    let options = Options { tone_hz, ctrl_port: Some(port) };
+    let phone = Baresip::start_with(p.data_dir(), name, account, &p.ca_cert(), &options);
+    let control = Control::connect(port);
+    (phone, control)
+}
+
 /// A softphone that rings until told what to do.
 fn manual_account(ext: &str, password: &str, server: std::net::SocketAddr) -> String {
     account(ext, password, server).replace("answermode=auto", "answermode=manual")
@@ -266,31 +233,10 @@ fn real_phones_get_the_right_outcome() {
     p.add_extension("300", "password300", "required");
     p.add_extension("301", "password301", "required");
     p.add_extension("302", "password302", "required");
-    let (port_a, port_b) = (free_port(), free_port());
-    let a = Baresip::start_with(
-        p.data_dir(),
-        "caller",
-        &account("300", "password300", p.tls),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 440,
-            ctrl_port: Some(port_a),
-        },
-    );
-    let b = Baresip::start_with(
-        p.data_dir(),
-        "callee",
-        &manual_account("301", "password301", p.tls),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 1000,
-            ctrl_port: Some(port_b),
-        },
-    );
+    let (a, mut ctl_a) = phone(&p, "caller", &account("300", "password300", p.tls), 440);
+    let (b, mut ctl_b) = phone(&p, "callee", &manual_account("301", "password301", p.tls), 1000);
     assert!(a.wait_log("[1 binding]", Duration::from_secs(15)));
     assert!(b.wait_log("[1 binding]", Duration::from_secs(15)));
-    let mut ctl_a = Control::connect(port_a);
-    let mut ctl_b = Control::connect(port_b);
 
     ctl_a.command("dial", &format!("sip:999@{DOMAIN}"));
     assert!(
@@ -354,37 +300,9 @@ fn both_devices_of_an_extension_ring_and_the_first_answer_wins() {
     let p = Parley::start("");
     p.add_extension("400", "password400", "required");
     p.add_extension("401", "password401", "required");
-    let ports = [free_port(), free_port(), free_port()];
-    let a = Baresip::start_with(
-        p.data_dir(),
-        "caller",
-        &account("400", "password400", p.tls),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 440,
-            ctrl_port: Some(ports[0]),
-        },
-    );
-    let desk = Baresip::start_with(
-        p.data_dir(),
-        "desk",
-        &manual_account("401", "password401", p.tls),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 800,
-            ctrl_port: Some(ports[1]),
-        },
-    );
-    let mobile = Baresip::start_with(
-        p.data_dir(),
-        "mobile",
-        &manual_account("401", "password401", p.tls),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 1300,
-            ctrl_port: Some(ports[2]),
-        },
-    );
+    let (a, mut ctl_a) = phone(&p, "caller", &account("400", "password400", p.tls), 440);
+    let (desk, mut ctl_desk) = phone(&p, "desk", &manual_account("401", "password401", p.tls), 800);
+    let (mobile, mut ctl_mobile) = phone(&p, "mobile", &manual_account("401", "password401", p.tls), 1300);
     for phone in [&a, &desk, &mobile] {
         assert!(
             phone.wait_log("200 OK", Duration::from_secs(15)),
@@ -392,9 +310,6 @@ fn both_devices_of_an_extension_ring_and_the_first_answer_wins() {
             phone.log()
         );
     }
-    let mut ctl_a = Control::connect(ports[0]);
-    let mut ctl_desk = Control::connect(ports[1]);
-    let mut ctl_mobile = Control::connect(ports[2]);
     ctl_a.command("dial", &format!("sip:401@{DOMAIN}"));
     assert!(
         ctl_desk.wait_event("CALL_INCOMING", Duration::from_secs(10)),
@@ -429,31 +344,10 @@ fn hold_and_resume_cross_the_b2bua() {
     let p = Parley::start("");
     p.add_extension("500", "password500", "required");
     p.add_extension("501", "password501", "required");
-    let (port_a, port_b) = (free_port(), free_port());
-    let a = Baresip::start_with(
-        p.data_dir(),
-        "a",
-        &account("500", "password500", p.tls),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 440,
-            ctrl_port: Some(port_a),
-        },
-    );
-    let b = Baresip::start_with(
-        p.data_dir(),
-        "b",
-        &account("501", "password501", p.tls),
-        &p.ca_cert(),
-        &Options {
-            tone_hz: 1000,
-            ctrl_port: Some(port_b),
-        },
-    );
+    let (a, mut ctl_a) = phone(&p, "a", &account("500", "password500", p.tls), 440);
+    let (b, mut ctl_b) = phone(&p, "b", &account("501", "password501", p.tls), 1000);
     assert!(a.wait_log("[1 binding]", Duration::from_secs(15)));
     assert!(b.wait_log("[1 binding]", Duration::from_secs(15)));
-    let mut ctl_a = Control::connect(port_a);
-    let mut ctl_b = Control::connect(port_b);
     ctl_a.command("dial", &format!("sip:501@{DOMAIN}"));
     assert!(ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)));
     assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
