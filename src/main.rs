@@ -207,7 +207,15 @@ async fn calls(cmd: CallsCommand) -> Result<(), String> {
     }
     println!(
         "{:<19}  {:<10} {:<10} {:<11} {:>8}  {:<26} {:<22} {:<22} {:>9}",
-        "STARTED (UTC)", "CALLER", "CALLEE", "OUTCOME", "TALK", "SIP", "CALLER LEG", "CALLEE LEG", "MOS in/out"
+        "STARTED (UTC)",
+        "CALLER",
+        "CALLEE",
+        "OUTCOME",
+        "TALK",
+        "SIP",
+        "CALLER LEG",
+        "CALLEE LEG",
+        "MOS in/out"
     );
     for r in rows {
         let leg = |transport: Option<&str>, tls: Option<&str>, srtp: Option<&str>| match transport {
@@ -225,7 +233,11 @@ async fn calls(cmd: CallsCommand) -> Result<(), String> {
                 .map_or("-".to_string(), |m| format!("{m:.1}"))
         };
         // MOS of what the caller heard and of what it sent.
-        let quality = format!("{}/{}", mos(r.caller_media.as_deref(), "sent"), mos(r.caller_media.as_deref(), "received"));
+        let quality = format!(
+            "{}/{}",
+            mos(r.caller_media.as_deref(), "sent"),
+            mos(r.caller_media.as_deref(), "received")
+        );
         println!(
             "{:<19}  {:<10} {:<10} {:<11} {:>8}  {:<26} {:<22} {:<22} {:>9}",
             format_unix_ms(r.started_at),
@@ -234,8 +246,16 @@ async fn calls(cmd: CallsCommand) -> Result<(), String> {
             r.outcome,
             format_duration_ms(r.duration_ms),
             format!("{} {}", r.sip_status, r.sip_reason),
-            leg(Some(&r.caller_transport), r.caller_tls.as_deref(), r.caller_srtp.as_deref()),
-            leg(r.callee_transport.as_deref(), r.callee_tls.as_deref(), r.callee_srtp.as_deref()),
+            leg(
+                Some(&r.caller_transport),
+                r.caller_tls.as_deref(),
+                r.caller_srtp.as_deref()
+            ),
+            leg(
+                r.callee_transport.as_deref(),
+                r.callee_tls.as_deref(),
+                r.callee_srtp.as_deref()
+            ),
             quality,
         );
     }

@@ -207,13 +207,19 @@ fn a_plain_rtp_desk_phone_calls_an_srtp_softphone() {
     );
     let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
     let row = list.lines().nth(1).unwrap();
-    assert!(row.contains("udp RTP") && row.contains("tls TLSv1.3 SRTP"), "{row}");
+    assert!(
+        row.contains("udp RTP") && row.contains("tls TLSv1.3 SRTP"),
+        "{row}"
+    );
 }
 
 /// A baresip phone with its own tone and a control connection.
 fn phone(p: &Parley, name: &str, account: &str, tone_hz: u32) -> (Baresip, Control) {
     let port = free_port();
-    let options = Options { tone_hz, ctrl_port: Some(port) };
+    let options = Options {
+        tone_hz,
+        ctrl_port: Some(port),
+    };
     let phone = Baresip::start_with(p.data_dir(), name, account, &p.ca_cert(), &options);
     let control = Control::connect(port);
     (phone, control)
@@ -234,7 +240,12 @@ fn real_phones_get_the_right_outcome() {
     p.add_extension("301", "password301", "required");
     p.add_extension("302", "password302", "required");
     let (a, mut ctl_a) = phone(&p, "caller", &account("300", "password300", p.tls), 440);
-    let (b, mut ctl_b) = phone(&p, "callee", &manual_account("301", "password301", p.tls), 1000);
+    let (b, mut ctl_b) = phone(
+        &p,
+        "callee",
+        &manual_account("301", "password301", p.tls),
+        1000,
+    );
     assert!(a.wait_log("[1 binding]", Duration::from_secs(15)));
     assert!(b.wait_log("[1 binding]", Duration::from_secs(15)));
 
@@ -301,8 +312,18 @@ fn both_devices_of_an_extension_ring_and_the_first_answer_wins() {
     p.add_extension("400", "password400", "required");
     p.add_extension("401", "password401", "required");
     let (a, mut ctl_a) = phone(&p, "caller", &account("400", "password400", p.tls), 440);
-    let (desk, mut ctl_desk) = phone(&p, "desk", &manual_account("401", "password401", p.tls), 800);
-    let (mobile, mut ctl_mobile) = phone(&p, "mobile", &manual_account("401", "password401", p.tls), 1300);
+    let (desk, mut ctl_desk) = phone(
+        &p,
+        "desk",
+        &manual_account("401", "password401", p.tls),
+        800,
+    );
+    let (mobile, mut ctl_mobile) = phone(
+        &p,
+        "mobile",
+        &manual_account("401", "password401", p.tls),
+        1300,
+    );
     for phone in [&a, &desk, &mobile] {
         assert!(
             phone.wait_log("200 OK", Duration::from_secs(15)),

@@ -286,7 +286,12 @@ fn call_history_is_listed_newest_first() {
             srtp: Some(Suite::AesCm128HmacSha1_80),
             media: Some(media),
         },
-        callee_leg: Some(LegRecord { transport: Transport::Udp, tls_version: None, srtp: None, media: None }),
+        callee_leg: Some(LegRecord {
+            transport: Transport::Udp,
+            tls_version: None,
+            srtp: None,
+            media: None,
+        }),
     };
     let busy = CallRecord {
         call_ref: "c-2".into(),
@@ -300,28 +305,45 @@ fn call_history_is_listed_newest_first() {
         callee_leg: None,
         ..answered.clone()
     };
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-        let store = parley::store::Store::open(d).await.unwrap();
-        store.insert_call(&answered).await.unwrap();
-        store.insert_call(&busy).await.unwrap();
-        // The call reference is unique: a second write of the same call fails.
-        assert!(store.insert_call(&busy).await.is_err());
-        let rows = store.recent_calls(10).await.unwrap();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[1].duration_ms, 80_500);
-        let media: serde_json::Value = serde_json::from_str(rows[1].caller_media.as_deref().unwrap()).unwrap();
-        assert_eq!(media["received"]["packets"], 4000);
-        assert_eq!(media["sent"]["mos"], 4.38);
-        store.close().await;
-    });
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let store = parley::store::Store::open(d).await.unwrap();
+            store.insert_call(&answered).await.unwrap();
+            store.insert_call(&busy).await.unwrap();
+            // The call reference is unique: a second write of the same call fails.
+            assert!(store.insert_call(&busy).await.is_err());
+            let rows = store.recent_calls(10).await.unwrap();
+            assert_eq!(rows.len(), 2);
+            assert_eq!(rows[1].duration_ms, 80_500);
+            let media: serde_json::Value =
+                serde_json::from_str(rows[1].caller_media.as_deref().unwrap()).unwrap();
+            assert_eq!(media["received"]["packets"], 4000);
+            assert_eq!(media["sent"]["mos"], 4.38);
+            store.close().await;
+        });
 
     let (stdout, stderr) = text(&cli(d, &["calls", "list"], None));
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{stdout}{stderr}");
-    assert!(lines[1].contains("busy") && lines[1].contains("486 Busy Here"), "{}", lines[1]);
+    assert!(
+        lines[1].contains("busy") && lines[1].contains("486 Busy Here"),
+        "{}",
+        lines[1]
+    );
     assert!(lines[2].starts_with("2026-11-18 11:06:40"), "{}", lines[2]);
-    assert!(lines[2].contains("answered") && lines[2].contains("0:01:20"), "{}", lines[2]);
-    assert!(lines[2].contains("tls TLSv1.3 SRTP") && lines[2].contains("udp RTP"), "{}", lines[2]);
+    assert!(
+        lines[2].contains("answered") && lines[2].contains("0:01:20"),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[2].contains("tls TLSv1.3 SRTP") && lines[2].contains("udp RTP"),
+        "{}",
+        lines[2]
+    );
     assert!(lines[2].contains("4.4/4.4"), "{}", lines[2]);
     let (stdout, _) = text(&cli(d, &["calls", "list", "--limit", "1"], None));
     assert_eq!(stdout.lines().count(), 2);

@@ -366,7 +366,12 @@ impl Core {
             return;
         }
         let in_dialog = msg.to().and_then(|t| t.tag()).is_some();
-        if in_dialog && !matches!(method, Method::Register | Method::Options | Method::Cancel | Method::Ack) {
+        if in_dialog
+            && !matches!(
+                method,
+                Method::Register | Method::Options | Method::Cancel | Method::Ack
+            )
+        {
             if !self.call_in_dialog(now, tx, &msg, flow) {
                 let b = self.response_builder(&msg, flow, 481, "Call/Transaction Does Not Exist");
                 self.respond(now, tx, 481, b.finish());
@@ -550,10 +555,22 @@ impl Core {
 
     /// A 401 (registrations) or, with `proxy`, a 407 (calls) with fresh
     /// challenges.
-    fn challenge(&mut self, now: Instant, tx: ServerTxId, msg: &Message, flow: Flow, stale: bool, proxy: bool) {
+    fn challenge(
+        &mut self,
+        now: Instant,
+        tx: ServerTxId,
+        msg: &Message,
+        flow: Flow,
+        stale: bool,
+        proxy: bool,
+    ) {
         let unix_secs = self.clock.unix(now).as_secs();
         let (status, reason, header) = if proxy {
-            (407, "Proxy Authentication Required", HeaderName::ProxyAuthenticate)
+            (
+                407,
+                "Proxy Authentication Required",
+                HeaderName::ProxyAuthenticate,
+            )
         } else {
             (401, "Unauthorized", HeaderName::WwwAuthenticate)
         };

@@ -80,7 +80,10 @@ pub struct StoredBinding {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreOp {
     SaveBinding(StoredBinding),
-    DeleteBinding { extension: String, key: String },
+    DeleteBinding {
+        extension: String,
+        key: String,
+    },
     /// A finished call for the history.
     Call(Box<super::cdr::CallRecord>),
 }

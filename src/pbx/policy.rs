@@ -93,7 +93,9 @@ impl EncryptionPolicy {
         Ok(match self {
             EncryptionPolicy::Required => MediaSecurity::Srtp,
             EncryptionPolicy::RequiredRemote if !lan.contains(source) => MediaSecurity::Srtp,
-            EncryptionPolicy::RequiredRemote | EncryptionPolicy::Preferred => MediaSecurity::SrtpIfAccepted,
+            EncryptionPolicy::RequiredRemote | EncryptionPolicy::Preferred => {
+                MediaSecurity::SrtpIfAccepted
+            }
             EncryptionPolicy::Off => MediaSecurity::Plain,
         })
     }
@@ -247,9 +249,15 @@ mod tests {
         assert_eq!(m(RequiredRemote, Transport::Udp, desk), Ok(Plain));
         assert_eq!(m(RequiredRemote, Transport::Tls, desk), Ok(SrtpIfAccepted));
         assert_eq!(m(RequiredRemote, Transport::Tls, road), Ok(Srtp));
-        assert_eq!(m(RequiredRemote, Transport::Udp, road), Err(PolicyViolation::TlsRequiredRemote));
+        assert_eq!(
+            m(RequiredRemote, Transport::Udp, road),
+            Err(PolicyViolation::TlsRequiredRemote)
+        );
         assert_eq!(m(Required, Transport::Tls, desk), Ok(Srtp));
-        assert_eq!(m(Required, Transport::Tcp, desk), Err(PolicyViolation::TlsRequired));
+        assert_eq!(
+            m(Required, Transport::Tcp, desk),
+            Err(PolicyViolation::TlsRequired)
+        );
         assert_eq!(m(Preferred, Transport::Tls, road), Ok(SrtpIfAccepted));
         assert_eq!(m(Preferred, Transport::Udp, road), Ok(Plain));
         assert_eq!(m(Off, Transport::Tls, road), Ok(Plain));

@@ -7,9 +7,9 @@
 //! comes back from a new address replaces its old binding instead of
 //! leaving a dead one behind; otherwise by its Contact URI.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -307,7 +307,11 @@ impl Registrar {
         Ok(changes)
     }
 
-    fn parse_contact<'a>(&self, value: &'a str, default_expires: u32) -> Result<Requested<'a>, RegisterError> {
+    fn parse_contact<'a>(
+        &self,
+        value: &'a str,
+        default_expires: u32,
+    ) -> Result<Requested<'a>, RegisterError> {
         let na = NameAddr::parse(value).ok_or(RegisterError::MalformedContact)?;
         Uri::parse(na.uri).map_err(|_| RegisterError::UnsupportedContact)?;
         // A malformed expires parameter falls back to the default (§10.3).
@@ -448,7 +452,10 @@ impl Registrar {
         cseq: u32,
     ) -> Result<Vec<BindingChange>, RegisterError> {
         let list = self.bindings(aor);
-        if list.iter().any(|b| *b.call_id == *call_id && cseq <= b.cseq) {
+        if list
+            .iter()
+            .any(|b| *b.call_id == *call_id && cseq <= b.cseq)
+        {
             return Err(RegisterError::OutOfOrder);
         }
         Ok(self.drain_aor(aor, Change::Removed))
@@ -500,7 +507,10 @@ impl Registrar {
                 break;
             };
             // Stale entries (the binding was refreshed or removed) find nothing.
-            if let Some((aor, pos)) = self.locate(uid).filter(|(aor, pos)| self.by_aor[aor][*pos].expires_at == at) {
+            if let Some((aor, pos)) = self
+                .locate(uid)
+                .filter(|(aor, pos)| self.by_aor[aor][*pos].expires_at == at)
+            {
                 let b = self.take(&aor, pos);
                 changes.push(BindingChange::removal(Change::Expired, b));
             }

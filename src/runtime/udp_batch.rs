@@ -55,12 +55,22 @@ fn send_batch(sock: &UdpSocket, items: &[(Bytes, SocketAddr)]) -> io::Result<usi
         hdr.msg_namelen = addr.len();
         hdr.msg_iov = &mut iovs[i];
         hdr.msg_iovlen = 1;
-        msgs.push(libc::mmsghdr { msg_hdr: hdr, msg_len: 0 });
+        msgs.push(libc::mmsghdr {
+            msg_hdr: hdr,
+            msg_len: 0,
+        });
     }
     // SAFETY: every pointer in `msgs` refers to `addrs`, `iovs` or the
     // datagrams in `items`, all alive and unmoved for the whole call; the
     // kernel only reads them (and writes `msg_len`).
-    let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as libc::c_uint, 0) };
+    let n = unsafe {
+        libc::sendmmsg(
+            sock.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            msgs.len() as libc::c_uint,
+            0,
+        )
+    };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -78,7 +88,9 @@ mod tests {
         let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let rx6 = UdpSocket::bind("[::1]:0").await.ok();
         let to = rx.local_addr().unwrap();
-        let items: Vec<(Bytes, SocketAddr)> = (0..150).map(|i| (Bytes::from(format!("datagram {i}")), to)).collect();
+        let items: Vec<(Bytes, SocketAddr)> = (0..150)
+            .map(|i| (Bytes::from(format!("datagram {i}")), to))
+            .collect();
         send_all(&tx, &items).await;
         let mut buf = [0u8; 64];
         for i in 0..150 {

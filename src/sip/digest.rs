@@ -373,7 +373,8 @@ impl Challenge {
         nc: u32,
     ) -> Credentials<'static> {
         let h = ha1(self.algorithm, username, &self.realm, password);
-        self.answer_with_ha1(method, uri, username, &h, cnonce, nc).into_owned()
+        self.answer_with_ha1(method, uri, username, &h, cnonce, nc)
+            .into_owned()
     }
 
     /// Answers with a known HA1 (a client that registers often keeps it).

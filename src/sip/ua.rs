@@ -165,7 +165,11 @@ impl Registration {
                 let h = super::digest::ha1(ch.algorithm, &self.user, &ch.realm, &self.password);
                 self.ha1 = Some((ch.algorithm, ch.realm.clone(), h));
             }
-            let ha1 = self.ha1.as_ref().map(|(_, _, h)| h.as_str()).unwrap_or_default();
+            let ha1 = self
+                .ha1
+                .as_ref()
+                .map(|(_, _, h)| h.as_str())
+                .unwrap_or_default();
             let creds = ch.answer_with_ha1("REGISTER", &ruri, &self.user, ha1, &cnonce, self.nc);
             b.header(HeaderName::Authorization, &creds.to_header());
         }

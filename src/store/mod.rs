@@ -366,7 +366,8 @@ impl Store {
                 l.map(|l| l.transport.as_str()),
                 l.and_then(|l| l.tls_version.clone()),
                 l.and_then(|l| l.srtp.map(|s| s.name())),
-                l.and_then(|l| l.media.as_ref()).map(|m| media_json(m).to_string()),
+                l.and_then(|l| l.media.as_ref())
+                    .map(|m| media_json(m).to_string()),
             )
         };
         let (caller_transport, caller_tls, caller_srtp, caller_media) = leg(Some(&c.caller_leg));

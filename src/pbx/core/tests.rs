@@ -626,7 +626,10 @@ fn challenges_leave_no_transaction_state() {
     let flow = udp_from("192.0.2.44:5060");
     for n in 0..100 {
         let mut stranger = phone(&format!("{n}"), "x", flow);
-        assert_eq!(h.send(flow, stranger.build()).pop().unwrap().status(), Some(401));
+        assert_eq!(
+            h.send(flow, stranger.build()).pop().unwrap().status(),
+            Some(401)
+        );
     }
     assert_eq!(h.core.transactions().server_count(), 0);
     // An authenticated registration keeps its transaction for retransmissions.
@@ -658,14 +661,20 @@ impl MediaControl for FakeMedia {
         let mut n = self.next.lock().unwrap();
         *n += 1;
         self.log.lock().unwrap().push(format!("open {}", *n));
-        Ok(OpenLeg { id: LegId(*n), port: 30_000 + 2 * *n as u16 })
+        Ok(OpenLeg {
+            id: LegId(*n),
+            port: 30_000 + 2 * *n as u16,
+        })
     }
     fn configure(&mut self, id: LegId, media: LegMedia) {
         self.log.lock().unwrap().push(format!("configure {}", id.0));
         self.configured.lock().unwrap().push((id, media));
     }
     fn bridge(&mut self, a: LegId, b: LegId) {
-        self.log.lock().unwrap().push(format!("bridge {} {}", a.0, b.0));
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("bridge {} {}", a.0, b.0));
     }
     fn close(&mut self, id: LegId) {
         self.log.lock().unwrap().push(format!("close {}", id.0));
@@ -696,34 +705,66 @@ impl Caller {
         let mut b = MessageBuilder::request("INVITE", &ruri);
         b.header_fmt(
             HeaderName::Via,
-            format_args!("SIP/2.0/UDP {};branch=z9hG4bKinv{}", self.flow.remote, self.cseq),
+            format_args!(
+                "SIP/2.0/UDP {};branch=z9hG4bKinv{}",
+                self.flow.remote, self.cseq
+            ),
         );
         b.header(HeaderName::MaxForwards, "70");
-        b.header_fmt(HeaderName::From, format_args!("\"Desk {u}\" <sip:{u}@{REALM}>;tag=caller{u}", u = self.user));
+        b.header_fmt(
+            HeaderName::From,
+            format_args!(
+                "\"Desk {u}\" <sip:{u}@{REALM}>;tag=caller{u}",
+                u = self.user
+            ),
+        );
         b.header_fmt(HeaderName::To, format_args!("<sip:{to}@{REALM}>"));
         b.header(HeaderName::CallId, "call-1@phone");
         b.header_fmt(HeaderName::CSeq, format_args!("{} INVITE", self.cseq));
-        b.header_fmt(HeaderName::Contact, format_args!("<sip:{}@{}>", self.user, self.flow.remote));
+        b.header_fmt(
+            HeaderName::Contact,
+            format_args!("<sip:{}@{}>", self.user, self.flow.remote),
+        );
         if let Some(ch) = &self.challenge {
             self.nc += 1;
-            let creds = ch.answer("INVITE", &ruri, self.user, self.password, "abcdef01", self.nc);
+            let creds = ch.answer(
+                "INVITE",
+                &ruri,
+                self.user,
+                self.password,
+                "abcdef01",
+                self.nc,
+            );
             b.header(HeaderName::ProxyAuthorization, &creds.to_header());
         }
-        b.finish_with_body(Some("application/sdp"), sdp_offer(&self.flow.remote.ip().to_string(), 4000).as_bytes())
+        b.finish_with_body(
+            Some("application/sdp"),
+            sdp_offer(&self.flow.remote.ip().to_string(), 4000).as_bytes(),
+        )
     }
 
     fn in_dialog(&mut self, method: &str, ok: &Message) -> Bytes {
         self.cseq += 1;
-        let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap()).unwrap().uri.to_string();
+        let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap())
+            .unwrap()
+            .uri
+            .to_string();
         let mut b = MessageBuilder::request(method, &contact);
         b.header_fmt(
             HeaderName::Via,
-            format_args!("SIP/2.0/UDP {};branch=z9hG4bK{method}{}", self.flow.remote, self.cseq),
+            format_args!(
+                "SIP/2.0/UDP {};branch=z9hG4bK{method}{}",
+                self.flow.remote, self.cseq
+            ),
         );
         b.header(HeaderName::From, ok.header(HeaderName::From).unwrap());
         b.header(HeaderName::To, ok.header(HeaderName::To).unwrap());
         b.header(HeaderName::CallId, "call-1@phone");
-        let seq = if method == "ACK" { ok.cseq().unwrap().seq } else { self.cseq };
+        let seq = if method == "ACK" {
+            ok.cseq().unwrap().seq
+        } else {
+            self.cseq
+        };
         b.header_fmt(HeaderName::CSeq, format_args!("{seq} {method}"));
         b.finish_with_body(None, b"")
     }
@@ -755,11 +796,29 @@ fn call_setup() -> CallSetup {
     let caller_flow = udp_from("192.168.1.20:5062");
     let callee_flow = udp_from("192.168.1.30:5062");
     let mut a = phone("100", "pw100", caller_flow);
-    assert!(matches!(h.register(&mut a, caller_flow).0, RegisterOutcome::Registered { .. }));
+    assert!(matches!(
+        h.register(&mut a, caller_flow).0,
+        RegisterOutcome::Registered { .. }
+    ));
     let mut b = phone("102", "pw102", callee_flow);
-    assert!(matches!(h.register(&mut b, callee_flow).0, RegisterOutcome::Registered { .. }));
-    let caller = Caller { user: "100", password: "pw100", flow: caller_flow, cseq: 0, challenge: None, nc: 0 };
-    CallSetup { h, media, caller, callee_flow }
+    assert!(matches!(
+        h.register(&mut b, callee_flow).0,
+        RegisterOutcome::Registered { .. }
+    ));
+    let caller = Caller {
+        user: "100",
+        password: "pw100",
+        flow: caller_flow,
+        cseq: 0,
+        challenge: None,
+        nc: 0,
+    };
+    CallSetup {
+        h,
+        media,
+        caller,
+        callee_flow,
+    }
 }
 
 impl CallSetup {
@@ -770,8 +829,15 @@ impl CallSetup {
         let challenge = &first[0].1;
         assert_eq!(challenge.status(), Some(407));
         self.caller.nc = 0;
-        self.caller.challenge =
-            Some(Challenge::parse(challenge.headers(HeaderName::ProxyAuthenticate).last().unwrap()).unwrap());
+        self.caller.challenge = Some(
+            Challenge::parse(
+                challenge
+                    .headers(HeaderName::ProxyAuthenticate)
+                    .last()
+                    .unwrap(),
+            )
+            .unwrap(),
+        );
         self.h.send_flows(self.caller.flow, self.caller.invite(to))
     }
 }
@@ -782,34 +848,66 @@ fn a_call_is_bridged_through_its_own_dialogs_and_media_legs() {
     let out = s.dial("102");
     let statuses: Vec<_> = out.iter().filter_map(|(_, m)| m.status()).collect();
     assert_eq!(statuses, [100]);
-    let (to_callee, invite) = out.iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap();
-    assert_eq!(*to_callee, s.callee_flow, "the INVITE goes out on the callee's registered flow");
-    assert_eq!(invite.request_uri(), s.h.core.registrar().bindings("102")[0].contact.as_ref().trim_matches(['<', '>']));
+    let (to_callee, invite) = out
+        .iter()
+        .find(|(_, m)| m.method() == Some(Method::Invite))
+        .unwrap();
+    assert_eq!(
+        *to_callee, s.callee_flow,
+        "the INVITE goes out on the callee's registered flow"
+    );
+    assert_eq!(
+        invite.request_uri(),
+        s.h.core.registrar().bindings("102")[0]
+            .contact
+            .as_ref()
+            .trim_matches(['<', '>'])
+    );
     // A B2BUA: a Call-ID and tags of its own; the caller's address nowhere.
     assert_ne!(invite.call_id(), Some("call-1@phone"));
     let text = String::from_utf8_lossy(invite.as_bytes());
-    assert!(!text.contains("192.168.1.20"), "caller's address leaked:\n{text}");
+    assert!(
+        !text.contains("192.168.1.20"),
+        "caller's address leaked:\n{text}"
+    );
     assert!(invite.from().unwrap().uri.starts_with("sip:100@"));
     let offer = SessionDescription::parse(invite.body()).unwrap();
     assert_eq!(offer.media[0].proto, "RTP/AVP", "UDP legs never carry keys");
     assert!(offer.media[0].attribute("crypto").is_none());
 
     // Ringing is relayed to the caller.
-    let out = s.h.send_flows(s.callee_flow, reply(invite, 180, "Ringing", None));
+    let out =
+        s.h.send_flows(s.callee_flow, reply(invite, 180, "Ringing", None));
     assert_eq!(out.len(), 1);
     assert_eq!((out[0].0, out[0].1.status()), (s.caller.flow, Some(180)));
 
     // The callee answers: ACK to it, 200 with Parley's SDP to the caller.
     let answer = sdp_offer("192.168.1.30", 6000).replace("0 8 101", "8 101");
-    let out = s.h.send_flows(s.callee_flow, reply(invite, 200, "OK", Some(&answer)));
-    let ack = out.iter().find(|(_, m)| m.method() == Some(Method::Ack)).expect("ACK to the callee");
+    let out =
+        s.h.send_flows(s.callee_flow, reply(invite, 200, "OK", Some(&answer)));
+    let ack = out
+        .iter()
+        .find(|(_, m)| m.method() == Some(Method::Ack))
+        .expect("ACK to the callee");
     assert_eq!(ack.0, s.callee_flow);
-    let (_, ok) = out.iter().find(|(_, m)| m.status() == Some(200)).expect("200 to the caller");
+    let (_, ok) = out
+        .iter()
+        .find(|(_, m)| m.status() == Some(200))
+        .expect("200 to the caller");
     let caller_sdp = SessionDescription::parse(ok.body()).unwrap();
     assert_eq!(caller_sdp.media[0].formats, ["8", "101"]);
     assert!(!String::from_utf8_lossy(ok.body()).contains("192.168.1.30"));
     let log = s.media.log.lock().unwrap().clone();
-    assert_eq!(log, ["open 1", "open 2", "configure 1", "configure 2", "bridge 1 2"]);
+    assert_eq!(
+        log,
+        [
+            "open 1",
+            "open 2",
+            "configure 1",
+            "configure 2",
+            "bridge 1 2"
+        ]
+    );
     let configured = s.media.configured.lock().unwrap().clone();
     assert_eq!(configured[0].1.remote_rtp, Some(addr("192.168.1.20:4000")));
     assert_eq!(configured[1].1.remote_rtp, Some(addr("192.168.1.30:6000")));
@@ -817,25 +915,54 @@ fn a_call_is_bridged_through_its_own_dialogs_and_media_legs() {
     assert_eq!(s.h.core.call_count(), 1);
 
     // ACK, then the caller hangs up: 200 to it, BYE to the callee.
-    assert!(s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", ok)).is_empty());
+    assert!(
+        s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", ok))
+            .is_empty()
+    );
     s.h.advance(Duration::from_secs(30));
     let out = s.h.send_flows(s.caller.flow, s.caller.in_dialog("BYE", ok));
-    assert!(out.iter().any(|(f, m)| *f == s.caller.flow && m.status() == Some(200)));
-    let (f, bye) = out.iter().find(|(_, m)| m.method() == Some(Method::Bye)).expect("BYE to the callee");
+    assert!(
+        out.iter()
+            .any(|(f, m)| *f == s.caller.flow && m.status() == Some(200))
+    );
+    let (f, bye) = out
+        .iter()
+        .find(|(_, m)| m.method() == Some(Method::Bye))
+        .expect("BYE to the callee");
     assert_eq!(*f, s.callee_flow);
     assert_eq!(bye.to().unwrap().tag(), Some("calleetag"));
     assert_eq!(s.h.core.call_count(), 0);
-    assert!(s.media.log.lock().unwrap().ends_with(&["close 1".to_string(), "close 2".to_string()]));
+    assert!(
+        s.media
+            .log
+            .lock()
+            .unwrap()
+            .ends_with(&["close 1".to_string(), "close 2".to_string()])
+    );
     // The record waits for both legs' statistics from the relay.
     assert!(s.h.calls.is_empty());
     for id in [1, 2] {
-        s.h.core.handle_media_event(s.h.now, MediaEvent::Closed { report: report(id, 1500) });
+        s.h.core.handle_media_event(
+            s.h.now,
+            MediaEvent::Closed {
+                report: report(id, 1500),
+            },
+        );
     }
     s.h.drain();
     let cdr = &s.h.calls[0];
-    assert_eq!(cdr.caller_leg.media.as_ref().unwrap().received_packets, 1500);
-    assert_eq!(cdr.callee_leg.as_ref().unwrap().media.as_ref().unwrap().id, LegId(2));
-    assert_eq!((cdr.caller.as_str(), cdr.callee.as_str(), cdr.outcome), ("100", "102", Outcome::Answered));
+    assert_eq!(
+        cdr.caller_leg.media.as_ref().unwrap().received_packets,
+        1500
+    );
+    assert_eq!(
+        cdr.callee_leg.as_ref().unwrap().media.as_ref().unwrap().id,
+        LegId(2)
+    );
+    assert_eq!(
+        (cdr.caller.as_str(), cdr.callee.as_str(), cdr.outcome),
+        ("100", "102", Outcome::Answered)
+    );
     assert_eq!(cdr.ended_by, Some(EndedBy::Caller));
     assert_eq!(cdr.duration_ms(), 30_000);
 }
@@ -844,45 +971,94 @@ fn a_call_is_bridged_through_its_own_dialogs_and_media_legs() {
 fn unknown_unregistered_and_unauthenticated_calls_get_their_codes() {
     let mut s = call_setup();
     let out = s.dial("999");
-    assert_eq!(out.iter().filter_map(|(_, m)| m.status()).collect::<Vec<_>>(), [404]);
+    assert_eq!(
+        out.iter()
+            .filter_map(|(_, m)| m.status())
+            .collect::<Vec<_>>(),
+        [404]
+    );
     // 101 exists but has no device registered.
     let out = s.h.send_flows(s.caller.flow, s.caller.invite("101"));
-    assert_eq!(out.iter().filter_map(|(_, m)| m.status()).collect::<Vec<_>>(), [480]);
+    assert_eq!(
+        out.iter()
+            .filter_map(|(_, m)| m.status())
+            .collect::<Vec<_>>(),
+        [480]
+    );
     // A wrong password is challenged again and never reaches the callee.
     s.caller.password = "wrong";
     let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
-    assert_eq!(out.iter().filter_map(|(_, m)| m.status()).collect::<Vec<_>>(), [407]);
-    assert!(s.media.log.lock().unwrap().is_empty(), "no media leg for refused calls");
+    assert_eq!(
+        out.iter()
+            .filter_map(|(_, m)| m.status())
+            .collect::<Vec<_>>(),
+        [407]
+    );
+    assert!(
+        s.media.log.lock().unwrap().is_empty(),
+        "no media leg for refused calls"
+    );
 }
 
 #[test]
 fn busy_callee_and_caller_cancel_end_the_call_with_a_record() {
     let mut s = call_setup();
     let out = s.dial("102");
-    let invite = out.into_iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap().1;
-    let out = s.h.send_flows(s.callee_flow, reply(&invite, 486, "Busy Here", None));
-    assert!(out.iter().any(|(f, m)| *f == s.caller.flow && m.status() == Some(486)));
+    let invite = out
+        .into_iter()
+        .find(|(_, m)| m.method() == Some(Method::Invite))
+        .unwrap()
+        .1;
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&invite, 486, "Busy Here", None));
+    assert!(
+        out.iter()
+            .any(|(f, m)| *f == s.caller.flow && m.status() == Some(486))
+    );
     assert_eq!(s.h.calls.last().unwrap().outcome, Outcome::Busy);
     assert_eq!(s.h.core.call_count(), 0);
 
     // Again, and this time the caller gives up while it rings.
     s.caller.challenge = None;
     let out = s.dial("102");
-    let invite = out.into_iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap().1;
+    let invite = out
+        .into_iter()
+        .find(|(_, m)| m.method() == Some(Method::Invite))
+        .unwrap()
+        .1;
     s.h.send_flows(s.callee_flow, reply(&invite, 180, "Ringing", None));
     let mut b = MessageBuilder::request("CANCEL", "sip:102@parley.test");
-    b.header_fmt(HeaderName::Via, format_args!("SIP/2.0/UDP {};branch=z9hG4bKinv{}", s.caller.flow.remote, s.caller.cseq));
-    b.header(HeaderName::From, "\"Desk 100\" <sip:100@parley.test>;tag=caller100");
+    b.header_fmt(
+        HeaderName::Via,
+        format_args!(
+            "SIP/2.0/UDP {};branch=z9hG4bKinv{}",
+            s.caller.flow.remote, s.caller.cseq
+        ),
+    );
+    b.header(
+        HeaderName::From,
+        "\"Desk 100\" <sip:100@parley.test>;tag=caller100",
+    );
     b.header(HeaderName::To, "<sip:102@parley.test>");
     b.header(HeaderName::CallId, "call-1@phone");
     b.header_fmt(HeaderName::CSeq, format_args!("{} CANCEL", s.caller.cseq));
     b.header(HeaderName::MaxForwards, "70");
     let out = s.h.send_flows(s.caller.flow, b.finish_with_body(None, b""));
-    let statuses: Vec<_> = out.iter().filter(|(f, _)| *f == s.caller.flow).filter_map(|(_, m)| m.status()).collect();
+    let statuses: Vec<_> = out
+        .iter()
+        .filter(|(f, _)| *f == s.caller.flow)
+        .filter_map(|(_, m)| m.status())
+        .collect();
     assert_eq!(statuses, [200, 487]);
-    let (f, cancel) = out.iter().find(|(_, m)| m.method() == Some(Method::Cancel)).expect("CANCEL to the callee");
+    let (f, cancel) = out
+        .iter()
+        .find(|(_, m)| m.method() == Some(Method::Cancel))
+        .expect("CANCEL to the callee");
     assert_eq!(*f, s.callee_flow);
-    assert_eq!(cancel.top_via().unwrap().branch(), invite.top_via().unwrap().branch());
+    assert_eq!(
+        cancel.top_via().unwrap().branch(),
+        invite.top_via().unwrap().branch()
+    );
     assert_eq!(s.h.calls.last().unwrap().outcome, Outcome::Cancelled);
     assert_eq!(s.h.core.call_count(), 0);
 }
@@ -911,17 +1087,29 @@ fn report(id: u64, packets: u64) -> LegReport {
 /// Dials 102 and has it answer; returns the caller's 200.
 fn answered_call(s: &mut CallSetup) -> Message {
     let out = s.dial("102");
-    let invite = out.into_iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap().1;
+    let invite = out
+        .into_iter()
+        .find(|(_, m)| m.method() == Some(Method::Invite))
+        .unwrap()
+        .1;
     let answer = sdp_offer("192.168.1.30", 6000);
-    let out = s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&answer)));
-    out.into_iter().find(|(_, m)| m.status() == Some(200)).unwrap().1
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&answer)));
+    out.into_iter()
+        .find(|(_, m)| m.status() == Some(200))
+        .unwrap()
+        .1
 }
 
 #[test]
 fn unanswered_calls_time_out_and_quiet_media_ends_a_call() {
     let mut s = call_setup();
     let out = s.dial("102");
-    let invite = out.into_iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap().1;
+    let invite = out
+        .into_iter()
+        .find(|(_, m)| m.method() == Some(Method::Invite))
+        .unwrap()
+        .1;
     s.h.send_flows(s.callee_flow, reply(&invite, 180, "Ringing", None));
     // Nobody picks up: at the ring timeout the caller gets 480 and the
     // device a CANCEL.
@@ -932,75 +1120,155 @@ fn unanswered_calls_time_out_and_quiet_media_ends_a_call() {
         s.h.core.handle_timeout(s.h.now);
         sent.extend(s.h.drain_flows());
     }
-    assert!(sent.iter().any(|(f, m)| *f == s.caller.flow && m.status() == Some(480)), "{sent:?}");
-    assert!(sent.iter().any(|(f, m)| *f == s.callee_flow && m.method() == Some(Method::Cancel)));
+    assert!(
+        sent.iter()
+            .any(|(f, m)| *f == s.caller.flow && m.status() == Some(480)),
+        "{sent:?}"
+    );
+    assert!(
+        sent.iter()
+            .any(|(f, m)| *f == s.callee_flow && m.method() == Some(Method::Cancel))
+    );
     assert_eq!(s.h.calls.last().unwrap().outcome, Outcome::NoAnswer);
     assert_eq!(s.h.core.call_count(), 0);
 
     // An answered call whose media goes quiet is hung up on both sides.
     s.caller.challenge = None;
     answered_call(&mut s);
-    let legs: Vec<LegId> = s.media.configured.lock().unwrap().iter().map(|(id, _)| *id).collect();
-    s.h.core.handle_media_event(s.h.now, MediaEvent::Inactive { id: legs[0], idle: Duration::from_secs(60) });
+    let legs: Vec<LegId> = s
+        .media
+        .configured
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    s.h.core.handle_media_event(
+        s.h.now,
+        MediaEvent::Inactive {
+            id: legs[0],
+            idle: Duration::from_secs(60),
+        },
+    );
     let out = s.h.drain_flows();
-    let byes: Vec<Flow> = out.iter().filter(|(_, m)| m.method() == Some(Method::Bye)).map(|(f, _)| *f).collect();
+    let byes: Vec<Flow> = out
+        .iter()
+        .filter(|(_, m)| m.method() == Some(Method::Bye))
+        .map(|(f, _)| *f)
+        .collect();
     assert_eq!(byes.len(), 2, "{out:?}");
     assert!(byes.contains(&s.caller.flow) && byes.contains(&s.callee_flow));
     assert_eq!(s.h.core.call_count(), 0);
     // Without statistics from the relay the record is written anyway.
     s.h.advance(Duration::from_secs(3));
     let cdr = s.h.calls.last().unwrap();
-    assert_eq!((cdr.ended_by, cdr.sip_reason.as_str()), (Some(EndedBy::Parley), "Media Timeout"));
+    assert_eq!(
+        (cdr.ended_by, cdr.sip_reason.as_str()),
+        (Some(EndedBy::Parley), "Media Timeout")
+    );
 }
 
 #[test]
 fn hold_and_resume_pass_through_to_the_other_side() {
     let mut s = call_setup();
     let out = s.dial("102");
-    let invite = out.into_iter().find(|(_, m)| m.method() == Some(Method::Invite)).unwrap().1;
+    let invite = out
+        .into_iter()
+        .find(|(_, m)| m.method() == Some(Method::Invite))
+        .unwrap()
+        .1;
     let answer = sdp_offer("192.168.1.30", 6000);
-    let out = s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&answer)));
-    let ok = out.into_iter().find(|(_, m)| m.status() == Some(200)).unwrap().1;
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&answer)));
+    let ok = out
+        .into_iter()
+        .find(|(_, m)| m.status() == Some(200))
+        .unwrap()
+        .1;
     s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
     let configured_before = s.media.configured.lock().unwrap().len();
 
     for (caller_dir, callee_dir) in [("sendonly", "recvonly"), ("sendrecv", "sendrecv")] {
         // The caller re-INVITEs (hold, then resume).
         s.caller.cseq += 1;
-        let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap()).unwrap().uri.to_string();
+        let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap())
+            .unwrap()
+            .uri
+            .to_string();
         let mut b = MessageBuilder::request("INVITE", &contact);
-        b.header_fmt(HeaderName::Via, format_args!("SIP/2.0/UDP {};branch=z9hG4bKre{}", s.caller.flow.remote, s.caller.cseq));
+        b.header_fmt(
+            HeaderName::Via,
+            format_args!(
+                "SIP/2.0/UDP {};branch=z9hG4bKre{}",
+                s.caller.flow.remote, s.caller.cseq
+            ),
+        );
         b.header(HeaderName::From, ok.header(HeaderName::From).unwrap());
         b.header(HeaderName::To, ok.header(HeaderName::To).unwrap());
         b.header(HeaderName::CallId, "call-1@phone");
         b.header_fmt(HeaderName::CSeq, format_args!("{} INVITE", s.caller.cseq));
-        b.header_fmt(HeaderName::Contact, format_args!("<sip:100@{}>", s.caller.flow.remote));
-        let body = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", &format!("a={caller_dir}"));
-        let out = s.h.send_flows(s.caller.flow, b.finish_with_body(Some("application/sdp"), body.as_bytes()));
-        assert!(out.iter().any(|(f, m)| *f == s.caller.flow && m.status() == Some(100)));
-        let (f, reinvite) = out.iter().find(|(_, m)| m.method() == Some(Method::Invite)).expect("re-INVITE to the callee");
+        b.header_fmt(
+            HeaderName::Contact,
+            format_args!("<sip:100@{}>", s.caller.flow.remote),
+        );
+        let body =
+            sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", &format!("a={caller_dir}"));
+        let out = s.h.send_flows(
+            s.caller.flow,
+            b.finish_with_body(Some("application/sdp"), body.as_bytes()),
+        );
+        assert!(
+            out.iter()
+                .any(|(f, m)| *f == s.caller.flow && m.status() == Some(100))
+        );
+        let (f, reinvite) = out
+            .iter()
+            .find(|(_, m)| m.method() == Some(Method::Invite))
+            .expect("re-INVITE to the callee");
         assert_eq!(*f, s.callee_flow);
         // In the callee's dialog: its Call-ID and tags, the next CSeq.
         assert_eq!(reinvite.call_id(), invite.call_id());
         assert_eq!(reinvite.to().unwrap().tag(), Some("calleetag"));
         let offer = SessionDescription::parse(reinvite.body()).unwrap();
-        assert_eq!(offer.media_direction(0), match caller_dir { "sendonly" => Direction::SendOnly, _ => Direction::SendRecv });
+        assert_eq!(
+            offer.media_direction(0),
+            match caller_dir {
+                "sendonly" => Direction::SendOnly,
+                _ => Direction::SendRecv,
+            }
+        );
         let first = SessionDescription::parse(invite.body()).unwrap();
-        assert_eq!(offer.media[0].port, first.media[0].port, "same leg, same port");
+        assert_eq!(
+            offer.media[0].port, first.media[0].port,
+            "same leg, same port"
+        );
         assert!(offer.origin.session_version > first.origin.session_version);
 
         // The callee agrees; Parley ACKs it and answers the caller.
-        let answer = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", &format!("a={callee_dir}"));
+        let answer =
+            sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", &format!("a={callee_dir}"));
         let mut rb = MessageBuilder::response_to(reinvite, 200, "OK", None);
         rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
-        let out = s.h.send_flows(s.callee_flow, rb.finish_with_body(Some("application/sdp"), answer.as_bytes()));
-        let ack = out.iter().find(|(_, m)| m.method() == Some(Method::Ack)).expect("ACK to the callee");
+        let out = s.h.send_flows(
+            s.callee_flow,
+            rb.finish_with_body(Some("application/sdp"), answer.as_bytes()),
+        );
+        let ack = out
+            .iter()
+            .find(|(_, m)| m.method() == Some(Method::Ack))
+            .expect("ACK to the callee");
         assert_eq!(ack.1.cseq().unwrap().seq, reinvite.cseq().unwrap().seq);
-        let (_, ok2) = out.iter().find(|(f, m)| *f == s.caller.flow && m.status() == Some(200)).expect("200 to the caller");
+        let (_, ok2) = out
+            .iter()
+            .find(|(f, m)| *f == s.caller.flow && m.status() == Some(200))
+            .expect("200 to the caller");
         let to_caller = SessionDescription::parse(ok2.body()).unwrap();
         assert_eq!(to_caller.media_direction(0).name(), callee_dir);
     }
     // Each round reconfigured both legs; the call is still up.
-    assert_eq!(s.media.configured.lock().unwrap().len(), configured_before + 4);
+    assert_eq!(
+        s.media.configured.lock().unwrap().len(),
+        configured_before + 4
+    );
     assert_eq!(s.h.core.call_count(), 1);
 }

@@ -103,7 +103,8 @@ fn slot_of(name: &[u8]) -> usize {
 /// Finds a full header name in a table built once: one or two probes
 /// instead of comparing against every known name.
 fn lookup(name: &[u8]) -> HeaderName {
-    static TABLE: std::sync::OnceLock<[Option<(&'static str, HeaderName)>; SLOTS]> = std::sync::OnceLock::new();
+    static TABLE: std::sync::OnceLock<[Option<(&'static str, HeaderName)>; SLOTS]> =
+        std::sync::OnceLock::new();
     let table = TABLE.get_or_init(|| {
         let mut t = [None; SLOTS];
         for &(full, variant) in ALL {
@@ -172,8 +173,14 @@ mod tests {
     fn every_full_name_is_found_in_any_case() {
         for &(full, variant) in super::ALL {
             assert_eq!(HeaderName::from_name(full.as_bytes()), variant, "{full}");
-            assert_eq!(HeaderName::from_name(full.to_ascii_uppercase().as_bytes()), variant);
-            assert_eq!(HeaderName::from_name(full.to_ascii_lowercase().as_bytes()), variant);
+            assert_eq!(
+                HeaderName::from_name(full.to_ascii_uppercase().as_bytes()),
+                variant
+            );
+            assert_eq!(
+                HeaderName::from_name(full.to_ascii_lowercase().as_bytes()),
+                variant
+            );
         }
         assert_eq!(HeaderName::from_name(b"X-Via"), HeaderName::Other);
         assert_eq!(HeaderName::from_name(b"Vio"), HeaderName::Other);

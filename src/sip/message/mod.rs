@@ -408,7 +408,10 @@ impl Message {
     }
 
     fn parse_top_via(&self) -> Option<TopVia> {
-        let via = self.header_values(HeaderName::Via).next().and_then(Via::parse)?;
+        let via = self
+            .header_values(HeaderName::Via)
+            .next()
+            .and_then(Via::parse)?;
         Some(TopVia {
             transport: self.span_of(via.transport),
             sent_by: self.span_of(via.sent_by),
@@ -426,7 +429,11 @@ impl Message {
     /// (which parsers may make from a literal "") map to an empty span.
     fn span_of(&self, s: &str) -> Span {
         let start = (s.as_ptr() as usize).wrapping_sub(self.buf.as_ptr() as usize);
-        if s.is_empty() || start.checked_add(s.len()).is_none_or(|end| end > self.buf.len()) {
+        if s.is_empty()
+            || start
+                .checked_add(s.len())
+                .is_none_or(|end| end > self.buf.len())
+        {
             return Span::default();
         }
         Span::new(start, start + s.len())

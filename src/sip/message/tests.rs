@@ -152,13 +152,21 @@ fn escaped_user_part() {
 fn top_via_without_parameters_or_port() {
     let m = dgram("OPTIONS sip:h SIP/2.0\r\nVia: SIP/2.0/UDP host.example\r\n\r\n").unwrap();
     let via = m.top_via().unwrap();
-    assert_eq!((via.transport, via.sent_by, via.params, via.port), ("UDP", "host.example", "", None));
+    assert_eq!(
+        (via.transport, via.sent_by, via.params, via.port),
+        ("UDP", "host.example", "", None)
+    );
     assert_eq!(via.host, Host::Name("host.example"));
     let m = dgram("OPTIONS sip:h SIP/2.0\r\nVia: SIP/2.0/TCP [::1]:5070;rport\r\n\r\n").unwrap();
     let via = m.top_via().unwrap();
     assert_eq!(via.host, Host::V6(std::net::Ipv6Addr::LOCALHOST));
     assert_eq!(via.params, ";rport");
-    assert!(dgram("OPTIONS sip:h SIP/2.0\r\nVia: junk\r\n\r\n").unwrap().top_via().is_none());
+    assert!(
+        dgram("OPTIONS sip:h SIP/2.0\r\nVia: junk\r\n\r\n")
+            .unwrap()
+            .top_via()
+            .is_none()
+    );
 }
 
 #[test]

@@ -331,7 +331,10 @@ impl TransactionLayer {
         let Some(tx) = self.server.get(id.idx).filter(|t| t.uid == id.uid) else {
             return;
         };
-        self.transmits.push_back(Transmit { flow: tx.flow, bytes });
+        self.transmits.push_back(Transmit {
+            flow: tx.flow,
+            bytes,
+        });
         self.remove_server(id.idx);
     }
 
@@ -440,7 +443,11 @@ impl TransactionLayer {
                 break;
             }
             self.completed_non_invite.pop_front();
-            if self.server.get(idx).is_some_and(|t| t.uid == uid && t.state == ServerState::Completed) {
+            if self
+                .server
+                .get(idx)
+                .is_some_and(|t| t.uid == uid && t.state == ServerState::Completed)
+            {
                 self.remove_server(idx);
             }
         }
@@ -499,7 +506,11 @@ impl TransactionLayer {
 
     /// Feeds a response. Returns what the transaction user must see.
     pub fn handle_response(&mut self, now: Instant, msg: Message, flow: Flow) -> Option<TuInput> {
-        let Some(idx) = self.keys.client_key(&msg).and_then(|k| self.client_index.get(&k).copied()) else {
+        let Some(idx) = self
+            .keys
+            .client_key(&msg)
+            .and_then(|k| self.client_index.get(&k).copied())
+        else {
             return Some(TuInput::StrayResponse { msg, flow });
         };
         let status = msg.status()?;
