@@ -72,6 +72,7 @@ pub struct SipSection {
     pub default_expires: Option<u32>,
     pub max_contacts: Option<u32>,
     pub idle_timeout_secs: Option<u64>,
+    pub keepalive_secs: Option<u64>,
     pub nonce_lifetime_secs: Option<u64>,
     pub md5_only_user_agents: Option<Vec<String>>,
     pub max_connections: Option<u32>,
@@ -143,6 +144,9 @@ pub struct Config {
     pub realm: Option<String>,
     pub registrar: RegistrarConfig,
     pub idle_timeout: Duration,
+    /// How often Parley pings remote phones to keep NAT mappings open
+    /// (OPTIONS on UDP, TCP keep-alive probes on TCP/TLS); zero: never.
+    pub keepalive: Duration,
     pub max_connections: usize,
     pub nonce_lifetime_secs: u64,
     /// How long a call rings before the caller gets 480.
@@ -342,6 +346,16 @@ impl Config {
                 "must be at least security.lockout_extension_failures",
             ));
         }
+        let keepalive = Duration::from_secs(match f.sip.keepalive_secs.unwrap_or(25) {
+            0 => 0,
+            s @ 5..=3600 => s,
+            _ => {
+                return Err(ConfigError::new(
+                    "sip.keepalive_secs",
+                    "must be 0 (off) or between 5 and 3600",
+                ));
+            }
+        });
         let ring_timeout = Duration::from_secs(positive(
             "media.ring_timeout_secs",
             f.media.ring_timeout_secs.unwrap_or(30),
@@ -370,6 +384,7 @@ impl Config {
             realm,
             registrar,
             idle_timeout,
+            keepalive,
             max_connections,
             nonce_lifetime_secs,
             ring_timeout,
@@ -394,6 +409,7 @@ impl Config {
         c.md5_only_user_agents = self.md5_only_user_agents.clone();
         c.advertise = self.advertise;
         c.ring_timeout = self.ring_timeout;
+        c.keepalive = Some(self.keepalive);
         c
     }
 }
@@ -566,6 +582,7 @@ mod tests {
             ("[sip]\ndomain = \"bad domain\"\n", "sip.domain"),
             ("[sip]\nadvertise = \"0.0.0.0\"\n", "sip.advertise"),
             ("[media]\nrtp_ports = \"30000-20000\"\n", "media.rtp_ports"),
+            ("[sip]\nkeepalive_secs = 2\n", "sip.keepalive_secs"),
             (
                 "[security]\nlan_networks = [\"10.0.0.0/33\"]\n",
                 "security.lan_networks",

@@ -31,7 +31,24 @@ use crate::sip::transport::{ConnId, Flow, Transport};
 pub const ALLOWED_METHODS: &str = "INVITE, ACK, CANCEL, BYE, REGISTER, OPTIONS";
 
 mod calls;
+mod keepalive;
 pub use calls::{MAX_CALLS, MAX_FORKS, MediaControl, NoMedia};
+
+/// The host's routing table, as far as the core needs it: which local
+/// address packets to `remote` leave from. Only asked when a SIP socket
+/// is bound to all addresses; the runtime answers from the kernel.
+pub trait LocalRoutes: Send {
+    fn source_for(&self, remote: std::net::IpAddr) -> Option<std::net::IpAddr>;
+}
+
+/// No routing table: the advertised address, or loopback, is used.
+pub struct NoRoutes;
+
+impl LocalRoutes for NoRoutes {
+    fn source_for(&self, _: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        None
+    }
+}
 /// How often expired lockout counters are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -51,6 +68,9 @@ pub struct CoreConfig {
     pub advertise: Option<std::net::IpAddr>,
     /// How long a call rings before the caller gets 480.
     pub ring_timeout: Duration,
+    /// How often remote UDP contacts are pinged to keep their NAT
+    /// mappings open; `None` or zero turns the pings off.
+    pub keepalive: Option<Duration>,
 }
 
 impl CoreConfig {
@@ -66,6 +86,7 @@ impl CoreConfig {
             md5_only_user_agents: vec!["baresip v0.".into(), "baresip v1.".into()],
             advertise: None,
             ring_timeout: Duration::from_secs(30),
+            keepalive: Some(Duration::from_secs(25)),
         }
     }
 }
@@ -127,6 +148,8 @@ pub struct Core {
     media: Box<dyn MediaControl>,
     /// The TLS version of each open TLS connection, for call records.
     tls_versions: std::collections::HashMap<ConnId, &'static str>,
+    keepalive: keepalive::Keepalive,
+    routes: Box<dyn LocalRoutes>,
 }
 
 impl Core {
@@ -139,7 +162,7 @@ impl Core {
             cfg.nonce_lifetime_secs,
         );
         auth.set_md5_only_agents(cfg.md5_only_user_agents.clone());
-        Core {
+        let mut core = Core {
             tx: TransactionLayer::new(cfg.timers),
             lockout: Lockout::new(cfg.lockout),
             registrar: Registrar::new(cfg.registrar),
@@ -156,13 +179,23 @@ impl Core {
             calls: calls::Calls::default(),
             media: Box::new(NoMedia),
             tls_versions: Default::default(),
+            keepalive: Default::default(),
+            routes: Box::new(NoRoutes),
             cfg,
-        }
+        };
+        core.start_keepalive(now);
+        core
     }
 
     /// Connects the media plane; without it calls are refused with 503.
     pub fn set_media(&mut self, media: Box<dyn MediaControl>) {
         self.media = media;
+    }
+
+    /// Tells the core which local address reaches a device, for sockets
+    /// bound to all addresses.
+    pub fn set_routes(&mut self, routes: Box<dyn LocalRoutes>) {
+        self.routes = routes;
     }
 
     /// Calls in progress.
@@ -246,6 +279,7 @@ impl Core {
             self.registrar.next_expiry(),
             Some(self.next_sweep),
             self.calls.next_deadline(),
+            self.keepalive.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -264,6 +298,7 @@ impl Core {
             self.next_sweep = now + SWEEP_INTERVAL;
         }
         self.call_timers(now);
+        self.keepalive_timers(now);
     }
 
     /// Notes what a TLS connection negotiated (shown in call records).
@@ -343,8 +378,12 @@ impl Core {
         match input {
             TuInput::Request { tx, msg, flow } => self.handle_request(now, tx, msg, flow),
             TuInput::Ack { msg, .. } => self.call_ack(&msg),
+            TuInput::Response { tx, msg, .. } if self.keepalive.owns(tx) => {
+                self.keepalive_response(tx, &msg)
+            }
             TuInput::Response { tx, msg, .. } => self.call_response(now, tx, msg),
             TuInput::StrayResponse { .. } => {}
+            TuInput::ClientTimeout { tx } if self.keepalive.owns(tx) => self.keepalive_timeout(tx),
             TuInput::ClientTimeout { tx } => self.call_client_timeout(now, tx),
             TuInput::ServerNoAck { .. } => {}
         }
@@ -592,6 +631,9 @@ impl Core {
     fn report(&mut self, now: Instant, changes: Vec<BindingChange>) {
         for c in changes {
             let b = &c.binding;
+            if !c.change.is_removal() {
+                self.keepalive_heard_from(now, b);
+            }
             match c.change {
                 Change::Refreshed => {
                     tracing::debug!(extension = %b.aor, contact = %b.contact, flow = %b.flow, "binding refreshed")

@@ -54,10 +54,22 @@ pub enum SecurityEvent {
     },
 }
 
+/// A remote contact stopped answering Parley's keep-alive pings, or
+/// answers again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReachabilityEvent {
+    pub extension: Arc<str>,
+    /// The binding's key within the extension (its instance or contact).
+    pub binding: Arc<str>,
+    pub remote: SocketAddr,
+    pub reachable: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Registration(RegistrationEvent),
     Security(SecurityEvent),
+    Reachability(ReachabilityEvent),
 }
 
 /// A UDP binding as the store keeps it, so it survives a restart. (TCP and

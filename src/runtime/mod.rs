@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
 use crate::media::{LegId, LegMedia, MediaConfig, MediaEngine, MediaError, OpenLeg};
-use crate::pbx::core::{Core, CoreKeys, MediaControl};
+use crate::pbx::core::{Core, CoreKeys, LocalRoutes, MediaControl};
 use crate::pbx::directory::Directory;
 use crate::pbx::events::{Event, StoreOp};
 use crate::sip::transport::Transport;
@@ -121,6 +121,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             None,
             inbound_tx.clone(),
             conn_limit.clone(),
+            config.keepalive,
         ));
     }
     if let Some(addr) = config.sip_tls {
@@ -137,6 +138,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             Some(acceptor),
             inbound_tx.clone(),
             conn_limit.clone(),
+            config.keepalive,
         ));
     }
     if let Some(addr) = config.https {
@@ -190,6 +192,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     .map_err(ServeError::Media)?;
     tracing::info!(ports = %format!("{}-{}", config.rtp_ports.0, config.rtp_ports.1), ip = %media_ip, "media relay started");
     core.set_media(Box::new(EngineControl(media)));
+    core.set_routes(Box::new(KernelRoutes::default()));
 
     core.set_directory(now, Directory::new(extensions));
     let restored = core.restore_bindings(now, saved_bindings);
@@ -254,6 +257,43 @@ fn force_buffer(sock: &Socket, option: libc::c_int, bytes: usize) -> bool {
 }
 
 /// The core's handle on the media relay.
+/// Asks the kernel which local address reaches a device: a UDP socket
+/// "connected" to it (no packet is sent) is given that source address.
+/// Answers are remembered; the table is bounded and starts over when full.
+#[derive(Default)]
+struct KernelRoutes {
+    cache: std::sync::Mutex<HashMap<IpAddr, Option<IpAddr>>>,
+}
+
+/// Most remembered routes.
+const MAX_ROUTES: usize = 4096;
+
+impl LocalRoutes for KernelRoutes {
+    fn source_for(&self, remote: IpAddr) -> Option<IpAddr> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = cache.get(&remote) {
+            return *known;
+        }
+        let any: SocketAddr = match remote {
+            IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let found = std::net::UdpSocket::bind(any)
+            .and_then(|s| {
+                s.connect((remote, 9))?;
+                s.local_addr()
+            })
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified());
+        if cache.len() >= MAX_ROUTES {
+            cache.clear();
+        }
+        cache.insert(remote, found);
+        found
+    }
+}
+
 struct EngineControl(MediaEngine);
 
 impl MediaControl for EngineControl {

@@ -99,6 +99,7 @@ pub async fn accept_loop(
     tls: Option<TlsAcceptor>,
     inbound: mpsc::Sender<Inbound>,
     limit: Arc<Semaphore>,
+    keepalive: Duration,
 ) {
     let local = match listener.local_addr() {
         Ok(a) => a,
@@ -122,12 +123,15 @@ pub async fn accept_loop(
             drop(tcp);
             continue;
         };
-        tune(&tcp);
+        tune(&tcp, keepalive);
         let inbound = inbound.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-            let flow = Flow::stream(transport, local, remote, conn);
+            // The connection's own local address, not the listener's: with
+            // a listener on all addresses, it is the one the phone reached.
+            let here = tcp.local_addr().unwrap_or(local);
+            let flow = Flow::stream(transport, here, remote, conn);
             match tls {
                 None => run(Plain(tcp), flow, None, inbound).await,
                 Some(acceptor) => {
@@ -150,13 +154,22 @@ pub async fn accept_loop(
     }
 }
 
-fn tune(tcp: &TcpStream) {
+/// Unanswered TCP keep-alive probes after which a connection is dead.
+const KEEPALIVE_PROBES: u32 = 3;
+
+fn tune(tcp: &TcpStream, keepalive: Duration) {
     // SIP messages are small and latency matters more than packing.
     let _ = tcp.set_nodelay(true);
-    // Keeps NAT mappings warm and finds dead peers on quiet connections.
+    if keepalive.is_zero() {
+        return;
+    }
+    // Probes on a quiet connection keep the phone's NAT mapping open, and
+    // a phone that stops answering them is found and its connection (with
+    // its registrations) closed.
     let ka = TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10));
+        .with_time(keepalive)
+        .with_interval((keepalive / 5).max(Duration::from_secs(1)))
+        .with_retries(KEEPALIVE_PROBES);
     let _ = SockRef::from(tcp).set_tcp_keepalive(&ka);
 }
 

@@ -193,11 +193,11 @@ impl Calls {
     }
 }
 
-fn random_hex() -> String {
+pub(super) fn random_hex() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-fn branch_id() -> String {
+pub(super) fn branch_id() -> String {
     format!("z9hG4bK{}", random_hex())
 }
 
@@ -218,26 +218,28 @@ fn summarize(statuses: &[u16]) -> (u16, &'static str, Outcome) {
 }
 
 impl Core {
-    /// Parley's address towards a device on `flow`: the local address of
-    /// the flow, or the advertised one when the socket is bound to any.
+    /// Parley's address towards a device on `flow`, for its Via, Contact
+    /// and SDP: the public `advertise` address for a device outside the
+    /// LAN networks when one is configured; otherwise the flow's local
+    /// address, or, when the socket is bound to all addresses, the one
+    /// the host routes towards the device from.
     fn local_host(&self, flow: &Flow) -> SocketAddr {
-        let ip = if flow.local.ip().is_unspecified() {
-            self.cfg.advertise.unwrap_or(IpAddr::from([127, 0, 0, 1]))
-        } else {
-            flow.local.ip()
+        let remote = flow.remote.ip();
+        let ip = match self.cfg.advertise {
+            Some(public) if !self.cfg.lan.contains(remote) => public,
+            _ if !flow.local.ip().is_unspecified() => flow.local.ip(),
+            advertise => self
+                .routes
+                .source_for(remote)
+                .or(advertise)
+                .unwrap_or(IpAddr::from([127, 0, 0, 1])),
         };
         SocketAddr::new(ip, flow.local.port())
     }
 
-    /// The address media must reach Parley at, for a device at `remote`:
-    /// the LAN address for LAN devices, the advertised one for the others.
+    /// The address media must reach Parley at, for a device on `flow`.
     fn media_address(&self, flow: &Flow) -> IpAddr {
-        let local = self.local_host(flow).ip();
-        if self.cfg.lan.contains(flow.remote.ip()) {
-            local
-        } else {
-            self.cfg.advertise.unwrap_or(local)
-        }
+        self.local_host(flow).ip()
     }
 
     /// Parley's side of a new leg towards a device on `flow`: its address,
@@ -260,7 +262,7 @@ impl Core {
         }
     }
 
-    fn via(&self, flow: &Flow, branch: &str) -> String {
+    pub(super) fn via(&self, flow: &Flow, branch: &str) -> String {
         format!(
             "SIP/2.0/{} {};branch={branch};rport",
             flow.transport.via_token(),
@@ -402,18 +404,15 @@ impl Core {
             .get(&callee)
             .map(|e| e.encryption)
             .unwrap_or_default();
-        let bindings: Vec<Flow> = self
-            .registrar
-            .bindings(&callee)
-            .iter()
-            .map(|b| b.flow)
-            .collect();
-        let contacts: Vec<String> = self
-            .registrar
-            .bindings(&callee)
-            .iter()
-            .map(|b| b.contact.to_string())
-            .collect();
+        // Contacts that stopped answering keep-alive pings are not rung.
+        let reachable = || {
+            self.registrar
+                .bindings(&callee)
+                .iter()
+                .filter(|b| !self.keepalive.is_unreachable(&b.aor, &b.key))
+        };
+        let bindings: Vec<Flow> = reachable().map(|b| b.flow).collect();
+        let contacts: Vec<String> = reachable().map(|b| b.contact.to_string()).collect();
         if bindings.is_empty() {
             return self.refuse_call(
                 now,

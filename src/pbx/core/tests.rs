@@ -85,14 +85,18 @@ impl Harness {
         sent
     }
 
-    fn advance(&mut self, d: Duration) {
+    /// Moves virtual time on, firing every timer due; returns what the
+    /// timers sent.
+    fn advance(&mut self, d: Duration) -> Vec<(Flow, Message)> {
         let target = self.now + d;
+        let mut sent = vec![];
         while let Some(t) = self.core.poll_timeout().filter(|t| *t <= target) {
             self.now = t.max(self.now);
             self.core.handle_timeout(self.now);
-            self.drain();
+            sent.extend(self.drain_flows());
         }
         self.now = target;
+        sent
     }
 
     /// Runs a full registration; returns the last response.
@@ -1271,4 +1275,216 @@ fn hold_and_resume_pass_through_to_the_other_side() {
         configured_before + 4
     );
     assert_eq!(s.h.core.call_count(), 1);
+}
+
+// ---- NAT keep-alive ------------------------------------------------------
+
+fn reachability(h: &Harness) -> Vec<bool> {
+    h.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Reachability(r) => Some(r.reachable),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The OPTIONS pings sent to `flow`, retransmissions left out.
+fn options_to(sent: &[(Flow, Message)], flow: Flow) -> Vec<Message> {
+    let mut pings: Vec<Message> = vec![];
+    for (f, m) in sent {
+        if *f == flow
+            && m.method() == Some(Method::Options)
+            && !pings.iter().any(|p| p.call_id() == m.call_id())
+        {
+            pings.push(m.clone());
+        }
+    }
+    pings
+}
+
+fn sent_count(sent: &[(Flow, Message)], flow: Flow, method: Method) -> usize {
+    sent.iter()
+        .filter(|(f, m)| *f == flow && m.method() == Some(method))
+        .count()
+}
+
+#[test]
+fn remote_udp_contacts_are_pinged_and_skipped_while_unreachable() {
+    let mut s = call_setup();
+    // 102's softphone on the internet, over UDP (its policy is `off`).
+    let remote = udp_from("198.51.100.7:40000");
+    let mut soft = phone("102", "pw102", remote);
+    assert!(matches!(
+        s.h.register(&mut soft, remote).0,
+        RegisterOutcome::Registered { .. }
+    ));
+
+    // Pings go only to the remote contact, once per interval.
+    let sent = s.h.advance(Duration::from_secs(26));
+    let pings = options_to(&sent, remote);
+    assert_eq!(pings.len(), 1, "one ping after one interval: {sent:?}");
+    assert!(
+        options_to(&sent, s.callee_flow).is_empty(),
+        "LAN phones are not pinged"
+    );
+    assert!(pings[0].request_uri().contains("198.51.100.7:40000"));
+    // Any answer proves the path; 405 as well as 200.
+    let out =
+        s.h.send_flows(remote, reply(&pings[0], 405, "Method Not Allowed", None));
+    assert!(out.is_empty());
+    assert!(reachability(&s.h).is_empty());
+
+    // The next ping goes unanswered through all its retransmissions.
+    let sent = s.h.advance(Duration::from_secs(25));
+    assert_eq!(options_to(&sent, remote).len(), 1);
+    let sent = s.h.advance(Duration::from_secs(33));
+    assert!(
+        sent_count(&sent, remote, Method::Options) > 3,
+        "an unanswered ping is retransmitted over UDP"
+    );
+    assert_eq!(reachability(&s.h), [false]);
+
+    // A call now rings only the desk phone.
+    let out = s.dial("102");
+    let invites: Vec<_> = out
+        .iter()
+        .filter(|(_, m)| m.method() == Some(Method::Invite))
+        .map(|(f, _)| *f)
+        .collect();
+    assert_eq!(invites, [s.callee_flow]);
+
+    // Registering again makes it reachable at once.
+    assert!(matches!(
+        s.h.register(&mut soft, remote).0,
+        RegisterOutcome::Registered { .. }
+    ));
+    assert_eq!(reachability(&s.h), [false, true]);
+}
+
+#[test]
+fn an_unreachable_only_contact_gets_480_and_answering_a_ping_restores_it() {
+    let mut s = call_setup();
+    let remote = udp_from("198.51.100.7:40000");
+    let mut soft = phone("102", "pw102", remote);
+    s.h.register(&mut soft, remote);
+    // Only the remote contact is left.
+    let mut desk = phone("102", "pw102", s.callee_flow);
+    desk.expires = 0;
+    desk.call_id = "desk-unregisters".into();
+    let (outcome, resp) = s.h.register(&mut desk, s.callee_flow);
+    assert_eq!(outcome, RegisterOutcome::Unregistered, "{resp:?}");
+    assert_eq!(s.h.core.registrar().bindings("102").len(), 1);
+    s.h.advance(Duration::from_secs(26 + 25 + 33));
+    assert_eq!(reachability(&s.h), [false]);
+    let out = s.dial("102");
+    assert_eq!(
+        out.iter()
+            .filter_map(|(_, m)| m.status())
+            .collect::<Vec<_>>(),
+        [480]
+    );
+    // Pings go on; the first answer brings the contact back.
+    let sent = s.h.advance(Duration::from_secs(25));
+    let pings = options_to(&sent, remote);
+    assert!(!pings.is_empty());
+    s.h.send_flows(remote, reply(pings.last().unwrap(), 200, "OK", None));
+    assert_eq!(reachability(&s.h), [false, true]);
+}
+
+#[test]
+fn keepalive_off_sends_nothing() {
+    let mut c = cfg();
+    c.keepalive = None;
+    let mut h = Harness::new(c);
+    let remote = udp_from("198.51.100.7:40000");
+    let mut soft = phone("102", "pw102", remote);
+    h.register(&mut soft, remote);
+    assert!(h.advance(Duration::from_secs(300)).is_empty());
+}
+
+// ---- addresses -----------------------------------------------------------
+
+struct FixedRoute(std::net::IpAddr);
+
+impl LocalRoutes for FixedRoute {
+    fn source_for(&self, _: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        Some(self.0)
+    }
+}
+
+/// The `c=` address of an SDP body.
+fn sdp_address(m: &Message) -> String {
+    SessionDescription::parse(m.body())
+        .unwrap()
+        .connection
+        .unwrap()
+        .raw
+}
+
+#[test]
+fn lan_phones_get_the_lan_address_and_remote_phones_the_public_one() {
+    let mut c = cfg();
+    c.advertise = Some("203.0.113.10".parse().unwrap());
+    let mut h = Harness::new(c);
+    let media = FakeMedia::default();
+    h.core.set_media(Box::new(media.clone()));
+    h.core
+        .set_routes(Box::new(FixedRoute("192.168.1.5".parse().unwrap())));
+    // Parley's UDP socket is bound to all addresses.
+    let any = |remote: &str| Flow::udp(addr("0.0.0.0:5060"), addr(remote));
+    let desk = any("192.168.1.20:5062");
+    let soft = any("198.51.100.7:40000");
+    let mut a = phone("100", "pw100", desk);
+    h.register(&mut a, desk);
+    let mut b = phone("102", "pw102", soft);
+    h.register(&mut b, soft);
+    let mut s = CallSetup {
+        h,
+        media,
+        caller: Caller {
+            user: "100",
+            password: "pw100",
+            flow: desk,
+            cseq: 0,
+            challenge: None,
+            nc: 0,
+        },
+        callee_flow: soft,
+    };
+    let out = s.dial("102");
+    let (_, invite) = out
+        .iter()
+        .find(|(f, m)| *f == soft && m.method() == Some(Method::Invite))
+        .expect("the softphone rings");
+    assert!(
+        invite
+            .top_via()
+            .unwrap()
+            .sent_by
+            .starts_with("203.0.113.10:")
+    );
+    assert!(
+        invite
+            .header(HeaderName::Contact)
+            .unwrap()
+            .contains("@203.0.113.10:5060")
+    );
+    assert_eq!(sdp_address(invite), "203.0.113.10");
+
+    let ok = s.h.send_flows(
+        soft,
+        reply(invite, 200, "OK", Some(&sdp_offer("198.51.100.7", 4000))),
+    );
+    let (_, answer) = ok
+        .iter()
+        .find(|(f, m)| *f == desk && m.status() == Some(200))
+        .expect("the desk phone gets the answer");
+    assert!(
+        answer
+            .header(HeaderName::Contact)
+            .unwrap()
+            .contains("@192.168.1.5:5060")
+    );
+    assert_eq!(sdp_address(answer), "192.168.1.5");
 }
