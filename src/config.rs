@@ -402,6 +402,7 @@ impl Config {
     /// The protocol core's settings, once the realm is known.
     pub fn core_config(&self, realm: &str) -> CoreConfig {
         let mut c = CoreConfig::new(realm);
+        c.domain = self.domain.clone();
         c.registrar = self.registrar;
         c.lockout = self.lockout;
         c.lan = self.lan.clone();

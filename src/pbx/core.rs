@@ -28,7 +28,9 @@ use crate::sip::transaction::{
 use crate::sip::transport::{ConnId, Flow, Transport};
 
 /// Methods Parley answers today; the Allow header of every 405 and OPTIONS.
-pub const ALLOWED_METHODS: &str = "INVITE, ACK, CANCEL, BYE, REGISTER, OPTIONS";
+pub const ALLOWED_METHODS: &str = "INVITE, ACK, CANCEL, BYE, REGISTER, OPTIONS, INFO, UPDATE";
+/// Option tags Parley supports (RFC 4028 session timers).
+pub const SUPPORTED_OPTIONS: &str = "timer";
 
 mod calls;
 mod keepalive;
@@ -55,6 +57,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     pub realm: String,
+    /// The SIP domain phones use (`sip:100@domain`): the host part of the
+    /// addresses Parley puts in From and To, so a phone can call back.
+    pub domain: String,
     /// Value of the Server header.
     pub server_name: String,
     pub timers: TimerConfig,
@@ -75,8 +80,10 @@ pub struct CoreConfig {
 
 impl CoreConfig {
     pub fn new(realm: impl Into<String>) -> CoreConfig {
+        let realm: String = realm.into();
         CoreConfig {
-            realm: realm.into(),
+            domain: realm.clone(),
+            realm,
             server_name: "Parley".into(),
             timers: TimerConfig::default(),
             registrar: RegistrarConfig::default(),
@@ -427,7 +434,7 @@ impl Core {
                 b.header(HeaderName::Accept, "application/sdp");
                 b.header(HeaderName::AcceptEncoding, "identity");
                 b.header(HeaderName::AcceptLanguage, "en");
-                b.header(HeaderName::Supported, "");
+                b.header(HeaderName::Supported, SUPPORTED_OPTIONS);
                 self.respond(now, tx, 200, b.finish());
             }
             Method::Ack => {}
@@ -786,7 +793,14 @@ fn check_request(msg: &Message) -> Result<(), &'static str> {
 /// Option tags in Require that Parley does not support (it supports none
 /// yet), for a `420 Bad Extension` (RFC 3261 §8.2.2.3).
 fn unsupported_requirements(msg: &Message) -> Option<String> {
-    let tags: Vec<&str> = msg.header_values(HeaderName::Require).collect();
+    let tags: Vec<&str> = msg
+        .header_values(HeaderName::Require)
+        .filter(|t| {
+            !SUPPORTED_OPTIONS
+                .split(", ")
+                .any(|s| s.eq_ignore_ascii_case(t))
+        })
+        .collect();
     (!tags.is_empty()).then(|| tags.join(", "))
 }
 

@@ -11,9 +11,9 @@
 //! 180 relayed, first 2xx wins, the other forks cancelled, a late 2xx on
 //! another fork acknowledged and hung up, failures summed up into one
 //! final answer (486 over 480...), CANCEL from the caller, ACK, BYE from
-//! either side, re-INVITE passed through (hold, resume), the ring timeout,
-//! hang-up on media loss, call records. Not yet: UPDATE, INFO, offerless
-//! re-INVITEs, early media, session timers.
+//! either side, re-INVITE and UPDATE passed through (hold, resume), the
+//! ring timeout, hang-up on media loss, call records; INFO, offerless
+//! re-INVITEs and session timers are in `in_dialog`. Not yet: early media.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -22,6 +22,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use slab::Slab;
+
+mod in_dialog;
 
 use super::Core;
 use crate::media::{LegId, LegKeys, LegMedia, LegReport, MediaError, MediaEvent, OpenLeg};
@@ -38,6 +40,7 @@ use crate::sip::message::{Framing, HeaderName, Message, MessageBuilder, Method, 
 use crate::sip::transaction::{ClientTxId, ServerTxId};
 use crate::sip::transport::{Flow, Transport};
 use crate::srtp::MasterKey;
+use in_dialog::{Relayed, SessionTimer, SessionTimerRequest, session_timer_request};
 
 /// Most calls up at once; beyond this new INVITEs get 503.
 pub const MAX_CALLS: usize = 10_000;
@@ -99,9 +102,15 @@ enum State {
 
 /// The `by_branch` slot of a re-INVITE Parley sent on a call's other side.
 const REINVITE: usize = usize::MAX - 1;
+/// The `by_branch` slot of a request relayed to the other side (INFO).
+const RELAYED: usize = usize::MAX - 2;
+/// The `by_branch` slot of Parley's own session refresh to the caller.
+const SESSION_REFRESH: usize = usize::MAX - 3;
 
 /// A re-INVITE in progress: one side's new offer, passed to the other.
 struct Reinvite {
+    /// INVITE or UPDATE.
+    method: Method,
     /// Who sent it, on which transaction.
     from: Side,
     tx: ServerTxId,
@@ -142,6 +151,16 @@ struct Call {
     callee_media: Option<PhoneMedia>,
     ringing_sent: bool,
     reinvite: Option<Reinvite>,
+    /// What the caller's INVITE asked of session timers.
+    session_request: Option<SessionTimerRequest>,
+    session: Option<SessionTimer>,
+    /// The description Parley last sent the caller (repeated in refreshes
+    /// and offerless re-INVITEs).
+    sent_to_caller: Option<SessionDescription>,
+    /// CSeq of Parley's refresh re-INVITE in flight, to acknowledge its 2xx.
+    refresh_seq: Option<u32>,
+    /// Parley put an offer in a 200 to this side; the answer is in its ACK.
+    offer_in_ok: Option<Side>,
 }
 
 /// Every call in progress, with the indexes that find one from a
@@ -160,6 +179,10 @@ pub(crate) struct Calls {
     /// Records of ended calls waiting for their legs' statistics.
     pending: Vec<PendingRecord>,
     next_ref: u64,
+    /// Requests passed to the other side, by the transaction Parley sent.
+    relayed: HashMap<ClientTxId, Relayed>,
+    /// Session timers: (when, call slot, call uid); stale entries skipped.
+    session_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
 }
 
 struct PendingRecord {
@@ -189,7 +212,8 @@ impl Calls {
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         let ring = self.ring_timers.peek().map(|Reverse((t, _, _))| *t);
         let report = self.pending.iter().map(|p| p.deadline).min();
-        ring.into_iter().chain(report).min()
+        let session = self.session_timers.peek().map(|Reverse((t, _, _))| *t);
+        ring.into_iter().chain(report).chain(session).min()
     }
 }
 
@@ -363,6 +387,15 @@ impl Core {
             self.respond(now, tx, 503, b.finish());
             return;
         }
+        let session_request = match session_timer_request(&msg) {
+            Ok(r) => r,
+            Err(min_se) => {
+                let mut b = self.response_builder(&msg, flow, 422, "Session Interval Too Small");
+                b.header_fmt(HeaderName::MinSe, format_args!("{min_se}"));
+                self.respond(now, tx, 422, b.finish());
+                return;
+            }
+        };
         let caller_security = match caller_policy.media_security(
             flow.transport,
             source,
@@ -505,11 +538,14 @@ impl Core {
             b.header(HeaderName::MaxForwards, MAX_FORWARDS);
             b.header_fmt(
                 HeaderName::From,
-                format_args!("{display} <sip:{caller}@{}>;tag={from_tag}", self.cfg.realm),
+                format_args!(
+                    "{display} <sip:{caller}@{}>;tag={from_tag}",
+                    self.cfg.domain
+                ),
             );
             b.header_fmt(
                 HeaderName::To,
-                format_args!("<sip:{callee}@{}>", self.cfg.realm),
+                format_args!("<sip:{callee}@{}>", self.cfg.domain),
             );
             b.header(HeaderName::CallId, &call_id);
             b.header(HeaderName::CSeq, "1 INVITE");
@@ -584,6 +620,11 @@ impl Core {
             callee_dialog: None,
             callee_media: None,
             ringing_sent: false,
+            session_request,
+            session: None,
+            sent_to_caller: None,
+            refresh_seq: None,
+            offer_in_ok: None,
             reinvite: None,
         });
     }
@@ -641,13 +682,15 @@ impl Core {
             return;
         };
         let status = msg.status().unwrap_or(500);
+        match bi {
+            REINVITE => return self.reinvite_response(now, idx, ctx, msg),
+            RELAYED => return self.relayed_response(now, ctx, &msg),
+            SESSION_REFRESH => return self.session_refresh_response(now, idx, ctx, &msg),
+            _ => {}
+        }
         if msg.cseq().is_some_and(|c| c.method != Method::Invite) {
             // Responses to BYE or CANCEL need nothing more.
             self.calls.by_branch.remove(&ctx);
-            return;
-        }
-        if bi == REINVITE {
-            self.reinvite_response(now, idx, ctx, msg);
             return;
         }
         match status {
@@ -660,6 +703,14 @@ impl Core {
 
     pub(super) fn call_client_timeout(&mut self, now: Instant, ctx: ClientTxId) {
         if let Some(&(idx, bi)) = self.calls.by_branch.get(&ctx) {
+            if bi == RELAYED {
+                return self.relayed_timeout(now, ctx);
+            }
+            if bi == SESSION_REFRESH {
+                self.calls.by_branch.remove(&ctx);
+                tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, "the caller did not answer a session refresh; ending the call");
+                return self.end_answered_call(now, idx, "Session Refresh Failed");
+            }
             if bi == REINVITE {
                 self.calls.by_branch.remove(&ctx);
                 if let Some(r) = self.calls.calls[idx].reinvite.take() {
@@ -812,6 +863,9 @@ impl Core {
         let mut b = self.response_builder(&call.invite, call.caller_flow, 200, "OK");
         b.header_fmt(HeaderName::Contact, format_args!("<{caller_contact}>"));
         b.header(HeaderName::Allow, super::ALLOWED_METHODS);
+        if let Some(timer) = call.session_request {
+            timer.add_to(&mut b);
+        }
         let ok = b.finish_with_body(Some("application/sdp"), &caller_answer.to_bytes());
         let invite_tx = call.invite_tx;
         self.respond(now, invite_tx, 200, ok);
@@ -829,6 +883,7 @@ impl Core {
         call.callee_dialog = Some(dialog);
         call.caller_dialog = Some(caller_dialog);
         call.callee_media = Some(answer);
+        call.sent_to_caller = Some(caller_answer);
         tracing::info!(call_ref = %call.call_ref, "call answered");
         self.calls.by_leg.insert(caller_leg, idx);
         self.calls.by_leg.insert(callee_leg, idx);
@@ -836,6 +891,7 @@ impl Core {
         self.calls.by_dialog.insert(caller_key, (idx, Side::Caller));
         self.calls.by_invite.remove(&invite_tx);
         self.cancel_other_forks(now, idx, Some(bi));
+        self.start_session_timer(now, idx);
     }
 
     fn cancel_other_forks(&mut self, now: Instant, idx: usize, keep: Option<usize>) {
@@ -942,10 +998,17 @@ impl Core {
                 self.hang_up_other_side(now, idx, side);
                 self.finish_call(now, idx, Outcome::Answered, 200, "OK", Some(ended_by));
             }
-            Some(Method::Invite) => self.reinvite(now, idx, side, tx, msg, flow),
+            Some(m @ (Method::Invite | Method::Update)) => {
+                if msg.body().is_empty() {
+                    self.answer_without_offer(now, idx, side, tx, msg, flow);
+                } else {
+                    self.reinvite(now, idx, side, m, tx, msg, flow);
+                }
+            }
+            Some(Method::Info) => self.relay_info(now, idx, side, tx, msg, flow),
             _ => {
                 let mut b = self.response_builder(msg, flow, 501, "Not Implemented In A Call Yet");
-                b.header(HeaderName::Allow, "INVITE, ACK, BYE, CANCEL");
+                b.header(HeaderName::Allow, super::ALLOWED_METHODS);
                 self.respond(now, tx, 501, b.finish());
             }
         }
@@ -959,8 +1022,9 @@ impl Core {
             msg.call_id().unwrap_or("").to_string(),
             local_tag.to_string(),
         );
-        if let Some(&(idx, Side::Caller)) = self.calls.by_dialog.get(&key) {
-            tracing::debug!(call_ref = %self.calls.calls[idx].call_ref, "caller acknowledged");
+        if let Some(&(idx, side)) = self.calls.by_dialog.get(&key) {
+            tracing::debug!(call_ref = %self.calls.calls[idx].call_ref, ?side, "acknowledged");
+            self.answer_in_ack(idx, side, msg);
         }
     }
 
@@ -1006,7 +1070,13 @@ impl Core {
         }
         let call = self.calls.calls.remove(idx);
         self.calls.by_invite.remove(&call.invite_tx);
-        self.calls.by_branch.retain(|_, (i, _)| *i != idx);
+        let relayed = &mut self.calls.relayed;
+        self.calls.by_branch.retain(|ctx, (i, _)| {
+            if *i == idx {
+                relayed.remove(ctx);
+            }
+            *i != idx
+        });
         self.calls.by_dialog.retain(|_, (i, _)| *i != idx);
         self.calls.by_leg.retain(|_, i| *i != idx);
         self.media.close(call.caller_leg.id);
@@ -1095,6 +1165,7 @@ impl Core {
             self.out
                 .push_back(super::Output::CallEnded(Box::new(p.record)));
         }
+        self.session_timers(now);
     }
 
     /// What the media relay reports: a leg gone quiet ends its call; a
@@ -1191,11 +1262,13 @@ impl Core {
     /// an answered call: its offer goes to the other side, rewritten for
     /// that leg, and the answer comes back the same way. Keys stay as they
     /// are on each leg unless a phone changes its own.
+    #[allow(clippy::too_many_arguments)]
     fn reinvite(
         &mut self,
         now: Instant,
         idx: usize,
         from: Side,
+        method: Method,
         tx: ServerTxId,
         msg: &Message,
         flow: Flow,
@@ -1220,10 +1293,6 @@ impl Core {
             }
         };
         let (x_security, y_security) = (security(x_media), security(y_media));
-        if msg.body().is_empty() {
-            // An offerless re-INVITE would need Parley to offer; not yet.
-            return self.reject(now, tx, msg, flow, 488, "Offer Required");
-        }
         let offer = match read_phone_sdp(
             msg.body(),
             flow.transport == Transport::Tls,
@@ -1248,7 +1317,12 @@ impl Core {
         };
         y_local.version += 1;
         let sent = offer_for_branch(&offer, y_security, y_local);
-        let mut b = y_dialog.request("INVITE", &via, None);
+        let name = if method == Method::Update {
+            "UPDATE"
+        } else {
+            "INVITE"
+        };
+        let mut b = y_dialog.request(name, &via, None);
         b.header(HeaderName::Allow, super::ALLOWED_METHODS);
         let sent_seq = y_dialog.local_seq;
         let bytes = b.finish_with_body(Some("application/sdp"), &sent.to_bytes());
@@ -1262,6 +1336,7 @@ impl Core {
             Ok(ctx) => {
                 self.calls.by_branch.insert(ctx, (idx, REINVITE));
                 self.calls.calls[idx].reinvite = Some(Reinvite {
+                    method,
                     from,
                     tx,
                     request: msg.clone(),
@@ -1270,8 +1345,11 @@ impl Core {
                     sent,
                     sent_seq,
                 });
-                let b = self.response_builder(msg, flow, 100, "Trying");
-                self.respond(now, tx, 100, b.finish());
+                if method == Method::Invite {
+                    let b = self.response_builder(msg, flow, 100, "Trying");
+                    self.respond(now, tx, 100, b.finish());
+                }
+                self.session_refreshed(now, idx, from);
             }
             Err(_) => self.reject(now, tx, msg, flow, 500, "Cannot Reach The Other Party"),
         }
@@ -1310,8 +1388,10 @@ impl Core {
             return;
         };
         y_dialog.refresh_target(&msg);
-        let ack = y_dialog.ack(r.sent_seq, &via, None);
-        self.transmit(y_flow, ack);
+        if r.method == Method::Invite {
+            let ack = y_dialog.ack(r.sent_seq, &via, None);
+            self.transmit(y_flow, ack);
+        }
 
         let call = &self.calls.calls[idx];
         let y_security = match r.from {
@@ -1372,18 +1452,26 @@ impl Core {
             Side::Caller => {
                 call.caller_media = r.offer.clone();
                 call.callee_media = Some(answer);
+                call.sent_to_caller = Some(x_answer.clone());
+                call.branches[w].offer = r.sent.clone();
             }
             Side::Callee => {
                 call.callee_media = Some(r.offer.clone());
                 call.caller_media = answer;
+                call.sent_to_caller = Some(r.sent.clone());
+                call.branches[w].offer = x_answer.clone();
             }
         }
+        let timer = (r.from == Side::Caller).then_some(call.session).flatten();
         self.media.configure(x_leg, x_media);
         self.media.configure(y_leg, y_media);
         let contact = self.contact_uri(&r.flow);
         let mut b = self.response_builder(&r.request, r.flow, 200, "OK");
         b.header_fmt(HeaderName::Contact, format_args!("<{contact}>"));
         b.header(HeaderName::Allow, super::ALLOWED_METHODS);
+        if let Some(t) = timer {
+            t.request.add_to(&mut b);
+        }
         let ok = b.finish_with_body(Some("application/sdp"), &x_answer.to_bytes());
         self.respond(now, r.tx, 200, ok);
     }

@@ -162,7 +162,7 @@ impl Core {
         b.header(HeaderName::MaxForwards, MAX_FORWARDS);
         b.header_fmt(
             HeaderName::From,
-            format_args!("<sip:parley@{}>;tag={}", self.cfg.realm, random_hex()),
+            format_args!("<sip:parley@{}>;tag={}", self.cfg.domain, random_hex()),
         );
         b.header_fmt(HeaderName::To, format_args!("<{target}>"));
         b.header_fmt(HeaderName::CallId, format_args!("{}@parley", random_hex()));

@@ -700,6 +700,8 @@ struct Caller {
     cseq: u32,
     challenge: Option<Challenge>,
     nc: u32,
+    /// Headers added to the INVITE (session timers, Allow...).
+    extra: Vec<(HeaderName, String)>,
 }
 
 impl Caller {
@@ -707,6 +709,9 @@ impl Caller {
         self.cseq += 1;
         let ruri = format!("sip:{to}@{REALM}");
         let mut b = MessageBuilder::request("INVITE", &ruri);
+        for (name, value) in &self.extra {
+            b.header(*name, value);
+        }
         b.header_fmt(
             HeaderName::Via,
             format_args!(
@@ -748,6 +753,11 @@ impl Caller {
     }
 
     fn in_dialog(&mut self, method: &str, ok: &Message) -> Bytes {
+        self.in_dialog_with(method, ok, None)
+    }
+
+    /// An in-dialog request with a body (`content type`, `body`).
+    fn in_dialog_with(&mut self, method: &str, ok: &Message, body: Option<(&str, &str)>) -> Bytes {
         self.cseq += 1;
         let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap())
             .unwrap()
@@ -770,7 +780,10 @@ impl Caller {
             self.cseq
         };
         b.header_fmt(HeaderName::CSeq, format_args!("{seq} {method}"));
-        b.finish_with_body(None, b"")
+        match body {
+            Some((ctype, body)) => b.finish_with_body(Some(ctype), body.as_bytes()),
+            None => b.finish_with_body(None, b""),
+        }
     }
 }
 
@@ -816,6 +829,7 @@ fn call_setup() -> CallSetup {
         cseq: 0,
         challenge: None,
         nc: 0,
+        extra: vec![],
     };
     CallSetup {
         h,
@@ -1449,6 +1463,7 @@ fn lan_phones_get_the_lan_address_and_remote_phones_the_public_one() {
             cseq: 0,
             challenge: None,
             nc: 0,
+            extra: vec![],
         },
         callee_flow: soft,
     };
@@ -1487,4 +1502,214 @@ fn lan_phones_get_the_lan_address_and_remote_phones_the_public_one() {
             .contains("@192.168.1.5:5060")
     );
     assert_eq!(sdp_address(answer), "192.168.1.5");
+}
+
+// ---- in-dialog requests ---------------------------------------------------
+
+fn statuses_to(out: &[(Flow, Message)], flow: Flow) -> Vec<u16> {
+    out.iter()
+        .filter(|(f, _)| *f == flow)
+        .filter_map(|(_, m)| m.status())
+        .collect()
+}
+
+/// Requests of `method` sent to `flow`, retransmissions left out.
+fn requests_to(out: &[(Flow, Message)], flow: Flow, method: Method) -> Vec<Message> {
+    let mut found: Vec<Message> = vec![];
+    for (f, m) in out {
+        if *f == flow
+            && m.method() == Some(method)
+            && !found
+                .iter()
+                .any(|x| x.call_id() == m.call_id() && x.cseq() == m.cseq())
+        {
+            found.push(m.clone());
+        }
+    }
+    found
+}
+
+#[test]
+fn info_is_relayed_in_the_other_dialog_and_its_answer_returned() {
+    let mut s = call_setup();
+    let ok = answered_call(&mut s);
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let dtmf = "Signal=5\r\nDuration=160\r\n";
+    let out = s.h.send_flows(
+        s.caller.flow,
+        s.caller
+            .in_dialog_with("INFO", &ok, Some(("application/dtmf-relay", dtmf))),
+    );
+    let infos = requests_to(&out, s.callee_flow, Method::Info);
+    assert_eq!(infos.len(), 1, "{out:?}");
+    let info = &infos[0];
+    assert_eq!(info.body(), dtmf.as_bytes());
+    assert_eq!(
+        info.header(HeaderName::ContentType),
+        Some("application/dtmf-relay")
+    );
+    assert_eq!(info.to().unwrap().tag(), Some("calleetag"));
+    assert!(statuses_to(&out, s.caller.flow).is_empty());
+    let out = s.h.send_flows(s.callee_flow, reply(info, 200, "OK", None));
+    assert_eq!(statuses_to(&out, s.caller.flow), [200]);
+
+    // An INFO the other side never answers gets 408 back.
+    let out = s.h.send_flows(
+        s.caller.flow,
+        s.caller
+            .in_dialog_with("INFO", &ok, Some(("application/dtmf-relay", dtmf))),
+    );
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Info).len(), 1);
+    let later = s.h.advance(Duration::from_secs(40));
+    assert_eq!(statuses_to(&later, s.caller.flow), [408]);
+    assert_eq!(
+        s.h.core.call_count(),
+        1,
+        "a lost INFO does not end the call"
+    );
+}
+
+#[test]
+fn update_and_offerless_reinvite_are_answered_by_parley_alone() {
+    let mut s = call_setup();
+    let ok = answered_call(&mut s);
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let first = SessionDescription::parse(ok.body()).unwrap();
+
+    let out =
+        s.h.send_flows(s.caller.flow, s.caller.in_dialog("UPDATE", &ok));
+    assert_eq!(statuses_to(&out, s.caller.flow), [200]);
+    assert!(
+        out.iter().all(|(f, _)| *f == s.caller.flow),
+        "the callee sees nothing"
+    );
+
+    // A re-INVITE without an offer: Parley offers what the caller has.
+    let out =
+        s.h.send_flows(s.caller.flow, s.caller.in_dialog("INVITE", &ok));
+    let ok2 = out
+        .iter()
+        .find(|(f, m)| *f == s.caller.flow && m.status() == Some(200))
+        .map(|(_, m)| m.clone())
+        .expect("200 with an offer");
+    assert!(
+        out.iter().all(|(f, _)| *f == s.caller.flow),
+        "the callee sees nothing"
+    );
+    let offer = SessionDescription::parse(ok2.body()).unwrap();
+    assert_eq!(offer.media[0].port, first.media[0].port);
+    assert_eq!(offer.connection, first.connection);
+    // The answer comes in the ACK: the caller moved to another port.
+    let before = s.media.configured.lock().unwrap().len();
+    let mut ack = s.caller.in_dialog_with(
+        "ACK",
+        &ok2,
+        Some(("application/sdp", &sdp_offer("192.168.1.20", 4100))),
+    );
+    // The ACK's CSeq is the re-INVITE's.
+    ack = Bytes::from(String::from_utf8(ack.to_vec()).unwrap().replace(
+        &format!("CSeq: {} ACK", ok.cseq().unwrap().seq),
+        &format!("CSeq: {} ACK", ok2.cseq().unwrap().seq),
+    ));
+    s.h.send_flows(s.caller.flow, ack);
+    let configured = s.media.configured.lock().unwrap();
+    assert_eq!(configured.len(), before + 1);
+    assert_eq!(
+        configured.last().unwrap().1.remote_rtp.map(|a| a.port()),
+        Some(4100)
+    );
+}
+
+fn caller_ok(out: &[(Flow, Message)], flow: Flow) -> Message {
+    out.iter()
+        .find(|(f, m)| *f == flow && m.status() == Some(200))
+        .map(|(_, m)| m.clone())
+        .expect("a 200 for the caller")
+}
+
+#[test]
+fn session_timers_are_granted_and_a_missed_refresh_ends_the_call() {
+    let mut s = call_setup();
+    s.caller.extra = vec![(HeaderName::SessionExpires, "60".into())];
+    let out = s.dial("102");
+    let refused = &out.last().unwrap().1;
+    assert_eq!(refused.status(), Some(422));
+    assert_eq!(refused.header(HeaderName::MinSe), Some("90"));
+
+    s.caller.extra = vec![
+        (HeaderName::SessionExpires, "120;refresher=uac".into()),
+        (HeaderName::Supported, "timer".into()),
+    ];
+    s.caller.challenge = None;
+    let ok = answered_call(&mut s);
+    assert_eq!(
+        ok.header(HeaderName::SessionExpires),
+        Some("120;refresher=uac")
+    );
+    assert_eq!(ok.header(HeaderName::Require), Some("timer"));
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+
+    // Refreshed at 60 s with UPDATE: the call lives on past 88 s.
+    s.h.advance(Duration::from_secs(60));
+    let out =
+        s.h.send_flows(s.caller.flow, s.caller.in_dialog("UPDATE", &ok));
+    let refreshed = caller_ok(&out, s.caller.flow);
+    assert_eq!(
+        refreshed.header(HeaderName::SessionExpires),
+        Some("120;refresher=uac")
+    );
+    let out = s.h.advance(Duration::from_secs(60));
+    assert!(requests_to(&out, s.callee_flow, Method::Bye).is_empty());
+    assert_eq!(s.h.core.call_count(), 1);
+
+    // No refresh: ended 32 s before the session would expire.
+    let out = s.h.advance(Duration::from_secs(30));
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Bye).len(), 1);
+    assert_eq!(requests_to(&out, s.caller.flow, Method::Bye).len(), 1);
+    assert_eq!(s.h.core.call_count(), 0);
+    s.h.advance(Duration::from_secs(3));
+    let record = s.h.calls.last().unwrap();
+    assert_eq!(record.sip_reason, "Session Expired");
+    assert_eq!(record.ended_by, Some(EndedBy::Parley));
+}
+
+#[test]
+fn parley_refreshes_when_the_caller_asks_it_to() {
+    for (allow, method) in [
+        ("INVITE, ACK, BYE, CANCEL, UPDATE", Method::Update),
+        ("INVITE, ACK, BYE, CANCEL", Method::Invite),
+    ] {
+        let mut s = call_setup();
+        s.caller.extra = vec![
+            (HeaderName::SessionExpires, "100;refresher=uas".into()),
+            (HeaderName::Supported, "timer".into()),
+            (HeaderName::Allow, allow.into()),
+        ];
+        let ok = answered_call(&mut s);
+        assert_eq!(
+            ok.header(HeaderName::SessionExpires),
+            Some("100;refresher=uas")
+        );
+        s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+        let out = s.h.advance(Duration::from_secs(51));
+        let refresh = requests_to(&out, s.caller.flow, method);
+        assert_eq!(refresh.len(), 1, "{method:?} refresh: {out:?}");
+        let refresh = &refresh[0];
+        assert_eq!(refresh.call_id(), Some("call-1@phone"));
+        assert_eq!(refresh.to().unwrap().tag(), Some("caller100"));
+        assert_eq!(method == Method::Invite, !refresh.body().is_empty());
+        let answer = reply(
+            refresh,
+            200,
+            "OK",
+            (method == Method::Invite).then_some(&*sdp_offer("192.168.1.20", 4000)),
+        );
+        let out = s.h.send_flows(s.caller.flow, answer);
+        assert_eq!(
+            requests_to(&out, s.caller.flow, Method::Ack).len(),
+            usize::from(method == Method::Invite)
+        );
+        assert!(requests_to(&out, s.callee_flow, Method::Invite).is_empty());
+        assert_eq!(s.h.core.call_count(), 1);
+    }
 }

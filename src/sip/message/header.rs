@@ -75,6 +75,8 @@ header_names! {
     AllowEvents => "Allow-Events", b'u';
     SessionExpires => "Session-Expires", b'x';
     MinSe => "Min-SE";
+    InfoPackage => "Info-Package";
+    RecvInfo => "Recv-Info";
     ReferTo => "Refer-To", b'r';
     ReferredBy => "Referred-By", b'b';
     Replaces => "Replaces";

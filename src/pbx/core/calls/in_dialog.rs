@@ -1,0 +1,440 @@
+//! Requests inside an answered call beyond BYE and re-INVITE with an
+//! offer: INFO passed to the other side (SIP-INFO DTMF, among others),
+//! UPDATE, offerless re-INVITEs, and session timers (RFC 4028) on the
+//! caller's dialog.
+//!
+//! Session timers: a caller that asks for them (Session-Expires in its
+//! INVITE) gets them, with the refresher it asked for. When the caller
+//! refreshes, a call whose refresh does not come in time is ended on both
+//! sides; when Parley refreshes, it sends UPDATE (or a re-INVITE with the
+//! description the caller already has) at half the interval. Intervals
+//! below `MIN_SESSION_EXPIRES` get 422. The callee's dialog carries no
+//! timer: Parley does not offer `timer` to callees, and the media relay
+//! already ends calls whose audio stops.
+
+use std::cmp::Reverse;
+use std::time::{Duration, Instant};
+
+use super::{RELAYED, SESSION_REFRESH, Side, branch_id};
+use crate::pbx::anchor::read_phone_sdp;
+use crate::pbx::cdr::{EndedBy, Outcome};
+use crate::pbx::core::{ALLOWED_METHODS, Core};
+use crate::pbx::policy::MediaSecurity;
+use crate::sip::message::{HeaderName, Message, MessageBuilder, Method};
+use crate::sip::transaction::{ClientTxId, ServerTxId};
+use crate::sip::transport::{Flow, Transport};
+
+/// Shortest session interval Parley accepts (RFC 4028's floor, 90 s).
+pub const MIN_SESSION_EXPIRES: u32 = 90;
+/// Longest interval granted; a longer request is shortened to this.
+const MAX_SESSION_EXPIRES: u32 = 86_400;
+/// Largest body passed on in an INFO.
+const MAX_INFO_BODY: usize = 4096;
+
+/// What a caller's INVITE asked of session timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SessionTimerRequest {
+    pub interval: u32,
+    pub caller_refreshes: bool,
+    /// The caller supports `timer`, so the 2xx carries `Require: timer`.
+    pub caller_supports: bool,
+}
+
+/// A running session timer on the caller's dialog.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SessionTimer {
+    pub request: SessionTimerRequest,
+    /// When the caller's refresh is due at the latest, or when Parley
+    /// refreshes next.
+    pub next: Instant,
+}
+
+/// Reads Session-Expires and Supported from an INVITE. `Err` carries the
+/// Min-SE for a 422.
+pub(super) fn session_timer_request(msg: &Message) -> Result<Option<SessionTimerRequest>, u32> {
+    let caller_supports = msg
+        .header_values(HeaderName::Supported)
+        .any(|t| t.eq_ignore_ascii_case("timer"));
+    let Some(value) = msg.header(HeaderName::SessionExpires) else {
+        return Ok(None);
+    };
+    let mut parts = value.split(';');
+    let Ok(asked) = parts.next().unwrap_or("").trim().parse::<u32>() else {
+        // Unreadable: treated as absent, the call goes on without a timer.
+        return Ok(None);
+    };
+    if asked < MIN_SESSION_EXPIRES {
+        return Err(MIN_SESSION_EXPIRES);
+    }
+    let refresher = parts
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("refresher"))
+        .map(|(_, v)| v.trim().to_ascii_lowercase());
+    // RFC 4028 §9: the refresher asked for is kept; without one, a caller
+    // that supports timers refreshes, and one that does not cannot.
+    let caller_refreshes = caller_supports && refresher.as_deref() != Some("uas");
+    Ok(Some(SessionTimerRequest {
+        interval: asked.min(MAX_SESSION_EXPIRES),
+        caller_refreshes,
+        caller_supports,
+    }))
+}
+
+impl SessionTimerRequest {
+    /// Adds Session-Expires (and Require: timer) to a 2xx for the caller.
+    pub(super) fn add_to(&self, b: &mut MessageBuilder) {
+        let who = if self.caller_refreshes { "uac" } else { "uas" };
+        b.header_fmt(
+            HeaderName::SessionExpires,
+            format_args!("{};refresher={who}", self.interval),
+        );
+        if self.caller_supports {
+            b.header(HeaderName::Require, "timer");
+        }
+    }
+
+    /// When the timer next fires, counted from a refresh at `now`.
+    pub(super) fn next_after(&self, now: Instant) -> Instant {
+        let interval = Duration::from_secs(self.interval.into());
+        if self.caller_refreshes {
+            // RFC 4028 §10: the session ends a third of the interval (at
+            // most 32 s) before it would expire, unless refreshed.
+            now + interval - (interval / 3).min(Duration::from_secs(32))
+        } else {
+            now + interval / 2
+        }
+    }
+}
+
+/// A request passed from one side of a call to the other, waiting for the
+/// other side's answer.
+pub(super) struct Relayed {
+    pub tx: ServerTxId,
+    pub request: Message,
+    pub flow: Flow,
+}
+
+impl Core {
+    /// Starts the caller's session timer when the call is answered.
+    pub(super) fn start_session_timer(&mut self, now: Instant, idx: usize) {
+        let call = &mut self.calls.calls[idx];
+        let Some(request) = call.session_request else {
+            return;
+        };
+        let next = request.next_after(now);
+        call.session = Some(SessionTimer { request, next });
+        let uid = call.uid;
+        self.calls.session_timers.push(Reverse((next, idx, uid)));
+    }
+
+    /// A refresh (re-INVITE or UPDATE) from the caller restarts its timer.
+    pub(super) fn session_refreshed(&mut self, now: Instant, idx: usize, side: Side) {
+        let call = &mut self.calls.calls[idx];
+        let Some(timer) = call.session.as_mut() else {
+            return;
+        };
+        if side != Side::Caller || !timer.request.caller_refreshes {
+            return;
+        }
+        timer.next = timer.request.next_after(now);
+        let (next, uid) = (timer.next, call.uid);
+        self.calls.session_timers.push(Reverse((next, idx, uid)));
+    }
+
+    /// Session timers that fired: a missed refresh ends the call; Parley's
+    /// own refresh goes out.
+    pub(super) fn session_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((at, idx, uid))) = self.calls.session_timers.peek() {
+            if at > now {
+                break;
+            }
+            self.calls.session_timers.pop();
+            let Some(call) = self.calls.calls.get(idx).filter(|c| c.uid == uid) else {
+                continue;
+            };
+            let Some(timer) = call.session.filter(|t| t.next == at) else {
+                continue; // re-armed since
+            };
+            if timer.request.caller_refreshes {
+                tracing::warn!(call_ref = %call.call_ref, "the caller did not refresh its session in time; ending the call");
+                self.end_answered_call(now, idx, "Session Expired");
+            } else {
+                self.send_session_refresh(now, idx);
+                let call = &mut self.calls.calls[idx];
+                if let Some(t) = call.session.as_mut() {
+                    t.next = t.request.next_after(now);
+                    let next = t.next;
+                    self.calls.session_timers.push(Reverse((next, idx, uid)));
+                }
+            }
+        }
+    }
+
+    /// Hangs up both sides of an answered call on Parley's initiative.
+    pub(super) fn end_answered_call(&mut self, now: Instant, idx: usize, reason: &str) {
+        self.hang_up_other_side(now, idx, Side::Caller);
+        self.hang_up_other_side(now, idx, Side::Callee);
+        self.finish_call(
+            now,
+            idx,
+            Outcome::Answered,
+            200,
+            reason,
+            Some(EndedBy::Parley),
+        );
+    }
+
+    /// Parley refreshes the caller's session: UPDATE without a body when
+    /// the caller allows it, otherwise a re-INVITE repeating the
+    /// description the caller already has.
+    fn send_session_refresh(&mut self, now: Instant, idx: usize) {
+        let flow = self.calls.calls[idx].caller_flow;
+        let via = self.via(&flow, &branch_id());
+        let call = &mut self.calls.calls[idx];
+        let Some(timer) = call.session else {
+            return;
+        };
+        let allows_update = call
+            .invite
+            .header_values(HeaderName::Allow)
+            .any(|m| m.eq_ignore_ascii_case("UPDATE"));
+        let sdp = call.sent_to_caller.as_ref().map(|s| s.to_bytes());
+        let Some(dialog) = call.caller_dialog.as_mut() else {
+            return;
+        };
+        let (method, body) = if allows_update {
+            ("UPDATE", None)
+        } else {
+            ("INVITE", sdp)
+        };
+        let mut b = dialog.request(method, &via, None);
+        let seq = dialog.local_seq;
+        b.header_fmt(
+            HeaderName::SessionExpires,
+            format_args!("{};refresher=uac", timer.request.interval),
+        );
+        b.header(HeaderName::Supported, "timer");
+        let bytes = match &body {
+            Some(sdp) => b.finish_with_body(Some("application/sdp"), sdp),
+            None => b.finish_with_body(None, b""),
+        };
+        match self.tx.send_request(now, flow, bytes) {
+            Ok(ctx) => {
+                self.calls.by_branch.insert(ctx, (idx, SESSION_REFRESH));
+                self.calls.calls[idx].refresh_seq = (method == "INVITE").then_some(seq);
+            }
+            Err(e) => tracing::warn!(error = %e, "session refresh not sent"),
+        }
+    }
+
+    /// The caller's answer to Parley's refresh: a 2xx to a re-INVITE is
+    /// acknowledged; 408 or 481 means the caller is gone (RFC 4028 §10).
+    pub(super) fn session_refresh_response(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        ctx: ClientTxId,
+        msg: &Message,
+    ) {
+        let status = msg.status().unwrap_or(500);
+        if status < 200 {
+            return;
+        }
+        self.calls.by_branch.remove(&ctx);
+        let flow = self.calls.calls[idx].caller_flow;
+        if (200..300).contains(&status) {
+            let via = self.via(&flow, &branch_id());
+            let call = &mut self.calls.calls[idx];
+            if let (Some(seq), Some(d)) = (call.refresh_seq.take(), call.caller_dialog.as_mut()) {
+                let ack = d.ack(seq, &via, None);
+                self.transmit(flow, ack);
+            }
+        } else if status == 408 || status == 481 {
+            tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, status, "the caller refused a session refresh; ending the call");
+            self.end_answered_call(now, idx, "Session Refresh Failed");
+        }
+    }
+
+    /// INFO (DTMF, mostly) goes to the other side; its answer comes back.
+    pub(super) fn relay_info(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        from: Side,
+        tx: ServerTxId,
+        msg: &Message,
+        flow: Flow,
+    ) {
+        if msg.body().len() > MAX_INFO_BODY {
+            return self.reject(now, tx, msg, flow, 413, "INFO Body Too Large");
+        }
+        let Some(y_flow) = self.other_flow(idx, from) else {
+            return self.reject(now, tx, msg, flow, 481, "Call Not Answered");
+        };
+        let via = self.via(&y_flow, &branch_id());
+        let call = &mut self.calls.calls[idx];
+        let y_dialog = match from {
+            Side::Caller => call.callee_dialog.as_mut(),
+            Side::Callee => call.caller_dialog.as_mut(),
+        };
+        let Some(y_dialog) = y_dialog else {
+            return self.reject(now, tx, msg, flow, 481, "Call Not Answered");
+        };
+        let mut b = y_dialog.request("INFO", &via, None);
+        for name in [HeaderName::InfoPackage, HeaderName::RecvInfo] {
+            if let Some(v) = msg.header(name) {
+                b.header(name, v);
+            }
+        }
+        let bytes = b.finish_with_body(msg.header(HeaderName::ContentType), msg.body());
+        match self.tx.send_request(now, y_flow, bytes) {
+            Ok(ctx) => {
+                self.calls.by_branch.insert(ctx, (idx, RELAYED));
+                self.calls.relayed.insert(
+                    ctx,
+                    Relayed {
+                        tx,
+                        request: msg.clone(),
+                        flow,
+                    },
+                );
+            }
+            Err(_) => self.reject(now, tx, msg, flow, 500, "Cannot Reach The Other Party"),
+        }
+    }
+
+    /// The other side's answer to a relayed request, passed back.
+    pub(super) fn relayed_response(&mut self, now: Instant, ctx: ClientTxId, msg: &Message) {
+        let status = msg.status().unwrap_or(500);
+        if status < 200 {
+            return;
+        }
+        self.calls.by_branch.remove(&ctx);
+        if let Some(r) = self.calls.relayed.remove(&ctx) {
+            let b = self.response_builder(&r.request, r.flow, status, msg.reason());
+            self.respond(now, r.tx, status, b.finish());
+        }
+    }
+
+    /// A relayed request the other side never answered.
+    pub(super) fn relayed_timeout(&mut self, now: Instant, ctx: ClientTxId) {
+        self.calls.by_branch.remove(&ctx);
+        if let Some(r) = self.calls.relayed.remove(&ctx) {
+            let b = self.response_builder(&r.request, r.flow, 408, "Request Timeout");
+            self.respond(now, r.tx, 408, b.finish());
+        }
+    }
+
+    /// UPDATE without a body (a session refresh, usually), or a re-INVITE
+    /// without an offer: Parley answers on its own with what the phone
+    /// already has; nothing changes on the other side. For the re-INVITE,
+    /// the phone's answer arrives in the ACK.
+    pub(super) fn answer_without_offer(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        side: Side,
+        tx: ServerTxId,
+        msg: &Message,
+        flow: Flow,
+    ) {
+        let is_invite = msg.method() == Some(Method::Invite);
+        let call = &self.calls.calls[idx];
+        let repeated = match side {
+            Side::Caller => call.sent_to_caller.clone(),
+            Side::Callee => call.winner.map(|w| call.branches[w].offer.clone()),
+        };
+        if is_invite && repeated.is_none() {
+            return self.reject(now, tx, msg, flow, 488, "No Description To Offer");
+        }
+        self.session_refreshed(now, idx, side);
+        let contact = self.contact_uri(&flow);
+        let mut b = self.response_builder(msg, flow, 200, "OK");
+        b.header_fmt(HeaderName::Contact, format_args!("<{contact}>"));
+        b.header(HeaderName::Allow, ALLOWED_METHODS);
+        if side == Side::Caller
+            && let Some(t) = self.calls.calls[idx].session
+        {
+            t.request.add_to(&mut b);
+        }
+        let ok = match (is_invite, repeated) {
+            (true, Some(sdp)) => {
+                self.calls.calls[idx].offer_in_ok = Some(side);
+                b.finish_with_body(Some("application/sdp"), &sdp.to_bytes())
+            }
+            _ => b.finish(),
+        };
+        if let Some(d) = match side {
+            Side::Caller => self.calls.calls[idx].caller_dialog.as_mut(),
+            Side::Callee => self.calls.calls[idx].callee_dialog.as_mut(),
+        } {
+            d.refresh_target(msg);
+        }
+        self.respond(now, tx, 200, ok);
+    }
+
+    /// The ACK that carries a phone's answer to the offer Parley put in a
+    /// 200 (offerless re-INVITE): its leg follows the answer.
+    pub(super) fn answer_in_ack(&mut self, idx: usize, side: Side, ack: &Message) {
+        let call = &mut self.calls.calls[idx];
+        if call.offer_in_ok != Some(side) {
+            return;
+        }
+        call.offer_in_ok = None;
+        if ack.body().is_empty() {
+            return;
+        }
+        let Some(w) = call.winner else {
+            return;
+        };
+        let (flow, sent, current, local, leg) = match side {
+            Side::Caller => (
+                call.caller_flow,
+                call.sent_to_caller.clone(),
+                Some(&call.caller_media),
+                &call.caller_local,
+                call.caller_leg.id,
+            ),
+            Side::Callee => (
+                call.branches[w].flow,
+                Some(call.branches[w].offer.clone()),
+                call.callee_media.as_ref(),
+                &call.branches[w].local,
+                call.branches[w].leg.id,
+            ),
+        };
+        let security = if current.is_some_and(|m| m.is_srtp()) {
+            MediaSecurity::Srtp
+        } else {
+            MediaSecurity::Plain
+        };
+        let answer = match read_phone_sdp(
+            ack.body(),
+            flow.transport == Transport::Tls,
+            security,
+            sent.as_ref(),
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "answer in an ACK refused; the leg keeps its media");
+                return;
+            }
+        };
+        let media = super::leg_media(&answer, local, flow);
+        match side {
+            Side::Caller => call.caller_media = answer,
+            Side::Callee => call.callee_media = Some(answer),
+        }
+        self.media.configure(leg, media);
+    }
+
+    /// The flow of the side opposite `from`, once the call is answered.
+    fn other_flow(&self, idx: usize, from: Side) -> Option<Flow> {
+        let call = &self.calls.calls[idx];
+        let w = call.winner?;
+        Some(match from {
+            Side::Caller => call.branches[w].flow,
+            Side::Callee => call.caller_flow,
+        })
+    }
+}
