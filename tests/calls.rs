@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::baresip::{Baresip, Control, Options, tone_of, wav_samples};
-use support::{DOMAIN, Parley, free_port, wait_until};
+use support::linphone::{Linphone, LinphoneAccount, write_tone_wav};
+use support::{DOMAIN, Parley, REALM, free_port, require_tool, wait_until};
 
 /// The tests here each run Parley and two real phones with live audio;
 /// one at a time keeps the recordings clean on a small machine.
@@ -432,5 +433,123 @@ fn hold_and_resume_cross_the_b2bua() {
         // after the call (see the client notes); nothing else may fail.
         assert!(m["received"]["auth_failures"].as_u64().unwrap() <= 2, "{m}");
         assert_eq!(m["received"]["replays"], 0, "{m}");
+    }
+}
+
+/// The newest recording of what a baresip phone heard (one per call).
+fn newest_heard(phone: &Baresip) -> PathBuf {
+    let rec = phone.dir.join("rec");
+    std::fs::read_dir(&rec)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with("-dec.wav"))
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .expect("a recording")
+}
+
+/// Linphone (TLS with certificate checks, mandatory SRTP) and baresip call
+/// each other through Parley, in both directions, with audio both ways.
+#[test]
+fn linphone_and_baresip_call_each_other_over_tls_and_srtp() {
+    let _serial = serial();
+    require_tool("linphone-daemon");
+    // Linphone checks the certificate by DNS name, so it connects to
+    // `localhost`, where Parley must be listening.
+    let localhost = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 0))
+        .unwrap()
+        .next()
+        .unwrap()
+        .ip()
+        .to_string();
+    let p = Parley::start_on(&localhost, "");
+    p.add_extension("600", "password600", "required");
+    p.add_extension("601", "password601", "required");
+    let ca = p.ca_cert();
+    let mut lp = Linphone::start(
+        p.data_dir(),
+        "linphone",
+        &LinphoneAccount {
+            ext: "600",
+            password: "password600",
+            realm: REALM,
+            tls: p.tls,
+            ca_cert: &ca,
+            rtp_base: free_port(),
+        },
+    );
+    assert!(
+        lp.wait_registered(Duration::from_secs(15)),
+        "Linphone did not register\n--- parley ---\n{}\n--- linphone ---\n{}",
+        p.log(),
+        lp.log()
+    );
+    lp.pcmu_only();
+    let (b, mut ctl_b) = phone(&p, "baresip", &account("601", "password601", p.tls), 1000);
+    assert!(b.wait_log("[1 binding]", Duration::from_secs(15)));
+
+    // Linphone calls; baresip answers on its own.
+    let tone = p.data_dir().join("tone.wav");
+    write_tone_wav(&tone, 440.0, 20.0);
+    lp.command("call sip:601@localhost");
+    assert!(
+        lp.wait_event("LinphoneCallStreamsRunning", Duration::from_secs(15)),
+        "call not established\n--- parley ---\n{}\n--- linphone ---\n{}",
+        p.log(),
+        lp.log()
+    );
+    assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    assert!(ctl_b.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)));
+    let r = lp.command(&format!("incall-player-start {}", tone.display()));
+    assert!(r.contains("Status: Ok"), "{r}");
+    std::thread::sleep(Duration::from_secs(4));
+    lp.command("terminate");
+    assert!(
+        ctl_b.wait_event("CALL_CLOSED", Duration::from_secs(10)),
+        "baresip was not hung up"
+    );
+    assert!(lp.wait_event("LinphoneCallReleased", Duration::from_secs(10)));
+    assert_tone(&heard(&b), 440.0);
+    assert_tone(&lp.heard(), 1000.0);
+
+    // baresip calls; Linphone answers when told to.
+    lp.events.clear();
+    write_tone_wav(&tone, 700.0, 20.0);
+    ctl_b.command("dial", &format!("sip:600@{DOMAIN}"));
+    assert!(
+        lp.wait_event("LinphoneCallIncomingReceived", Duration::from_secs(15)),
+        "Linphone did not ring\n--- parley ---\n{}\n--- linphone ---\n{}",
+        p.log(),
+        lp.log()
+    );
+    let id = lp.last_call_id().expect("the incoming call's id");
+    let r = lp.command(&format!("answer {id}"));
+    assert!(r.contains("Status: Ok"), "{r}");
+    assert!(lp.wait_event("LinphoneCallStreamsRunning", Duration::from_secs(10)));
+    ctl_b.events.clear();
+    let r = lp.command(&format!("incall-player-start {} {id}", tone.display()));
+    assert!(r.contains("Status: Ok"), "{r}");
+    std::thread::sleep(Duration::from_secs(4));
+    ctl_b.command("hangup", "");
+    assert!(
+        lp.wait_event("LinphoneCallReleased", Duration::from_secs(10)),
+        "Linphone was not hung up"
+    );
+    assert_tone(&newest_heard(&b), 700.0);
+    assert_tone(&lp.heard(), 1000.0);
+
+    // Two calls in the history, SRTP on every leg.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
+                .matches("answered")
+                .count()
+                == 2
+        }),
+        "{}",
+        String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
+    );
+    let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
+    for row in list.lines().skip(1).take(2) {
+        assert_eq!(row.matches("SRTP").count(), 2, "{row}");
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod baresip;
+pub mod linphone;
 pub mod phone;
 
 use std::fs;
