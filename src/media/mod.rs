@@ -87,7 +87,8 @@ impl LegReport {
         };
         let remote_jitter_ms = leg
             .remote_report
-            .map(|rr| f64::from(rr.jitter) * 1000.0 / f64::from(rate.max(1)));
+            .map(|rr| f64::from(rr.jitter) * 1000.0 / f64::from(rate.max(1)))
+            .filter(|&ms| ms <= stats::MAX_PLAUSIBLE_JITTER_MS);
         LegReport {
             id: leg.id,
             suite: leg.suite(),

@@ -144,6 +144,11 @@ pub struct Sending {
     pub send_errors: u64,
 }
 
+/// Interarrival jitter beyond this is not a network's doing but a phone's
+/// miscounting (one desk phone reports hours); such a figure is ignored
+/// rather than rating every call it touches as unusable.
+pub const MAX_PLAUSIBLE_JITTER_MS: f64 = 5_000.0;
+
 /// The latest RTCP receiver report block the phone sent about the stream
 /// Parley sends it.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -162,6 +162,18 @@ fn rtcp_receiver_reports_are_read() {
     );
     assert_eq!(stats::parse_report_block(&rr[..20]), None);
     assert_eq!(demux(&rr), Kind::Rtcp);
+
+    // A report claiming hours of jitter (seen from a real desk phone) is
+    // not believed: the loss it reports still counts, the jitter does not.
+    let mut leg = Leg::new(LegId(9), Instant::now());
+    leg.remote_report = Some(stats::RemoteReport {
+        fraction_lost: 0.0,
+        cumulative_lost: 0,
+        jitter: 160_416_528,
+    });
+    let report = LegReport::of(&leg);
+    assert_eq!(report.remote_jitter_ms, None);
+    assert!(report.mos_sent.unwrap() > 4.3);
     assert_eq!(demux(&rtp(1, 1, &[])), Kind::Rtp);
 }
 

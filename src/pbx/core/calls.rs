@@ -183,7 +183,21 @@ pub(crate) struct Calls {
     relayed: HashMap<ClientTxId, Relayed>,
     /// Session timers: (when, call slot, call uid); stale entries skipped.
     session_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Forks of ended calls whose INVITE may still be answered (a phone
+    /// picked up just as the caller hung up): a late 2xx gets ACK and BYE.
+    late_forks: HashMap<ClientTxId, LateFork>,
 }
+
+struct LateFork {
+    request: Message,
+    flow: Flow,
+    bye_sent: bool,
+    /// When the INVITE transaction is surely over (64·T1 after the end).
+    until: Instant,
+}
+
+/// Most forks of ended calls watched for a late answer.
+const MAX_LATE_FORKS: usize = MAX_CALLS;
 
 struct PendingRecord {
     record: CallRecord,
@@ -513,7 +527,12 @@ impl Core {
         tracing::info!(%call_ref, %callee, devices = bindings.len(), "call routed");
         let call_id = format!("{}@parley", random_hex());
         let from_tag = random_hex();
-        let display = msg.from().and_then(|f| f.display).unwrap_or("");
+        let display = msg
+            .from()
+            .and_then(|f| f.display)
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("{d} "))
+            .unwrap_or_default();
         let mut branches = Vec::new();
         for (binding_flow, contact) in bindings.into_iter().zip(contacts).take(MAX_FORKS) {
             let security = match callee_policy.media_security(
@@ -538,10 +557,7 @@ impl Core {
             b.header(HeaderName::MaxForwards, MAX_FORWARDS);
             b.header_fmt(
                 HeaderName::From,
-                format_args!(
-                    "{display} <sip:{caller}@{}>;tag={from_tag}",
-                    self.cfg.domain
-                ),
+                format_args!("{display}<sip:{caller}@{}>;tag={from_tag}", self.cfg.domain),
             );
             b.header_fmt(
                 HeaderName::To,
@@ -679,7 +695,7 @@ impl Core {
     /// A response on one of the forks.
     pub(super) fn call_response(&mut self, now: Instant, ctx: ClientTxId, msg: Message) {
         let Some(&(idx, bi)) = self.calls.by_branch.get(&ctx) else {
-            return;
+            return self.late_fork_response(now, ctx, &msg);
         };
         let status = msg.status().unwrap_or(500);
         match bi {
@@ -702,6 +718,7 @@ impl Core {
     }
 
     pub(super) fn call_client_timeout(&mut self, now: Instant, ctx: ClientTxId) {
+        self.calls.late_forks.remove(&ctx);
         if let Some(&(idx, bi)) = self.calls.by_branch.get(&ctx) {
             if bi == RELAYED {
                 return self.relayed_timeout(now, ctx);
@@ -1084,6 +1101,21 @@ impl Core {
             if b.state == BranchState::Answered {
                 self.media.close(b.leg.id);
             }
+            let open = matches!(
+                b.state,
+                BranchState::Calling | BranchState::Ringing | BranchState::Cancelled
+            );
+            if open && self.calls.late_forks.len() < MAX_LATE_FORKS {
+                self.calls.late_forks.insert(
+                    b.tx,
+                    LateFork {
+                        request: b.request.clone(),
+                        flow: b.flow,
+                        bye_sent: false,
+                        until: now + self.cfg.timers.t1 * 64,
+                    },
+                );
+            }
         }
         let unix_ms = |t: Instant| self.clock.unix(t).as_millis() as i64;
         let winner = call.winner.map(|w| &call.branches[w]);
@@ -1166,6 +1198,42 @@ impl Core {
                 .push_back(super::Output::CallEnded(Box::new(p.record)));
         }
         self.session_timers(now);
+        self.calls.late_forks.retain(|_, l| l.until > now);
+    }
+
+    /// An answer on a fork of a call that already ended: a 2xx is
+    /// acknowledged (every retransmission) and hung up (once), so the phone
+    /// does not sit in a call nobody is on.
+    fn late_fork_response(&mut self, now: Instant, ctx: ClientTxId, msg: &Message) {
+        let Some(late) = self.calls.late_forks.get(&ctx) else {
+            return;
+        };
+        let status = msg.status().unwrap_or(500);
+        if status < 200 {
+            return;
+        }
+        if status >= 300 {
+            self.calls.late_forks.remove(&ctx);
+            return;
+        }
+        let flow = late.flow;
+        let contact = self.contact_uri(&flow);
+        let Ok(mut dialog) = Dialog::as_uac(&late.request, msg, &contact) else {
+            return;
+        };
+        tracing::info!(%flow, "a device answered a call that had already ended; hanging it up");
+        let ack = dialog.ack(1, &self.via(&flow, &branch_id()), None);
+        self.transmit(flow, ack);
+        let via = self.via(&flow, &branch_id());
+        if let Some(late) = self.calls.late_forks.get_mut(&ctx)
+            && !late.bye_sent
+        {
+            late.bye_sent = true;
+            let bye = dialog
+                .request("BYE", &via, None)
+                .finish_with_body(None, b"");
+            let _ = self.tx.send_request(now, flow, bye);
+        }
     }
 
     /// What the media relay reports: a leg gone quiet ends its call; a

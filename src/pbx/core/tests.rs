@@ -1079,6 +1079,23 @@ fn busy_callee_and_caller_cancel_end_the_call_with_a_record() {
     );
     assert_eq!(s.h.calls.last().unwrap().outcome, Outcome::Cancelled);
     assert_eq!(s.h.core.call_count(), 0);
+
+    // The callee picked up just as the CANCEL crossed: its 200 (and every
+    // retransmission of it) is acknowledged, and it is hung up once.
+    let ok = reply(&invite, 200, "OK", Some(&sdp_offer("192.168.1.30", 6000)));
+    let out = s.h.send_flows(s.callee_flow, ok.clone());
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
+    let byes = requests_to(&out, s.callee_flow, Method::Bye);
+    assert_eq!(byes.len(), 1, "{out:?}");
+    assert_eq!(byes[0].to().unwrap().tag(), Some("calleetag"));
+    assert!(
+        out.iter().all(|(f, _)| *f == s.callee_flow),
+        "the caller is not bothered"
+    );
+    let out = s.h.send_flows(s.callee_flow, ok);
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
+    assert!(requests_to(&out, s.callee_flow, Method::Bye).is_empty());
+    assert_eq!(s.h.core.call_count(), 0);
 }
 
 fn report(id: u64, packets: u64) -> LegReport {
