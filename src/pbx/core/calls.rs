@@ -231,6 +231,16 @@ impl Calls {
     }
 }
 
+/// A renegotiated leg keeps its protection: SRTP stays SRTP, plain stays
+/// plain.
+fn kept_security(current: Option<&PhoneMedia>) -> MediaSecurity {
+    if current.is_some_and(PhoneMedia::is_srtp) {
+        MediaSecurity::Srtp
+    } else {
+        MediaSecurity::Plain
+    }
+}
+
 pub(super) fn random_hex() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
@@ -1352,15 +1362,7 @@ impl Core {
             Side::Caller => (Some(&call.caller_media), call.callee_media.as_ref()),
             Side::Callee => (call.callee_media.as_ref(), Some(&call.caller_media)),
         };
-        // A leg keeps its protection: SRTP stays SRTP, plain stays plain.
-        let security = |m: Option<&PhoneMedia>| {
-            if m.is_some_and(PhoneMedia::is_srtp) {
-                MediaSecurity::Srtp
-            } else {
-                MediaSecurity::Plain
-            }
-        };
-        let (x_security, y_security) = (security(x_media), security(y_media));
+        let (x_security, y_security) = (kept_security(x_media), kept_security(y_media));
         let offer = match read_phone_sdp(
             msg.body(),
             flow.transport == Transport::Tls,
@@ -1462,16 +1464,9 @@ impl Core {
         }
 
         let call = &self.calls.calls[idx];
-        let y_security = match r.from {
+        let y_security = kept_security(match r.from {
             Side::Caller => call.callee_media.as_ref(),
             Side::Callee => Some(&call.caller_media),
-        }
-        .map_or(MediaSecurity::Plain, |m| {
-            if m.is_srtp() {
-                MediaSecurity::Srtp
-            } else {
-                MediaSecurity::Plain
-            }
         });
         let answer = match read_phone_sdp(
             msg.body(),

@@ -19,7 +19,6 @@ use super::{RELAYED, SESSION_REFRESH, Side, branch_id};
 use crate::pbx::anchor::read_phone_sdp;
 use crate::pbx::cdr::{EndedBy, Outcome};
 use crate::pbx::core::{ALLOWED_METHODS, Core};
-use crate::pbx::policy::MediaSecurity;
 use crate::sip::message::{HeaderName, Message, MessageBuilder, Method};
 use crate::sip::transaction::{ClientTxId, ServerTxId};
 use crate::sip::transport::{Flow, Transport};
@@ -403,11 +402,7 @@ impl Core {
                 call.branches[w].leg.id,
             ),
         };
-        let security = if current.is_some_and(|m| m.is_srtp()) {
-            MediaSecurity::Srtp
-        } else {
-            MediaSecurity::Plain
-        };
+        let security = super::kept_security(current);
         let answer = match read_phone_sdp(
             ack.body(),
             flow.transport == Transport::Tls,
