@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use support::baresip::{Baresip, Control, Options, tone_of, wav_samples};
 use support::linphone::{Linphone, LinphoneAccount, write_tone_wav};
+use support::twinkle::{Twinkle, TwinkleAccount};
 use support::{DOMAIN, Parley, REALM, free_port, require_tool, wait_until};
 
 /// The tests here each run Parley and two real phones with live audio;
@@ -63,25 +64,28 @@ fn assert_tone(path: &Path, hz: f64) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let (rate, samples) = last.expect("a readable recording");
+    assert_samples_tone(&path.display().to_string(), rate, &samples, hz);
+}
+
+/// Checks that audio holds `hz` (±5 %) loud enough to be the tone, not
+/// noise; the first half second (call set-up) is skipped.
+fn assert_samples_tone(label: &str, rate: u32, samples: &[i16], hz: f64) {
     let skip = rate as usize / 2;
     assert!(
         samples.len() > skip + rate as usize,
-        "{}: only {} samples",
-        path.display(),
+        "{label}: only {} samples",
         samples.len()
     );
     let (freq, rms) = tone_of(rate, &samples[skip..]);
     eprintln!(
-        "{}: {freq:.0} Hz, rms {rms:.0}, {} samples at {rate} Hz",
-        path.display(),
+        "{label}: {freq:.0} Hz, rms {rms:.0}, {} samples at {rate} Hz",
         samples.len()
     );
     assert!(
         (freq - hz).abs() < hz * 0.05,
-        "{}: heard {freq:.0} Hz, expected {hz} Hz",
-        path.display()
+        "{label}: heard {freq:.0} Hz, expected {hz} Hz"
     );
-    assert!(rms > 1000.0, "{}: too quiet (rms {rms:.0})", path.display());
+    assert!(rms > 1000.0, "{label}: too quiet (rms {rms:.0})");
 }
 
 #[test]
@@ -552,4 +556,147 @@ fn linphone_and_baresip_call_each_other_over_tls_and_srtp() {
     for row in list.lines().skip(1).take(2) {
         assert_eq!(row.matches("SRTP").count(), 2, "{row}");
     }
+}
+
+/// Two Twinkle desk phones on the LAN, one over UDP and one over TCP, plain
+/// RTP, call each other through Parley in both directions.
+#[test]
+fn twinkle_desk_phones_call_each_other_over_udp_and_tcp() {
+    let _serial = serial();
+    require_tool("twinkle-console");
+    let p = Parley::start("");
+    p.add_extension("700", "password700", "required-remote");
+    p.add_extension("701", "password701", "required-remote");
+    let mut udp = Twinkle::start(
+        p.data_dir(),
+        "desk-udp",
+        &TwinkleAccount {
+            ext: "700",
+            password: "password700",
+            server: p.udp,
+            transport: "udp",
+            tone_hz: 600.0,
+            auto_answer: false,
+        },
+    );
+    let mut tcp = Twinkle::start(
+        p.data_dir(),
+        "desk-tcp",
+        &TwinkleAccount {
+            ext: "701",
+            password: "password701",
+            server: p.tcp,
+            transport: "tcp",
+            tone_hz: 1100.0,
+            auto_answer: true,
+        },
+    );
+    for phone in [&udp, &tcp] {
+        assert!(
+            phone.wait_output("registration succeeded", 1, Duration::from_secs(15)),
+            "no registration\n--- parley ---\n{}\n--- twinkle ---\n{}",
+            p.log(),
+            phone.log()
+        );
+    }
+
+    // UDP calls TCP, which answers on its own.
+    udp.command("call 701");
+    assert!(
+        udp.wait_output("far end answered call.", 1, Duration::from_secs(15)),
+        "not answered\n--- parley ---\n{}\n--- caller ---\n{}\n--- callee ---\n{}",
+        p.log(),
+        udp.output(),
+        tcp.output()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    udp.command("bye");
+    assert!(
+        tcp.wait_output("far end ended call.", 1, Duration::from_secs(10)),
+        "{}",
+        tcp.output()
+    );
+    assert_samples_tone("tcp phone heard", 8000, &tcp.heard(), 600.0);
+    assert_samples_tone("udp phone heard", 8000, &udp.heard(), 1100.0);
+
+    // TCP calls UDP, which answers when told to.
+    tcp.command("call 700");
+    assert!(
+        udp.wait_output("incoming call", 1, Duration::from_secs(15)),
+        "{}",
+        udp.output()
+    );
+    udp.command("answer");
+    assert!(
+        tcp.wait_output("far end answered call.", 1, Duration::from_secs(10)),
+        "{}",
+        tcp.output()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    tcp.command("bye");
+    assert!(
+        udp.wait_output("far end ended call.", 1, Duration::from_secs(10)),
+        "{}",
+        udp.output()
+    );
+    assert_samples_tone("udp phone heard", 8000, &udp.heard(), 1100.0);
+    assert_samples_tone("tcp phone heard", 8000, &tcp.heard(), 600.0);
+
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
+                .matches("answered")
+                .count()
+                == 2
+        }),
+        "{}",
+        String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
+    );
+    let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
+    for row in list.lines().skip(1).take(2) {
+        assert!(row.contains("udp RTP") && row.contains("tcp RTP"), "{row}");
+        assert!(!row.contains("SRTP"), "{row}");
+    }
+}
+
+/// A softphone on TLS that offers no SRTP, under `preferred`, calls one
+/// that insists on SRTP: its leg stays plain RTP (allowed by `preferred`),
+/// the other leg is SRTP, and the audio crosses.
+#[test]
+fn an_rtp_only_phone_under_preferred_calls_an_srtp_one() {
+    let _serial = serial();
+    let p = Parley::start("");
+    p.add_extension("800", "password800", "preferred");
+    p.add_extension("801", "password801", "required");
+    let plain = account("800", "password800", p.tls).replace("mediaenc=srtp-mand;", "");
+    let (a, mut ctl_a) = phone(&p, "plain", &plain, 500);
+    let (b, mut ctl_b) = phone(&p, "srtp", &account("801", "password801", p.tls), 900);
+    assert!(a.wait_log("[1 binding]", Duration::from_secs(15)));
+    assert!(b.wait_log("[1 binding]", Duration::from_secs(15)));
+    ctl_a.command("dial", &format!("sip:801@{DOMAIN}"));
+    assert!(
+        ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
+        "call not established\n--- parley ---\n{}\n--- a ---\n{}",
+        p.log(),
+        a.log()
+    );
+    assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    assert!(ctl_b.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_secs(3));
+    ctl_a.command("hangup", "");
+    assert!(ctl_b.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    assert_tone(&heard(&b), 500.0);
+    assert_tone(&heard(&a), 900.0);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).contains("answered")
+        }),
+        "no call record"
+    );
+    let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
+    let row = list.lines().nth(1).unwrap();
+    assert!(
+        row.contains("tls TLSv1.3 RTP") && row.contains("tls TLSv1.3 SRTP"),
+        "{row}"
+    );
 }

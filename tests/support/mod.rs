@@ -5,6 +5,7 @@
 pub mod baresip;
 pub mod linphone;
 pub mod phone;
+pub mod twinkle;
 
 use std::fs;
 use std::io::Write;
