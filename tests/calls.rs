@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use support::baresip::{Baresip, Control, Options, tone_of, wav_samples};
 use support::linphone::{Linphone, LinphoneAccount, write_tone_wav};
+use support::netns::{NAT_PUBLIC_IP, NatLab, PBX_IP, PHONES_IP};
 use support::twinkle::{Twinkle, TwinkleAccount};
 use support::{DOMAIN, Parley, REALM, free_port, require_tool, wait_until};
 
@@ -224,6 +225,7 @@ fn phone(p: &Parley, name: &str, account: &str, tone_hz: u32) -> (Baresip, Contr
     let options = Options {
         tone_hz,
         ctrl_port: Some(port),
+        ..Options::default()
     };
     let phone = Baresip::start_with(p.data_dir(), name, account, &p.ca_cert(), &options);
     let control = Control::connect(port);
@@ -699,4 +701,84 @@ fn an_rtp_only_phone_under_preferred_calls_an_srtp_one() {
         row.contains("tls TLSv1.3 RTP") && row.contains("tls TLSv1.3 SRTP"),
         "{row}"
     );
+}
+
+/// Two softphones at home, behind a router that masquerades with random
+/// ports and forgets idle connections after 12 s, register over TLS to a
+/// Parley on the internet, call each other with audio both ways, and can
+/// still be called after idling well past the router's memory: Parley's
+/// keep-alives hold the mappings open (with `keepalive_secs = 0` the second
+/// call fails).
+#[test]
+fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
+    let _serial = serial();
+    // SAFETY: reads the process's user id.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "this test builds network namespaces and needs root (CI runs as root)"
+    );
+    let lab = NatLab::new(12, 10);
+    let p = Parley::start_in(Some(&lab.pbx), PBX_IP, "[sip]\nkeepalive_secs = 5\n");
+    p.add_extension("900", "password900", "required");
+    p.add_extension("901", "password901", "required");
+    let home_phone = |name: &str, ext: &str, tone_hz: u32| {
+        let port = free_port();
+        let options = Options {
+            tone_hz,
+            ctrl_port: Some(port),
+            netns: Some((lab.phones.clone(), PHONES_IP.to_string())),
+        };
+        let account = account(ext, &format!("password{ext}"), p.tls);
+        let phone = Baresip::start_with(p.data_dir(), name, &account, &p.ca_cert(), &options);
+        let control = Control::connect_in(&lab.phones, PHONES_IP, port);
+        (phone, control)
+    };
+    let (a, mut ctl_a) = home_phone("home-a", "900", 440);
+    let (b, mut ctl_b) = home_phone("home-b", "901", 1000);
+    for phone in [&a, &b] {
+        assert!(
+            phone.wait_log("[1 binding]", Duration::from_secs(15)),
+            "no registration through the NAT\n--- parley ---\n{}\n--- phone ---\n{}",
+            p.log(),
+            phone.log()
+        );
+    }
+    // Parley sees the router's public address, not the phones' own
+    // (which only appears inside their Contact headers).
+    assert!(
+        p.log().contains(&format!("source={NAT_PUBLIC_IP}:")),
+        "{}",
+        p.log()
+    );
+    assert!(!p.log().contains(&format!("source={PHONES_IP}")));
+
+    ctl_a.command("dial", &format!("sip:901@{DOMAIN}"));
+    assert!(
+        ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
+        "call not established\n{}",
+        p.log()
+    );
+    assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_secs(3));
+    ctl_a.command("hangup", "");
+    assert!(ctl_b.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    assert_tone(&heard(&b), 440.0);
+    assert_tone(&heard(&a), 1000.0);
+
+    // Quiet for twice as long as the router remembers a connection.
+    std::thread::sleep(Duration::from_secs(25));
+    ctl_a.events.clear();
+    ctl_b.events.clear();
+    ctl_b.command("dial", &format!("sip:900@{DOMAIN}"));
+    assert!(
+        ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
+        "the idle phone could not be reached\n{}",
+        p.log()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    ctl_b.command("hangup", "");
+    assert!(ctl_a.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    assert_tone(&newest_heard(&a), 1000.0);
+    assert_tone(&newest_heard(&b), 440.0);
 }

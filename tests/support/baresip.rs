@@ -25,6 +25,9 @@ pub struct Options {
     pub tone_hz: u32,
     /// A ctrl_tcp port (enables control, the menu commands and recording).
     pub ctrl_port: Option<u16>,
+    /// The network namespace it runs in (made by the test), and its
+    /// address there; the test's own loopback otherwise.
+    pub netns: Option<(String, String)>,
 }
 
 impl Default for Options {
@@ -32,6 +35,7 @@ impl Default for Options {
         Options {
             tone_hz: 440,
             ctrl_port: None,
+            netns: None,
         }
     }
 }
@@ -46,9 +50,19 @@ pub struct Control {
 
 impl Control {
     pub fn connect(port: u16) -> Control {
+        Control::connect_to("127.0.0.1".parse().unwrap(), port)
+    }
+
+    /// Connects to a baresip in network namespace `ns` at `ip`.
+    pub fn connect_in(ns: &str, ip: &str, port: u16) -> Control {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        super::netns::in_netns(ns, move || Control::connect_to(ip, port))
+    }
+
+    fn connect_to(ip: std::net::IpAddr, port: u16) -> Control {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            match std::net::TcpStream::connect((ip, port)) {
                 Ok(stream) => {
                     stream
                         .set_read_timeout(Some(Duration::from_millis(200)))
@@ -194,11 +208,12 @@ impl Baresip {
         fs::create_dir_all(dir.join("rec")).unwrap();
         let sip_port = free_port_pair();
         let rtp = super::free_port();
+        let ip = o.netns.as_ref().map_or("127.0.0.1", |(_, ip)| ip.as_str());
         let config = format!(
             "poll_method epoll\n\
-             sip_listen 127.0.0.1:{sip_port}\n\
+             sip_listen {ip}:{sip_port}\n\
              sip_cafile {ca}\n\
-             net_interface 127.0.0.1\n\
+             net_interface {ip}\n\
              audio_player aubridge,{name}\n\
              audio_alert aubridge,{name}-alert\n\
              audio_source ausine,{tone}\n\
@@ -220,7 +235,7 @@ impl Baresip {
             tone = o.tone_hz,
             control = match o.ctrl_port {
                 Some(port) => format!(
-                    "module sndfile.so\nmodule_app menu.so\nmodule_app ctrl_tcp.so\nctrl_tcp_listen 127.0.0.1:{port}\n"
+                    "module sndfile.so\nmodule_app menu.so\nmodule_app ctrl_tcp.so\nctrl_tcp_listen {ip}:{port}\n"
                 ),
                 None => String::new(),
             },
@@ -232,7 +247,15 @@ impl Baresip {
         fs::write(dir.join("accounts"), format!("{account}\n")).unwrap();
         fs::write(dir.join("contacts"), "").unwrap();
         let log = fs::File::create(dir.join("out.log")).unwrap();
-        let child = Command::new("baresip")
+        let mut command = match &o.netns {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "baresip"]);
+                c
+            }
+            None => Command::new("baresip"),
+        };
+        let child = command
             .arg("-f")
             .arg(&dir)
             .arg("-s")

@@ -4,6 +4,7 @@
 
 pub mod baresip;
 pub mod linphone;
+pub mod netns;
 pub mod phone;
 pub mod twinkle;
 
@@ -28,6 +29,8 @@ pub struct Parley {
     config: String,
     child: Option<Child>,
     starts: u32,
+    /// The network namespace it runs in, if not the test's own.
+    netns: Option<String>,
 }
 
 /// Ports handed out in this process, so parallel tests never pick the same one.
@@ -75,6 +78,12 @@ impl Parley {
 
     /// Starts parley listening on `ip` (`127.0.0.1` or `::1`).
     pub fn start_on(ip: &str, extra: &str) -> Parley {
+        Parley::start_in(None, ip, extra)
+    }
+
+    /// Starts parley inside network namespace `netns` (made by the test),
+    /// listening on `ip` there.
+    pub fn start_in(netns: Option<&str>, ip: &str, extra: &str) -> Parley {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let tls_port = free_port();
@@ -89,6 +98,7 @@ impl Parley {
             dir,
             child: None,
             starts: 0,
+            netns: netns.map(str::to_owned),
         };
         p.launch();
         p
@@ -111,7 +121,15 @@ impl Parley {
         let cfg = self.dir.path().join("parley.toml");
         fs::write(&cfg, &self.config).unwrap();
         let log = fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_parley"))
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_parley")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_parley")),
+        };
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(&cfg)
