@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::baresip::{Baresip, Control, Options, tone_of, wav_samples};
+use support::capture::{Capture, Datagram};
 use support::linphone::{Linphone, LinphoneAccount, write_tone_wav};
 use support::netns::{NAT_PUBLIC_IP, NatLab, PBX_IP, PHONES_IP};
 use support::twinkle::{Twinkle, TwinkleAccount};
@@ -106,6 +107,8 @@ fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
         "101 did not register"
     );
 
+    // Everything that reaches or leaves Parley's media ports.
+    let capture = Capture::start(p.data_dir(), "udp portrange 20000-29999");
     ctl_a.command("dial", &format!("sip:101@{DOMAIN}"));
     assert!(
         ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
@@ -131,6 +134,7 @@ fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
     // ways, decrypted and re-encrypted.
     assert_tone(&heard(&b), 440.0);
     assert_tone(&heard(&a), 1000.0);
+    assert_both_legs_srtp(&capture.stop());
 
     // The call is in the history, SRTP on both legs.
     assert!(
@@ -781,4 +785,48 @@ fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
     assert!(ctl_a.wait_event("CALL_CLOSED", Duration::from_secs(10)));
     assert_tone(&newest_heard(&a), 1000.0);
     assert_tone(&newest_heard(&b), 440.0);
+}
+
+/// On the wire, both legs carried SRTP only: every RTP packet to and from
+/// each of Parley's two media ports is a 20 ms PCMU packet plus the 80-bit
+/// authentication tag (182 bytes), never a plain one (172 bytes).
+fn assert_both_legs_srtp(datagrams: &[Datagram]) {
+    let parley_port = |d: &Datagram| {
+        [d.src_port, d.dst_port]
+            .into_iter()
+            .find(|p| (20000..=29999).contains(p))
+    };
+    let is_rtp = |d: &Datagram| {
+        d.payload.len() >= 12 && d.payload[0] >> 6 == 2 && !(200..=204).contains(&d.payload[1])
+    };
+    let mut legs: std::collections::BTreeMap<u16, (usize, usize, Vec<usize>)> = Default::default();
+    for d in datagrams.iter().filter(|d| is_rtp(d)) {
+        let Some(port) = parley_port(d) else { continue };
+        let leg = legs.entry(port).or_default();
+        if d.dst_port == port {
+            leg.0 += 1;
+        } else {
+            leg.1 += 1;
+        }
+        leg.2.push(d.payload.len());
+    }
+    assert_eq!(legs.len(), 2, "two media legs: {:?}", legs.keys());
+    for (port, (inbound, outbound, lengths)) in &legs {
+        eprintln!("leg on port {port}: {inbound} RTP packets in, {outbound} out");
+        assert!(
+            *inbound > 100 && *outbound > 100,
+            "port {port}: {inbound} in, {outbound} out"
+        );
+        let plain = lengths.iter().filter(|&&l| l != 182).count();
+        assert_eq!(
+            plain,
+            0,
+            "port {port}: packets other than SRTP PCMU: {:?}",
+            {
+                let mut odd: Vec<_> = lengths.iter().filter(|&&l| l != 182).collect();
+                odd.dedup();
+                odd
+            }
+        );
+    }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod baresip;
+pub mod capture;
 pub mod linphone;
 pub mod netns;
 pub mod phone;
