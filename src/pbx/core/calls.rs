@@ -12,8 +12,9 @@
 //! another fork acknowledged and hung up, failures summed up into one
 //! final answer (486 over 480...), CANCEL from the caller, ACK, BYE from
 //! either side, re-INVITE and UPDATE passed through (hold, resume), the
-//! ring timeout, hang-up on media loss, call records; INFO, offerless
-//! re-INVITEs and session timers are in `in_dialog`. Not yet: early media.
+//! ring timeout, hang-up on media loss, early media from the first device
+//! that sends SDP in an 18x, call records; INFO, offerless re-INVITEs and
+//! session timers are in `in_dialog`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -161,6 +162,8 @@ struct Call {
     refresh_seq: Option<u32>,
     /// Parley put an offer in a 200 to this side; the answer is in its ACK.
     offer_in_ok: Option<Side>,
+    /// The device whose early media (18x with SDP) the caller hears.
+    early: Option<usize>,
 }
 
 /// Every call in progress, with the indexes that find one from a
@@ -651,6 +654,7 @@ impl Core {
             sent_to_caller: None,
             refresh_seq: None,
             offer_in_ok: None,
+            early: None,
             reinvite: None,
         });
     }
@@ -721,7 +725,7 @@ impl Core {
         }
         match status {
             100 => {}
-            101..=199 => self.fork_ringing(now, idx, bi),
+            101..=199 => self.fork_ringing(now, idx, bi, &msg),
             200..=299 => self.fork_answered(now, idx, bi, msg),
             _ => self.fork_failed(now, idx, bi, status),
         }
@@ -758,18 +762,66 @@ impl Core {
         }
     }
 
-    fn fork_ringing(&mut self, now: Instant, idx: usize, bi: usize) {
+    fn fork_ringing(&mut self, now: Instant, idx: usize, bi: usize, msg: &Message) {
         let call = &mut self.calls.calls[idx];
         if call.branches[bi].state == BranchState::Calling {
             call.branches[bi].state = BranchState::Ringing;
         }
-        if call.state != State::Ringing || call.ringing_sent {
+        if call.state != State::Ringing {
+            return;
+        }
+        if !msg.body().is_empty()
+            && call.early.is_none()
+            && self.fork_early_media(now, idx, bi, msg)
+        {
+            return;
+        }
+        let call = &mut self.calls.calls[idx];
+        if call.ringing_sent {
             return;
         }
         call.ringing_sent = true;
         let (tx, flow) = (call.invite_tx, call.caller_flow);
         let b = self.response_builder(&self.calls.calls[idx].invite, flow, 180, "Ringing");
         self.respond(now, tx, 180, b.finish());
+    }
+
+    /// A device's 18x with SDP (a ringback tone, an announcement): the
+    /// first one is bridged to the caller at once, with a 183 carrying
+    /// Parley's answer, so the caller hears it before the call is answered.
+    /// The 2xx later repeats the same answer.
+    fn fork_early_media(&mut self, now: Instant, idx: usize, bi: usize, msg: &Message) -> bool {
+        let call = &self.calls.calls[idx];
+        let branch = &call.branches[bi];
+        let tls = branch.flow.transport == Transport::Tls;
+        let answer = match read_phone_sdp(msg.body(), tls, branch.security, Some(&branch.offer)) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::info!(error = %e, "early media description refused; ringing without it");
+                return false;
+            }
+        };
+        let Ok(caller_answer) = answer_for_caller(&call.caller_media, &answer, &call.caller_local)
+        else {
+            return false;
+        };
+        let caller_media = leg_media(&call.caller_media, &call.caller_local, call.caller_flow);
+        let callee_media = leg_media(&answer, &branch.local, branch.flow);
+        let (caller_leg, callee_leg) = (call.caller_leg.id, branch.leg.id);
+        self.media.configure(caller_leg, caller_media);
+        self.media.configure(callee_leg, callee_media);
+        self.media.bridge(caller_leg, callee_leg);
+        let contact = self.contact_uri(&call.caller_flow);
+        let mut b = self.response_builder(&call.invite, call.caller_flow, 183, "Session Progress");
+        b.header_fmt(HeaderName::Contact, format_args!("<{contact}>"));
+        let progress = b.finish_with_body(Some("application/sdp"), &caller_answer.to_bytes());
+        let invite_tx = call.invite_tx;
+        tracing::info!(call_ref = %call.call_ref, "early media from a ringing device");
+        self.respond(now, invite_tx, 183, progress);
+        let call = &mut self.calls.calls[idx];
+        call.early = Some(bi);
+        call.ringing_sent = true;
+        true
     }
 
     fn fork_failed(&mut self, now: Instant, idx: usize, bi: usize, status: u16) {
@@ -780,6 +832,10 @@ impl Core {
         }
         branch.state = BranchState::Failed(status);
         self.media.close(branch.leg.id);
+        if call.early == Some(bi) {
+            // Another ringing device may bring its own early media.
+            call.early = None;
+        }
         self.calls.by_branch.remove(&branch.tx);
         if call.state != State::Ringing {
             return;

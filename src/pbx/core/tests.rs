@@ -1730,3 +1730,42 @@ fn parley_refreshes_when_the_caller_asks_it_to() {
         assert_eq!(s.h.core.call_count(), 1);
     }
 }
+
+#[test]
+fn early_media_reaches_the_caller_before_the_answer() {
+    let mut s = call_setup();
+    let out = s.dial("102");
+    let invite = out
+        .into_iter()
+        .find(|(_, m)| m.method() == Some(Method::Invite))
+        .unwrap()
+        .1;
+    let callee_sdp = sdp_offer("192.168.1.30", 6000);
+    let out = s.h.send_flows(
+        s.callee_flow,
+        reply(&invite, 183, "Session Progress", Some(&callee_sdp)),
+    );
+    let progress = out
+        .iter()
+        .find(|(f, m)| *f == s.caller.flow && m.status() == Some(183))
+        .map(|(_, m)| m.clone())
+        .expect("183 with SDP to the caller");
+    let early = SessionDescription::parse(progress.body()).unwrap();
+    assert_eq!(early.connection.as_ref().unwrap().raw, "127.0.0.1");
+    assert!(progress.to().unwrap().tag().is_some());
+    let log = s.media.log.lock().unwrap().clone();
+    assert!(log.iter().any(|l| l.starts_with("bridge")), "{log:?}");
+    // A second 183 changes nothing; no 180 follows the 183.
+    let out = s.h.send_flows(
+        s.callee_flow,
+        reply(&invite, 183, "Session Progress", Some(&callee_sdp)),
+    );
+    assert!(statuses_to(&out, s.caller.flow).is_empty(), "{out:?}");
+
+    // The answer repeats what the 183 said, in the same dialog.
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&callee_sdp)));
+    let ok = caller_ok(&out, s.caller.flow);
+    assert_eq!(ok.body(), progress.body());
+    assert_eq!(ok.to().unwrap().tag(), progress.to().unwrap().tag());
+}
