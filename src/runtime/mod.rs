@@ -62,6 +62,7 @@ pub(crate) fn uptime_millis() -> u64 {
 /// Runs the PBX until Ctrl-C or SIGTERM.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     uptime_millis();
+    raise_file_limit();
     let store = Store::open(&config.data_dir).await?;
     let realm = store.realm(config.realm.as_deref()).await?;
     let extensions = store.list_extensions().await?;
@@ -257,6 +258,36 @@ fn force_buffer(sock: &Socket, option: libc::c_int, bytes: usize) -> bool {
 }
 
 /// The core's handle on the media relay.
+/// Every call holds four UDP sockets and every phone on TCP/TLS a
+/// connection; the usual soft limit of 1,024 descriptors would stop Parley
+/// at a few hundred calls. The soft limit is raised to the hard one.
+fn raise_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let before = lim.rlim_cur;
+        if before < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(limit = before, "cannot raise the open-file limit");
+                return;
+            }
+        }
+        if lim.rlim_cur < 16_384 {
+            tracing::warn!(
+                limit = lim.rlim_cur,
+                "open-file limit is low: each call needs 4 sockets; raise it (LimitNOFILE=) for large sites"
+            );
+        }
+    }
+}
+
 /// Asks the kernel which local address reaches a device: a UDP socket
 /// "connected" to it (no packet is sent) is given that source address.
 /// Answers are remembered; the table is bounded and starts over when full.
