@@ -93,7 +93,10 @@ fn parse_args() -> Args {
             other => panic!("unknown argument {other}"),
         }
     }
-    assert!(a.calls >= 1 && a.calls <= MAX_CALLS, "--calls 1..={MAX_CALLS}");
+    assert!(
+        a.calls >= 1 && a.calls <= MAX_CALLS,
+        "--calls 1..={MAX_CALLS}"
+    );
     assert!(a.secs >= 1 && a.secs <= MAX_SECS, "--secs 1..={MAX_SECS}");
     a
 }
@@ -173,7 +176,9 @@ struct Conn {
 
 impl Conn {
     async fn open(server: SocketAddr, connector: &tokio_rustls::TlsConnector) -> Conn {
-        let tcp = tokio::net::TcpStream::connect(server).await.expect("TCP connect");
+        let tcp = tokio::net::TcpStream::connect(server)
+            .await
+            .expect("TCP connect");
         tcp.set_nodelay(true).unwrap();
         let local = tcp.local_addr().unwrap();
         let stream = connector
@@ -464,7 +469,8 @@ fn media(mut eps: Vec<Endpoint>, args: &Args) {
             events: libc::EPOLLIN as u32,
             u64: i as u64,
         };
-        let rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, e.socket.as_raw_fd(), &mut ev) };
+        let rc =
+            unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, e.socket.as_raw_fd(), &mut ev) };
         assert_eq!(rc, 0);
     }
     let origin = Instant::now();

@@ -439,9 +439,13 @@ fn hold_and_resume_cross_the_b2bua() {
         // 1 s before the hold and 3 s after the resume: about 200 packets.
         assert!(m["received"]["packets"].as_u64().unwrap() >= 150, "{m}");
         assert!(m["sent"]["packets"].as_u64().unwrap() >= 150, "{m}");
-        // baresip sends one plain RTCP packet before SRTP starts and one
-        // after the call (see the client notes); nothing else may fail.
-        assert!(m["received"]["auth_failures"].as_u64().unwrap() <= 2, "{m}");
+        // Every RTP packet authenticated; baresip sends one plain RTCP
+        // packet before SRTP starts and one after (see the client notes).
+        assert_eq!(m["received"]["auth_failures"], 0, "{m}");
+        assert!(
+            m["received"]["rtcp_auth_failures"].as_u64().unwrap() <= 2,
+            "{m}"
+        );
         assert_eq!(m["received"]["replays"], 0, "{m}");
     }
 }

@@ -260,6 +260,7 @@ fn call_history_is_listed_newest_first() {
         lost: 0,
         jitter_ms: 1.5,
         auth_failures: 0,
+        rtcp_auth_failures: 0,
         replays: 0,
         wrong_source: 0,
         sent_packets: 4000,

@@ -211,6 +211,9 @@ impl Leg {
             Ok(p) => p,
             Err(e) => {
                 match e {
+                    SrtpError::AuthFailed if kind == Kind::Rtcp => {
+                        self.receiving.rtcp_auth_failures += 1
+                    }
                     SrtpError::AuthFailed => self.receiving.auth_failures += 1,
                     SrtpError::Replayed | SrtpError::TooOld => self.receiving.replays += 1,
                     _ => self.receiving.malformed += 1,

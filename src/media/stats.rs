@@ -13,8 +13,11 @@ const MAX_DROPOUT: u64 = 3000;
 pub struct Receiving {
     pub packets: u64,
     pub bytes: u64,
-    /// Packets that failed SRTP authentication.
+    /// RTP packets that failed SRTP authentication.
     pub auth_failures: u64,
+    /// RTCP packets that failed SRTCP authentication (some phones send a
+    /// plain report around the start and end of SRTP).
+    pub rtcp_auth_failures: u64,
     /// Packets refused as replays or too old.
     pub replays: u64,
     /// Packets from an address the leg does not accept media from.

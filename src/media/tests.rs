@@ -70,6 +70,21 @@ fn srtp_leg_latches_only_after_authentication() {
     assert_eq!((dest, len), (nat, 182));
     assert_eq!(leg.receiving.auth_failures, 1);
     assert_eq!(leg.receiving.replays, 1);
+
+    // A plain RTCP report on the SRTP leg fails too, counted apart from RTP.
+    let mut rr = vec![0x81, 201, 0, 7, 0, 0, 0, 1];
+    rr.extend_from_slice(&[0; 24]);
+    assert_eq!(
+        leg.receive(Kind::Rtcp, nat, &mut rr, now),
+        Err(Drop::Srtp(SrtpError::AuthFailed))
+    );
+    assert_eq!(
+        (
+            leg.receiving.auth_failures,
+            leg.receiving.rtcp_auth_failures
+        ),
+        (1, 1)
+    );
 }
 
 #[test]

@@ -136,6 +136,7 @@ pub fn media_json(report: &LegReport) -> serde_json::Value {
             "lost": report.lost,
             "jitter_ms": round2(report.jitter_ms),
             "auth_failures": report.auth_failures,
+            "rtcp_auth_failures": report.rtcp_auth_failures,
             "replays": report.replays,
             "wrong_source": report.wrong_source,
             "mos": report.mos_received.map(round2),

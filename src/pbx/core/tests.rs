@@ -1108,6 +1108,7 @@ fn report(id: u64, packets: u64) -> LegReport {
         lost: 0,
         jitter_ms: 0.5,
         auth_failures: 0,
+        rtcp_auth_failures: 0,
         replays: 0,
         wrong_source: 0,
         sent_packets: packets,
