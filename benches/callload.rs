@@ -22,7 +22,11 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
 use bytes::BytesMut;
+use common::tls_connector;
 use parley::sdp::{CryptoAttribute, SessionDescription};
 use parley::sip::digest::Challenge;
 use parley::sip::message::{Framing, HeaderName, Message, MessageBuilder, Method};
@@ -117,54 +121,6 @@ fn main() {
 // ---- signaling ----------------------------------------------------------
 
 type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-
-fn tls_connector() -> tokio_rustls::TlsConnector {
-    // Measures the anchor, not trust: any certificate is accepted.
-    #[derive(Debug)]
-    struct AcceptAll;
-    impl rustls::client::danger::ServerCertVerifier for AcceptAll {
-        fn verify_server_cert(
-            &self,
-            _: &rustls_pki_types::CertificateDer<'_>,
-            _: &[rustls_pki_types::CertificateDer<'_>],
-            _: &rustls_pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls_pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &rustls_pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn verify_tls13_signature(
-            &self,
-            _: &[u8],
-            _: &rustls_pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            rustls::crypto::ring::default_provider()
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(AcceptAll))
-    .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-}
 
 /// One phone's TLS connection to Parley.
 struct Conn {
@@ -645,42 +601,12 @@ fn run(args: Args, rt: &tokio::runtime::Runtime) {
 
 /// Creates the extensions (SRTP required) in a Parley data directory.
 async fn provision(args: Args) {
-    use parley::pbx::directory::Extension;
-    use parley::pbx::policy::EncryptionPolicy;
-    use parley::sip::digest::{Algorithm, ha1};
-    let store = parley::store::Store::open(std::path::Path::new(&args.data_dir))
-        .await
-        .unwrap();
-    let realm = store.realm(Some(&args.domain)).await.unwrap();
-    let existing: std::collections::HashSet<String> = store
-        .list_extensions()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.number)
-        .collect();
-    let mut added = 0;
-    for u in args.first..args.first + args.users {
-        let number = u.to_string();
-        if existing.contains(&number) {
-            continue;
-        }
-        let pw = format!("pw{u}");
-        store
-            .add_extension(&Extension {
-                ha1_md5: ha1(Algorithm::Md5, &number, &realm, &pw),
-                ha1_sha256: ha1(Algorithm::Sha256, &number, &realm, &pw),
-                number,
-                name: None,
-                realm: realm.clone(),
-                encryption: EncryptionPolicy::Required,
-            })
-            .await
-            .unwrap();
-        added += 1;
-    }
-    println!(
-        "provisioned {added} extensions in {} (realm {realm})",
-        args.data_dir
-    );
+    common::provision(
+        &args.data_dir,
+        &args.domain,
+        args.first,
+        args.users,
+        parley::pbx::policy::EncryptionPolicy::Required,
+    )
+    .await;
 }

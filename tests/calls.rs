@@ -137,15 +137,8 @@ fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
     assert_both_legs_srtp(&capture.stop());
 
     // The call is in the history, SRTP on both legs.
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).contains("answered")
-        }),
-        "no call record:\n{}",
-        String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
-    );
-    let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
-    let row = list.lines().nth(1).unwrap();
+    let rows = answered_calls(&p, 1);
+    let row = &rows[0];
     assert!(
         row.contains("100") && row.contains("101") && row.contains("200 OK"),
         "{row}"
@@ -209,18 +202,27 @@ fn a_plain_rtp_desk_phone_calls_an_srtp_softphone() {
         !desk_log.contains("a=crypto"),
         "SDES key sent over UDP:\n{desk_log}"
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).contains("answered")
-        }),
-        "no call record"
-    );
-    let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
-    let row = list.lines().nth(1).unwrap();
+    let rows = answered_calls(&p, 1);
+    let row = &rows[0];
     assert!(
         row.contains("udp RTP") && row.contains("tls TLSv1.3 SRTP"),
         "{row}"
     );
+}
+
+/// Waits until the call history holds `n` answered calls; returns the
+/// newest `n` rows of `parley calls list`.
+fn answered_calls(p: &Parley, n: usize) -> Vec<String> {
+    let list = || String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
+    assert!(
+        wait_until(Duration::from_secs(5), || list()
+            .matches("answered")
+            .count()
+            >= n),
+        "not {n} answered calls in the history:\n{}",
+        list()
+    );
+    list().lines().skip(1).take(n).map(str::to_owned).collect()
 }
 
 /// A baresip phone with its own tone and a control connection.
@@ -552,18 +554,7 @@ fn linphone_and_baresip_call_each_other_over_tls_and_srtp() {
     assert_tone(&lp.heard(), 1000.0);
 
     // Two calls in the history, SRTP on every leg.
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
-                .matches("answered")
-                .count()
-                == 2
-        }),
-        "{}",
-        String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
-    );
-    let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
-    for row in list.lines().skip(1).take(2) {
+    for row in answered_calls(&p, 2) {
         assert_eq!(row.matches("SRTP").count(), 2, "{row}");
     }
 }
@@ -652,18 +643,7 @@ fn twinkle_desk_phones_call_each_other_over_udp_and_tcp() {
     assert_samples_tone("udp phone heard", 8000, &udp.heard(), 1100.0);
     assert_samples_tone("tcp phone heard", 8000, &tcp.heard(), 600.0);
 
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
-                .matches("answered")
-                .count()
-                == 2
-        }),
-        "{}",
-        String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout)
-    );
-    let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
-    for row in list.lines().skip(1).take(2) {
+    for row in answered_calls(&p, 2) {
         assert!(row.contains("udp RTP") && row.contains("tcp RTP"), "{row}");
         assert!(!row.contains("SRTP"), "{row}");
     }
@@ -697,14 +677,8 @@ fn an_rtp_only_phone_under_preferred_calls_an_srtp_one() {
     assert!(ctl_b.wait_event("CALL_CLOSED", Duration::from_secs(10)));
     assert_tone(&heard(&b), 500.0);
     assert_tone(&heard(&a), 900.0);
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).contains("answered")
-        }),
-        "no call record"
-    );
-    let list = String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
-    let row = list.lines().nth(1).unwrap();
+    let rows = answered_calls(&p, 1);
+    let row = &rows[0];
     assert!(
         row.contains("tls TLSv1.3 RTP") && row.contains("tls TLSv1.3 SRTP"),
         "{row}"

@@ -1314,16 +1314,7 @@ impl Core {
                     call_ref = %self.calls.calls[idx].call_ref, leg = %id, idle_secs = idle.as_secs(),
                     "no media from a phone; ending the call"
                 );
-                self.hang_up_other_side(now, idx, Side::Caller);
-                self.hang_up_other_side(now, idx, Side::Callee);
-                self.finish_call(
-                    now,
-                    idx,
-                    Outcome::Answered,
-                    200,
-                    "Media Timeout",
-                    Some(EndedBy::Parley),
-                );
+                self.end_answered_call(now, idx, "Media Timeout");
             }
             MediaEvent::Closed { report } => self.attach_report(now, report),
         }
