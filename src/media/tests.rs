@@ -331,3 +331,30 @@ fn ports_run_out_cleanly_and_come_back() {
     };
     assert_eq!(reopened.port, legs[1].port);
 }
+
+proptest::proptest! {
+    /// Datagrams of any shape, as RTP or RTCP, never panic the leg and never
+    /// move an SRTP leg's latch; the leg still relays its phone afterwards.
+    #[test]
+    fn arbitrary_datagrams_never_latch_an_srtp_leg(
+        datagrams in proptest::collection::vec(
+            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400), 1..8),
+        rtcp in proptest::prelude::any::<bool>(),
+    ) {
+        let now = Instant::now();
+        let phone_key = MasterKey::generate();
+        let phone_addr: SocketAddr = "192.0.2.10:4000".parse().unwrap();
+        let stranger: SocketAddr = "203.0.113.66:5000".parse().unwrap();
+        let mut leg = Leg::new(LegId(1), now);
+        leg.configure(srtp_media(phone_addr, &phone_key, &MasterKey::generate()), now);
+        let kind = if rtcp { Kind::Rtcp } else { Kind::Rtp };
+        for mut d in datagrams {
+            proptest::prop_assert!(leg.receive(kind, stranger, &mut d, now).is_err());
+        }
+        proptest::prop_assert_eq!(leg.latched(), None);
+        let mut phone = SrtpContext::new(Suite::AesCm128HmacSha1_80, &phone_key);
+        let mut p = protect(&mut phone, &rtp(1, 9, &[7; 160]));
+        proptest::prop_assert_eq!(leg.receive(Kind::Rtp, phone_addr, &mut p, now), Ok(172));
+        proptest::prop_assert_eq!(leg.latched(), Some(phone_addr));
+    }
+}

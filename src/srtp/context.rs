@@ -300,10 +300,15 @@ impl SrtpContext {
         let header_len = rtp_header_len(&buf[..len])?;
         let (seq, ssrc) = rtp_seq_ssrc(buf);
         let slot = self.find(ssrc);
-        let fresh = self.new_stream(ssrc, seq);
-        let stream = match slot {
-            Some(slot) => self.streams[slot].as_ref().expect("slot just found"),
-            None => &fresh,
+        // A stream is only made for an SSRC not seen before, and kept only
+        // once its first packet authenticates.
+        let fresh = match slot {
+            Some(_) => None,
+            None => Some(self.new_stream(ssrc, seq)),
+        };
+        let stream = match (slot, &fresh) {
+            (Some(slot), _) => self.streams[slot].as_ref().expect("slot just found"),
+            (None, fresh) => fresh.as_ref().expect("made for an unknown SSRC"),
         };
         let roc = stream.guess_roc(seq);
         let idx = index(roc, seq);
@@ -316,9 +321,9 @@ impl SrtpContext {
         let iv = self.rtp.iv(ssrc, idx);
         self.rtp.cipher.apply(iv, &mut buf[header_len..len]);
 
-        let slot = match slot {
-            Some(slot) => slot,
-            None => self.insert(fresh),
+        let slot = match (slot, fresh) {
+            (Some(slot), _) => slot,
+            (None, fresh) => self.insert(fresh.expect("made for an unknown SSRC")),
         };
         let stream = self.streams[slot].as_mut().expect("slot just filled");
         stream.rtp_window.accept(idx);
@@ -397,15 +402,23 @@ impl SrtpContext {
         let srtcp_index = u64::from(e_index & MAX_SRTCP_INDEX);
 
         let slot = self.find(ssrc);
-        let fresh = self.new_stream(ssrc, 0);
-        let window = match slot {
-            Some(slot) => {
+        let fresh = match slot {
+            Some(_) => None,
+            None => Some(self.new_stream(ssrc, 0)),
+        };
+        let window = match (slot, &fresh) {
+            (Some(slot), _) => {
                 &self.streams[slot]
                     .as_ref()
                     .expect("slot just found")
                     .rtcp_window
             }
-            None => &fresh.rtcp_window,
+            (None, fresh) => {
+                &fresh
+                    .as_ref()
+                    .expect("made for an unknown SSRC")
+                    .rtcp_window
+            }
         };
         window.check(srtcp_index)?;
         let expected = self.rtcp.mac(&[&buf[..auth_end]]);
@@ -416,9 +429,9 @@ impl SrtpContext {
             let iv = self.rtcp.iv(ssrc, srtcp_index);
             self.rtcp.cipher.apply(iv, &mut buf[RTCP_HEADER_LEN..len]);
         }
-        let slot = match slot {
-            Some(slot) => slot,
-            None => self.insert(fresh),
+        let slot = match (slot, fresh) {
+            (Some(slot), _) => slot,
+            (None, fresh) => self.insert(fresh.expect("made for an unknown SSRC")),
         };
         self.streams[slot]
             .as_mut()

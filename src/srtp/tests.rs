@@ -375,3 +375,24 @@ fn a_returning_ssrc_resumes_instead_of_starting_over() {
     let len = dup.len() - 10;
     assert_eq!(tx.protect_rtp(&mut dup, len), Err(SrtpError::Replayed));
 }
+
+proptest::proptest! {
+    /// Whatever arrives from the network, unprotecting neither panics nor
+    /// lets a packet through without the key, and a refused packet leaves
+    /// the context able to take the real stream.
+    #[test]
+    fn arbitrary_datagrams_are_refused_without_panic(
+        data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        suite in proptest::sample::select(vec![Suite::AesCm128HmacSha1_80, Suite::AesCm128HmacSha1_32]),
+    ) {
+        let key = MasterKey::generate();
+        let mut rx = SrtpContext::new(suite, &key);
+        proptest::prop_assert!(rx.unprotect_rtp(&mut data.clone()).is_err());
+        proptest::prop_assert!(rx.unprotect_rtcp(&mut data.clone()).is_err());
+        let mut tx = SrtpContext::new(suite, &key);
+        let plain = rtp_packet(1, 0x1234, &[5; 40]);
+        let mut buf = protect(&mut tx, &plain);
+        let len = rx.unprotect_rtp(&mut buf).unwrap().len;
+        proptest::prop_assert_eq!(&buf[..len], &plain[..]);
+    }
+}
