@@ -476,11 +476,12 @@ fn media(mut eps: Vec<Endpoint>, args: &Args) {
             }
             continue;
         }
-        if now >= stop_at && cpu_used.is_none() {
-            if let Some((t0, Some(c0))) = cpu_start.get() {
-                let c1 = args.pid.map(cpu_secs).unwrap_or(c0);
-                cpu_used = Some((c1 - c0) / now.duration_since(t0).as_secs_f64());
-            }
+        if now >= stop_at
+            && cpu_used.is_none()
+            && let Some((t0, Some(c0))) = cpu_start.get()
+        {
+            let c1 = args.pid.map(cpu_secs).unwrap_or(c0);
+            cpu_used = Some((c1 - c0) / now.duration_since(t0).as_secs_f64());
         }
         // Milliseconds are epoll's resolution: wake a little early rather
         // than late, and send what is due.
