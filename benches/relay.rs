@@ -21,6 +21,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::{arg, pin};
+
 use parley::media::{LegKeys, LegMedia, MediaConfig, MediaEngine};
 use parley::srtp::{MasterKey, SrtpContext, Suite};
 
@@ -41,23 +45,6 @@ struct Phone {
     rx: SrtpContext,
     seq: u16,
     ssrc: u32,
-}
-
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("bad value for {name}")))
-        .unwrap_or(default)
-}
-
-fn pin(tid: i32, cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
 }
 
 /// The relay thread's id and its CPU time so far, from /proc.
