@@ -358,3 +358,46 @@ proptest::proptest! {
         proptest::prop_assert_eq!(leg.latched(), Some(phone_addr));
     }
 }
+
+/// A phone that restarts its stream (a new SSRC, as after a transfer or a
+/// re-INVITE) and later jumps its sequence numbers keeps being relayed,
+/// re-keyed, to the other phone, and neither change counts as loss.
+#[test]
+fn srtp_relay_follows_ssrc_changes_and_sequence_jumps() {
+    let now = Instant::now();
+    let (phone_a_key, parley_a_key) = (MasterKey::generate(), MasterKey::generate());
+    let (phone_b_key, parley_b_key) = (MasterKey::generate(), MasterKey::generate());
+    let a_addr: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    let b_addr: SocketAddr = "192.0.2.20:50000".parse().unwrap();
+    let mut leg_a = Leg::new(LegId(1), now);
+    leg_a.configure(srtp_media(a_addr, &phone_a_key, &parley_a_key), now);
+    let mut leg_b = Leg::new(LegId(2), now);
+    leg_b.configure(srtp_media(b_addr, &phone_b_key, &parley_b_key), now);
+    let mut phone_a = SrtpContext::new(Suite::AesCm128HmacSha1_80, &phone_a_key);
+    let mut phone_b_rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &parley_b_key);
+
+    // SSRC 1 from 100; SSRC 2 from 40,000; then SSRC 2 jumps by 3,000.
+    let stream: Vec<(u32, u16)> = (0..50)
+        .map(|i| (1, 100 + i))
+        .chain((0..50).map(|i| (2, 40_000 + i)))
+        .chain((0..50).map(|i| (2, 43_050 + i)))
+        .collect();
+    for (n, &(ssrc, seq)) in stream.iter().enumerate() {
+        let payload = [n as u8; 160];
+        let mut buf = protect(&mut phone_a, &rtp(seq, ssrc, &payload));
+        let srtp_len = buf.len();
+        buf.resize(srtp_len + crate::srtp::MAX_SRTP_OVERHEAD, 0);
+        let at = now + Duration::from_millis(20 * n as u64);
+        let plain = leg_a
+            .receive(Kind::Rtp, a_addr, &mut buf[..srtp_len], at)
+            .unwrap_or_else(|e| panic!("packet {n} (ssrc {ssrc}, seq {seq}): {e:?}"));
+        let (dest, out_len) = leg_b.prepare_send(Kind::Rtp, &mut buf, plain).unwrap();
+        assert_eq!(dest, b_addr);
+        let got = phone_b_rx.unprotect_rtp(&mut buf[..out_len]).unwrap();
+        assert_eq!(got.ssrc, ssrc);
+        assert_eq!(&buf[12..got.len], &payload[..], "packet {n}");
+    }
+    assert_eq!(leg_a.receiving.packets, 150);
+    assert_eq!(leg_a.receiving.lost(), 0);
+    assert_eq!(leg_b.sending.packets, 150);
+}
