@@ -77,12 +77,24 @@ pub fn find_ws(s: &str) -> Option<usize> {
 /// string (with `\` escapes) or inside `<...>` do not count. Inside angle
 /// brackets only `>` is special (a URI holds no quotes).
 pub fn split_top_level(s: &str, sep: u8) -> SplitTopLevel<'_> {
-    SplitTopLevel { rest: Some(s), sep }
+    SplitTopLevel {
+        rest: Some(s),
+        sep: Some(sep),
+    }
+}
+
+/// `s` as a single part, for values that are not lists: the same iterator
+/// type as [`split_top_level`], without scanning.
+pub fn unsplit(s: &str) -> SplitTopLevel<'_> {
+    SplitTopLevel {
+        rest: Some(s),
+        sep: None,
+    }
 }
 
 pub struct SplitTopLevel<'a> {
     rest: Option<&'a str>,
-    sep: u8,
+    sep: Option<u8>,
 }
 
 impl<'a> Iterator for SplitTopLevel<'a> {
@@ -90,7 +102,7 @@ impl<'a> Iterator for SplitTopLevel<'a> {
 
     fn next(&mut self) -> Option<&'a str> {
         let s = self.rest?;
-        match find_top_level(s, self.sep) {
+        match self.sep.and_then(|sep| find_top_level(s, sep)) {
             Some(i) => {
                 self.rest = Some(&s[i + 1..]);
                 Some(&s[..i])

@@ -345,10 +345,11 @@ impl Message {
         let split = name.is_comma_list();
         self.headers(name)
             .flat_map(move |v| {
-                // The parser rejects NUL in headers, so splitting at NUL
-                // yields the whole value for headers that are not lists.
-                let sep = if split { b',' } else { 0 };
-                grammar::split_top_level(v, sep)
+                if split {
+                    grammar::split_top_level(v, b',')
+                } else {
+                    grammar::unsplit(v)
+                }
             })
             .map(grammar::trim_lws)
             .filter(|v| !v.is_empty())
