@@ -3,6 +3,9 @@
 //! with nothing else done — no receive, no crypto, no relay logic.
 //!
 //!   cargo bench --bench loopback -- [--sockets 400] [--rate 20000] [--secs 5] [--batch 16] [--mmsg]
+//!   cargo bench --bench loopback -- --flat-out [--sockets 400] [--batch 16] [--mmsg]
+//!   cargo bench --bench loopback -- --echo [--batch 64]
+//!   cargo bench --bench loopback -- --wakeups 200
 //!
 //! By default the sender, pinned to CPU 0, sends from `--sockets` sockets
 //! in turn, each to its own receiving socket, one `sendto` per datagram, as
@@ -13,6 +16,16 @@
 //! for a wake-up. Prints one RESULT line: the sender's CPU from
 //! CLOCK_THREAD_CPUTIME_ID per datagram, and what that is per 100 relayed
 //! calls (10,000 datagrams/s sent).
+//!
+//! `--flat-out` sends without ever sleeping (only waiting, spinning, when
+//! the receivers fall 20,000 datagrams behind), to separate what the
+//! network stack costs from what sleeping between packets costs. `--echo`
+//! is the shape of the usual "packets per second per core" figure: one
+//! thread on CPU 0 sends `--batch` datagrams with `sendmmsg` to a socket of
+//! its own and takes them back with `recvmmsg`, flat out; the figure is per
+//! send+receive pair. `--wakeups US` measures what one sleep of US
+//! microseconds and the wake-up after it cost the sleeping thread, with
+//! nothing sent.
 
 #[path = "common/cpu.rs"]
 mod cpu;
@@ -32,6 +45,9 @@ const MAX_BATCH: usize = 1024;
 /// Datagrams sent per second by 100 relayed calls (2 legs x 50 packets/s
 /// each way).
 const PER_100_CALLS: f64 = 10_000.0;
+/// How far a flat-out sender may run ahead of its receivers.
+const FLAT_OUT_LEAD: u64 = 20_000;
+const MAX_ECHO_BATCH: usize = 64;
 
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -54,7 +70,14 @@ fn main() {
     let secs: u64 = arg(&args, "--secs", 5).min(MAX_SECS);
     let batch: usize = arg(&args, "--batch", 16).clamp(1, MAX_BATCH);
     let mmsg = args.iter().any(|a| a == "--mmsg");
+    let flat_out = args.iter().any(|a| a == "--flat-out");
     let sockets = if mmsg { 1 } else { sockets };
+    if args.iter().any(|a| a == "--echo") {
+        return echo(batch.min(MAX_ECHO_BATCH), secs);
+    }
+    if args.iter().any(|a| a == "--wakeups") {
+        return wakeups(arg(&args, "--wakeups", 200u64), secs);
+    }
 
     let receivers: Vec<UdpSocket> = (0..sockets).map(|_| bound()).collect();
     let senders: Vec<UdpSocket> = (0..sockets).map(|_| bound()).collect();
@@ -70,21 +93,26 @@ fn main() {
         std::thread::spawn(move || {
             pin(0, 1);
             let mut buf = [0u8; 2048];
-            let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
+                let mut n = 0;
                 for r in &receivers {
                     while r.recv(&mut buf).is_ok() {
                         n += 1;
                     }
                 }
+                received.fetch_add(n, Ordering::Relaxed);
             }
-            received.store(n, Ordering::Relaxed);
         })
     };
 
     pin(0, 0);
     let payload = [0x80u8; DATAGRAM];
-    let total = (rate * secs as f64) as u64;
+    let total = if flat_out {
+        u64::MAX
+    } else {
+        (rate * secs as f64) as u64
+    };
+    let end = Instant::now() + Duration::from_secs(secs);
     // sendmmsg's headers: every entry sends the same payload to the one
     // receiver.
     let mut iov = libc::iovec {
@@ -127,6 +155,16 @@ fn main() {
                 next = (next + 1) % sockets;
             }
         }
+        if flat_out {
+            // Spin, never sleep, while the receivers catch up.
+            while sent > received.load(Ordering::Relaxed) + FLAT_OUT_LEAD && Instant::now() < end {
+                std::hint::spin_loop();
+            }
+            if sent % 4096 < batch as u64 && Instant::now() >= end {
+                break;
+            }
+            continue;
+        }
         let due = t0 + Duration::from_secs_f64(sent as f64 / rate);
         let now = Instant::now();
         if due > now {
@@ -142,8 +180,9 @@ fn main() {
     rx.join().unwrap();
     let per_datagram = cpu / sent as f64;
     println!(
-        "RESULT mode={} sockets={sockets} batch={batch} rate={rate:.0}/s achieved={:.0}/s sent={sent} received={} sender_cpu={:.1}% per_datagram={:.2}us per_100_calls={:.1}%",
+        "RESULT mode={}{} sockets={sockets} batch={batch} rate={rate:.0}/s achieved={:.0}/s sent={sent} received={} sender_cpu={:.1}% per_datagram={:.2}us per_100_calls={:.1}%",
         if mmsg { "sendmmsg" } else { "sendto" },
+        if flat_out { ",flat-out" } else { "" },
         sent as f64 / wall,
         received.load(Ordering::Relaxed),
         100.0 * cpu / wall,
@@ -168,4 +207,98 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_in, libc::socklen_t) {
         sin,
         std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
     )
+}
+
+/// One thread sends `batch` datagrams to its own socket with `sendmmsg`
+/// and reads them back with `recvmmsg`, flat out for `secs`.
+fn echo(batch: usize, secs: u64) {
+    pin(0, 0);
+    let (tx, rx) = (bound(), bound());
+    rx.set_nonblocking(true).unwrap();
+    let (addr, addr_len) = sockaddr(rx.local_addr().unwrap());
+    let mut bufs = vec![[0x80u8; 2048]; batch];
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr() as *mut libc::c_void,
+            iov_len: DATAGRAM,
+        })
+        .collect();
+    let mut send_headers: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: an all-zero mmsghdr is a valid empty header.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = &addr as *const _ as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = addr_len;
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect();
+    let (cpu0, t0) = (thread_cpu(), Instant::now());
+    let end = t0 + Duration::from_secs(secs);
+    let mut pairs = 0u64;
+    while Instant::now() < end {
+        for _ in 0..64 {
+            for iov in iovs.iter_mut() {
+                iov.iov_len = DATAGRAM;
+            }
+            // SAFETY: the headers point at live address and buffers.
+            unsafe {
+                libc::sendmmsg(tx.as_raw_fd(), send_headers.as_mut_ptr(), batch as u32, 0);
+            }
+            for (h, iov) in send_headers.iter_mut().zip(iovs.iter_mut()) {
+                iov.iov_len = 2048;
+                h.msg_hdr.msg_name = std::ptr::null_mut();
+                h.msg_hdr.msg_namelen = 0;
+            }
+            // SAFETY: the same headers, now without a name, pointing at the
+            // live receive buffers.
+            let got = unsafe {
+                libc::recvmmsg(
+                    rx.as_raw_fd(),
+                    send_headers.as_mut_ptr(),
+                    batch as u32,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            for h in send_headers.iter_mut() {
+                h.msg_hdr.msg_name = &addr as *const _ as *mut libc::c_void;
+                h.msg_hdr.msg_namelen = addr_len;
+            }
+            pairs += got.max(0) as u64;
+        }
+    }
+    let cpu = (thread_cpu() - cpu0).as_secs_f64();
+    println!(
+        "RESULT mode=echo batch={batch} pairs={pairs} cpu={:.1}% pairs_per_cpu_second={:.0} per_pair={:.2}us",
+        100.0 * cpu / t0.elapsed().as_secs_f64(),
+        pairs as f64 / cpu,
+        cpu / pairs as f64 * 1e6,
+    );
+}
+
+/// What a sleep of `us` microseconds and the wake-up after it cost the
+/// sleeping thread.
+fn wakeups(us: u64, secs: u64) {
+    pin(0, 0);
+    let (cpu0, t0) = (thread_cpu(), Instant::now());
+    let end = t0 + Duration::from_secs(secs);
+    let mut n = 0u64;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_micros(us));
+        n += 1;
+    }
+    let (cpu, wall) = (
+        (thread_cpu() - cpu0).as_secs_f64(),
+        t0.elapsed().as_secs_f64(),
+    );
+    println!(
+        "RESULT mode=wakeups sleep={us}us wakeups_per_s={:.0} cpu={:.1}% per_wakeup={:.2}us",
+        n as f64 / wall,
+        100.0 * cpu / wall,
+        cpu / n as f64 * 1e6,
+    );
 }

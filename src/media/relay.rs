@@ -40,11 +40,15 @@ const BUF_LEN: usize = MAX_DATAGRAM
 const TICK: Duration = Duration::from_millis(500);
 /// Wake-up coalescing: when the relay was woken again this soon after the
 /// previous wake-up, it naps for [`COALESCE`] before waiting, so that one
-/// wake-up serves the packets that arrived meanwhile. At 20,000 packets/s a
-/// wake-up per packet costs more than relaying it; the nap adds at most
-/// this much latency and only under load.
+/// wake-up serves the packets that arrived meanwhile. A wake-up costs the
+/// relay about 25 µs of CPU on a virtual machine (`benches/loopback.rs
+/// --wakeups`), several packets' worth; the nap adds at most its length to
+/// a packet's latency, and only under load. 500 µs keeps the added latency
+/// well under the 1 ms budget of a media anchor while cutting the wake-ups
+/// at 200 calls to at most about 1,700/s (see BENCHMARKS.md for the trade-off
+/// measured at 200, 350 and 500 µs).
 const BUSY_WAKEUPS: Duration = Duration::from_millis(1);
-const COALESCE: Duration = Duration::from_micros(200);
+const COALESCE: Duration = Duration::from_micros(500);
 
 pub(crate) enum Command {
     Add {
