@@ -2,7 +2,7 @@
 //! every call with keys this tool makes, bounded in count and time.
 //!
 //!   cargo bench --bench callload -- provision --data-dir DIR --users 200000:2000
-//!   cargo bench --bench callload -- run --server 127.0.0.1:5061 --calls 200 --secs 20 --pid PID
+//!   cargo bench --bench callload -- run --server 127.0.0.1:5061 --calls 200 --secs 20 --pid PID [--sleeping-phones]
 //!
 //! Each call is a pair of extensions (FIRST+2i calls FIRST+2i+1), each
 //! registered on its own TLS connection. The caller's INVITE is challenged
@@ -13,6 +13,12 @@
 //! carries its send time, so the receiver measures the time through the
 //! anchor (two loopback hops and Parley's decrypt and re-encrypt). Parley's
 //! CPU comes from /proc/PID/stat over the measured window.
+//!
+//! Between sends the endpoints busy-poll their sockets: on loopback the
+//! sender of a datagram pays for waking a receiver that sleeps, so sleeping
+//! endpoints would charge Parley for wake-ups that, with real phones,
+//! happen on the phones' own machines. `--sleeping-phones` makes the tool
+//! sleep in epoll between packets instead, to show the difference.
 //!
 //! Prints one result line: calls, set-up rate, packets, loss, auth
 //! failures, latency percentiles, Parley's CPU.
@@ -58,6 +64,7 @@ struct Args {
     pid: Option<u32>,
     concurrency: usize,
     data_dir: String,
+    sleeping_phones: bool,
 }
 
 fn parse_args() -> Args {
@@ -73,6 +80,7 @@ fn parse_args() -> Args {
         pid: None,
         concurrency: 50,
         data_dir: String::new(),
+        sleeping_phones: false,
     };
     let mut it = std::env::args().skip(1).filter(|x| x != "--bench");
     while let Some(arg) = it.next() {
@@ -93,6 +101,7 @@ fn parse_args() -> Args {
             "--pid" => a.pid = Some(val().parse().unwrap()),
             "--concurrency" => a.concurrency = val().parse().unwrap(),
             "--data-dir" => a.data_dir = val(),
+            "--sleeping-phones" => a.sleeping_phones = true,
             m if a.mode.is_empty() && !m.starts_with('-') => a.mode = m.to_string(),
             other => panic!("unknown argument {other}"),
         }
@@ -483,13 +492,17 @@ fn media(mut eps: Vec<Endpoint>, args: &Args) {
             let c1 = args.pid.map(cpu_secs).unwrap_or(c0);
             cpu_used = Some((c1 - c0) / now.duration_since(t0).as_secs_f64());
         }
-        // Milliseconds are epoll's resolution: wake a little early rather
-        // than late, and send what is due.
-        let wait = next_tick
-            .min(drain_until)
-            .saturating_duration_since(now)
-            .as_millis()
-            .min(20) as i32;
+        // Milliseconds are epoll's resolution: a sleeping tool wakes a
+        // little early rather than late, and sends what is due.
+        let wait = if args.sleeping_phones {
+            next_tick
+                .min(drain_until)
+                .saturating_duration_since(now)
+                .as_millis()
+                .min(20) as i32
+        } else {
+            0
+        };
         let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, wait) };
         for ev in events.iter().take(n.max(0) as usize) {
             let e = &mut eps[ev.u64 as usize];

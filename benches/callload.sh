@@ -6,7 +6,8 @@
 #
 # Parley runs pinned to CPU 0, the load generator (benches/callload.rs) on
 # CPU 1. Each run starts Parley afresh. CALLS_LIST and RUNS pick the
-# figures; SECS is the measured window of each run (after a 3 s warm-up).
+# figures; SECS is the measured window of each run (after a 3 s warm-up);
+# LOAD_ARGS is passed to the load tool (e.g. --sleeping-phones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +48,7 @@ for calls in $CALLS_LIST; do
             sleep 0.1
         done
         line=$(timeout 300 taskset -c 1 "$load" run --server 127.0.0.1:15061 --users 200000:2400 --calls "$calls" \
-            --secs "$SECS" --warmup 3 --pid "$pid" 2>&1 | tr '\n' ' ' || true)
+            --secs "$SECS" --warmup 3 --pid "$pid" ${LOAD_ARGS:-} 2>&1 | tr '\n' ' ' || true)
         echo "calls=$calls run=$run $line" | tee -a "$results"
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
