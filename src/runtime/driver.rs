@@ -78,7 +78,7 @@ pub struct Driver {
 impl Driver {
     pub async fn run(mut self) {
         let mut conns: HashMap<ConnId, Conn> = HashMap::new();
-        let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        let mut recv = udp_batch::RecvBuffers::new();
         let mut batch = Vec::with_capacity(STREAM_BATCH);
         let reap_every =
             (self.idle_timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(10));
@@ -104,19 +104,28 @@ impl Driver {
                 ready = readable(udp.as_deref()) => {
                     if ready.is_ok() && let (Some(sock), Some(local)) = (&udp, udp_local) {
                         let now = Instant::now();
-                        for _ in 0..UDP_BATCH {
-                            match sock.try_recv_from(&mut buf) {
-                                Ok((n, from)) => {
-                                    if n > MAX_MESSAGE_BYTES {
-                                        continue;
-                                    }
-                                    let bytes = Bytes::copy_from_slice(&buf[..n]);
-                                    self.core.handle_message(now, Flow::udp(local, from), bytes);
-                                }
+                        let mut tries = 0;
+                        while tries < UDP_BATCH {
+                            let n = match udp_batch::recv_batch(sock, &mut recv) {
+                                Ok(n) => n,
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                                 // ICMP errors surface here on Linux; nothing to do.
-                                Err(_) => continue,
+                                Err(_) => {
+                                    tries += 1;
+                                    continue;
+                                }
+                            };
+                            for i in 0..n {
+                                let (data, from) = recv.get(i);
+                                let Some(from) = from.filter(|_| data.len() <= MAX_MESSAGE_BYTES) else {
+                                    continue;
+                                };
+                                let bytes = Bytes::copy_from_slice(data);
+                                self.core.handle_message(now, Flow::udp(local, from), bytes);
                             }
+                            // Until WouldBlock, which clears the socket's
+                            // readiness, or the batch limit.
+                            tries += n;
                         }
                     }
                 }

@@ -1,17 +1,27 @@
-//! Sending many UDP datagrams with one system call (`sendmmsg`), so a busy
-//! registrar pays the kernel entry once per batch, not once per response.
+//! Sending and receiving many UDP datagrams with one system call
+//! (`sendmmsg`, `recvmmsg`), so a busy registrar pays the kernel entry once
+//! per batch, not once per datagram.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
 use bytes::Bytes;
-use socket2::SockAddr;
+use socket2::{SockAddr, SockAddrStorage};
+
+use crate::sip::message::limits::MAX_MESSAGE_BYTES;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 /// Most datagrams handed to the kernel in one call.
 const BATCH: usize = 64;
+/// Most datagrams taken from the kernel in one call. Each has a buffer
+/// for the largest message, so the batch is smaller than the send batch;
+/// pages a datagram never reaches are never touched.
+pub const RECV_BATCH: usize = 16;
+/// A receive buffer: one byte more than the largest message, so an
+/// oversized datagram shows as too long instead of silently cut.
+const RECV_SLOT: usize = MAX_MESSAGE_BYTES + 1;
 
 /// Sends every datagram, waiting for socket space when the kernel's send
 /// buffer is full. Datagrams the kernel refuses (an unreachable address,
@@ -78,6 +88,94 @@ fn send_batch(sock: &UdpSocket, items: &[(Bytes, SocketAddr)]) -> io::Result<usi
     }
 }
 
+/// Where `recv_batch` puts what it read; kept and reused by its owner.
+pub struct RecvBuffers {
+    data: Vec<u8>,
+    names: Vec<libc::sockaddr_storage>,
+    name_lens: [libc::socklen_t; RECV_BATCH],
+    lens: [usize; RECV_BATCH],
+}
+
+impl RecvBuffers {
+    pub fn new() -> Self {
+        RecvBuffers {
+            data: vec![0; RECV_BATCH * RECV_SLOT],
+            // SAFETY: an all-zero sockaddr_storage is a valid (unspecified)
+            // address.
+            names: vec![unsafe { std::mem::zeroed() }; RECV_BATCH],
+            name_lens: [0; RECV_BATCH],
+            lens: [0; RECV_BATCH],
+        }
+    }
+
+    /// Datagram `i` of the last batch: its bytes (longer than
+    /// `MAX_MESSAGE_BYTES` when it was too large) and where it came from.
+    pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
+        let start = i * RECV_SLOT;
+        let mut storage = SockAddrStorage::zeroed();
+        // SAFETY: the kernel filled `names[i]` and `name_lens[i]` for this
+        // datagram; both storages are a `sockaddr_storage`, and the length
+        // never exceeds it.
+        let from = unsafe {
+            *storage.view_as::<libc::sockaddr_storage>() = self.names[i];
+            SockAddr::new(storage, self.name_lens[i])
+        }
+        .as_socket();
+        (&self.data[start..start + self.lens[i]], from)
+    }
+}
+
+/// Reads up to [`RECV_BATCH`] datagrams without waiting: how many it read
+/// (at least one), or `WouldBlock` when none is queued, which also clears
+/// the socket's readiness so the next `readable()` waits.
+pub fn recv_batch(sock: &UdpSocket, bufs: &mut RecvBuffers) -> io::Result<usize> {
+    sock.try_io(Interest::READABLE, || recv_mmsg(sock, bufs))
+}
+
+fn recv_mmsg(sock: &UdpSocket, bufs: &mut RecvBuffers) -> io::Result<usize> {
+    let mut iovs: [libc::iovec; RECV_BATCH] = std::array::from_fn(|i| libc::iovec {
+        // SAFETY: slot i lies inside `data` (RECV_BATCH slots long).
+        iov_base: unsafe { bufs.data.as_mut_ptr().add(i * RECV_SLOT) } as *mut libc::c_void,
+        iov_len: RECV_SLOT,
+    });
+    let names = bufs.names.as_mut_ptr();
+    let mut msgs: [libc::mmsghdr; RECV_BATCH] = std::array::from_fn(|i| {
+        // SAFETY: an all-zero msghdr is a valid empty message header.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        // SAFETY: `names` has RECV_BATCH entries.
+        hdr.msg_name = unsafe { names.add(i) } as *mut libc::c_void;
+        hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        hdr.msg_iov = &mut iovs[i];
+        hdr.msg_iovlen = 1;
+        libc::mmsghdr {
+            msg_hdr: hdr,
+            msg_len: 0,
+        }
+    });
+    // SAFETY: every header points at a live name and buffer of the stated
+    // sizes in `bufs` and `iovs`, which outlive the call.
+    let n = unsafe {
+        libc::recvmmsg(
+            sock.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            RECV_BATCH as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    for (i, m) in msgs.iter().take(n).enumerate() {
+        // A datagram longer than its buffer is cut to it; the one spare
+        // byte makes it longer than MAX_MESSAGE_BYTES all the same.
+        bufs.lens[i] = (m.msg_len as usize).min(RECV_SLOT);
+        bufs.name_lens[i] = m.msg_hdr.msg_namelen;
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +195,29 @@ mod tests {
             let (n, _) = rx.recv_from(&mut buf).await.unwrap();
             assert_eq!(&buf[..n], format!("datagram {i}").as_bytes());
         }
+        // The same datagrams read back in batches, with their source.
+        send_all(&tx, &items).await;
+        let mut bufs = RecvBuffers::new();
+        let mut got = Vec::new();
+        while got.len() < items.len() {
+            rx.readable().await.unwrap();
+            match recv_batch(&rx, &mut bufs) {
+                Ok(n) => {
+                    assert!((1..=RECV_BATCH).contains(&n));
+                    for i in 0..n {
+                        let (data, from) = bufs.get(i);
+                        assert_eq!(from, Some(tx.local_addr().unwrap()));
+                        got.push(String::from_utf8(data.to_vec()).unwrap());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let expected: Vec<String> = (0..150).map(|i| format!("datagram {i}")).collect();
+        assert_eq!(got, expected);
+        let empty = recv_batch(&rx, &mut bufs).unwrap_err();
+        assert_eq!(empty.kind(), io::ErrorKind::WouldBlock);
         // An address of the wrong family is skipped, the rest still goes.
         if let Some(rx6) = rx6 {
             let mixed = vec![
