@@ -115,22 +115,15 @@ fn main() {
     let end = Instant::now() + Duration::from_secs(secs);
     // sendmmsg's headers: every entry sends the same payload to the one
     // receiver.
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr() as *mut libc::c_void,
-        iov_len: DATAGRAM,
-    };
-    let (addr, addr_len) = sockaddr(targets[0]);
-    let mut headers: Vec<libc::mmsghdr> = (0..batch)
-        .map(|_| {
-            // SAFETY: an all-zero mmsghdr is a valid empty header.
-            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_name = &addr as *const _ as *mut libc::c_void;
-            h.msg_hdr.msg_namelen = addr_len;
-            h.msg_hdr.msg_iov = &mut iov;
-            h.msg_hdr.msg_iovlen = 1;
-            h
-        })
-        .collect();
+    let mut iovs = vec![
+        libc::iovec {
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: DATAGRAM,
+        };
+        batch
+    ];
+    let to = sockaddr(targets[0]);
+    let mut headers = mmsg_headers(&mut iovs, Some(&to));
 
     let (cpu0, t0) = (thread_cpu(), Instant::now());
     let (mut sent, mut next) = (0u64, 0usize);
@@ -209,65 +202,69 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_in, libc::socklen_t) {
     )
 }
 
+/// One `mmsghdr` per iovec, each sending to `to` (or, with `None`,
+/// receiving without asking for the source). The headers point into `iovs`
+/// and `to`, which must outlive every call made with them.
+fn mmsg_headers(
+    iovs: &mut [libc::iovec],
+    to: Option<&(libc::sockaddr_in, libc::socklen_t)>,
+) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            // SAFETY: an all-zero mmsghdr is a valid empty header.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            if let Some((addr, len)) = to {
+                h.msg_hdr.msg_name = addr as *const _ as *mut libc::c_void;
+                h.msg_hdr.msg_namelen = *len;
+            }
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect()
+}
+
 /// One thread sends `batch` datagrams to its own socket with `sendmmsg`
 /// and reads them back with `recvmmsg`, flat out for `secs`.
 fn echo(batch: usize, secs: u64) {
     pin(0, 0);
     let (tx, rx) = (bound(), bound());
     rx.set_nonblocking(true).unwrap();
-    let (addr, addr_len) = sockaddr(rx.local_addr().unwrap());
+    let to = sockaddr(rx.local_addr().unwrap());
+    // Both directions use the same buffers: sent from, then read back into.
     let mut bufs = vec![[0x80u8; 2048]; batch];
-    let mut iovs: Vec<libc::iovec> = bufs
+    let mut send_iovs: Vec<libc::iovec> = bufs
         .iter_mut()
         .map(|b| libc::iovec {
             iov_base: b.as_mut_ptr() as *mut libc::c_void,
             iov_len: DATAGRAM,
         })
         .collect();
-    let mut send_headers: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: an all-zero mmsghdr is a valid empty header.
-            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_name = &addr as *const _ as *mut libc::c_void;
-            h.msg_hdr.msg_namelen = addr_len;
-            h.msg_hdr.msg_iov = iov;
-            h.msg_hdr.msg_iovlen = 1;
-            h
+    let mut recv_iovs: Vec<libc::iovec> = send_iovs
+        .iter()
+        .map(|iov| libc::iovec {
+            iov_base: iov.iov_base,
+            iov_len: 2048,
         })
         .collect();
+    let mut send_headers = mmsg_headers(&mut send_iovs, Some(&to));
+    let mut recv_headers = mmsg_headers(&mut recv_iovs, None);
     let (cpu0, t0) = (thread_cpu(), Instant::now());
     let end = t0 + Duration::from_secs(secs);
     let mut pairs = 0u64;
     while Instant::now() < end {
         for _ in 0..64 {
-            for iov in iovs.iter_mut() {
-                iov.iov_len = DATAGRAM;
-            }
-            // SAFETY: the headers point at live address and buffers.
-            unsafe {
-                libc::sendmmsg(tx.as_raw_fd(), send_headers.as_mut_ptr(), batch as u32, 0);
-            }
-            for (h, iov) in send_headers.iter_mut().zip(iovs.iter_mut()) {
-                iov.iov_len = 2048;
-                h.msg_hdr.msg_name = std::ptr::null_mut();
-                h.msg_hdr.msg_namelen = 0;
-            }
-            // SAFETY: the same headers, now without a name, pointing at the
-            // live receive buffers.
+            // SAFETY: the headers point at the live address and buffers.
             let got = unsafe {
+                libc::sendmmsg(tx.as_raw_fd(), send_headers.as_mut_ptr(), batch as u32, 0);
                 libc::recvmmsg(
                     rx.as_raw_fd(),
-                    send_headers.as_mut_ptr(),
+                    recv_headers.as_mut_ptr(),
                     batch as u32,
                     libc::MSG_DONTWAIT,
                     std::ptr::null_mut(),
                 )
             };
-            for h in send_headers.iter_mut() {
-                h.msg_hdr.msg_name = &addr as *const _ as *mut libc::c_void;
-                h.msg_hdr.msg_namelen = addr_len;
-            }
             pairs += got.max(0) as u64;
         }
     }

@@ -8,10 +8,10 @@ use std::os::fd::AsRawFd;
 
 use bytes::Bytes;
 use socket2::{SockAddr, SockAddrStorage};
-
-use crate::sip::message::limits::MAX_MESSAGE_BYTES;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+
+use crate::sip::message::limits::MAX_MESSAGE_BYTES;
 
 /// Most datagrams handed to the kernel in one call.
 const BATCH: usize = 64;
