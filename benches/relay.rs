@@ -16,6 +16,10 @@
 //! sleeps; with real phones that wake-up happens on their machines.
 //! `--sleeping-phones` makes them sleep in epoll instead, to show the
 //! difference.
+//!
+//! `--shared-port-prototype` replaces Parley's relay with a prototype of
+//! another design (`common/shared_port.rs`): every leg on one port, batched
+//! receives and sends. Same phones, same keys, same measurement.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -23,6 +27,8 @@ use std::time::{Duration, Instant};
 
 #[path = "common/cpu.rs"]
 mod cpu;
+#[path = "common/shared_port.rs"]
+mod shared_port;
 use cpu::{arg, pin};
 
 use parley::media::{LegKeys, LegMedia, MediaConfig, MediaEngine};
@@ -74,12 +80,14 @@ fn main() {
     let busy_poll = !args.iter().any(|a| a == "--sleeping-phones");
     let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-    let (engine, _events) = MediaEngine::start(MediaConfig {
-        bind_ip: local,
-        ports: 30_000..=39_999,
-        inactivity: Duration::from_secs(3600),
-    })
-    .expect("start relay");
+    let prototype = args.iter().any(|a| a == "--shared-port-prototype");
+    // Keeps the relay running while the phones talk.
+    let (phones, _engine) = if prototype {
+        (shared_port_phones(calls, local), None)
+    } else {
+        let (phones, engine) = engine_phones(calls, local);
+        (phones, Some(engine))
+    };
     // The thread names itself once it runs; give it a moment.
     let deadline = Instant::now() + Duration::from_secs(2);
     let tid = loop {
@@ -91,47 +99,7 @@ fn main() {
     };
     pin(tid, relay_cpu);
     pin(0, load_cpu);
-
-    let mut phones = Vec::with_capacity(calls * 2);
-    for c in 0..calls {
-        let mut pair = Vec::new();
-        for side in 0..2 {
-            let socket = UdpSocket::bind((local, 0)).unwrap();
-            socket.set_nonblocking(true).unwrap();
-            let leg = engine.open_leg().expect("open leg");
-            let (phone_key, parley_key) = (MasterKey::generate(), MasterKey::generate());
-            engine
-                .configure(
-                    leg.id,
-                    LegMedia {
-                        remote_rtp: Some(socket.local_addr().unwrap()),
-                        remote_rtcp: None,
-                        rtcp_mux: true,
-                        keys: Some(LegKeys {
-                            suite: SUITE,
-                            phone_key: phone_key.clone(),
-                            parley_key: parley_key.clone(),
-                        }),
-                        trusted_ips: Default::default(),
-                        clock_rate: 8000,
-                    },
-                )
-                .unwrap();
-            pair.push((
-                leg.id,
-                Phone {
-                    socket,
-                    to: SocketAddr::new(local, leg.port),
-                    tx: SrtpContext::new(SUITE, &phone_key),
-                    rx: SrtpContext::new(SUITE, &parley_key),
-                    seq: rand::random(),
-                    ssrc: (c * 2 + side) as u32,
-                },
-            ));
-        }
-        engine.bridge(pair[0].0, pair[1].0).unwrap();
-        phones.extend(pair.into_iter().map(|(_, p)| p));
-    }
+    let mut phones = phones;
 
     // One epoll set over every phone socket.
     // SAFETY: plain syscall, checked.
@@ -248,4 +216,90 @@ fn main() {
         pct(0.99),
         cpu_pct * 100.0 / calls as f64,
     );
+}
+
+/// Phones talking through Parley's relay, each leg on its own port.
+fn engine_phones(calls: usize, local: IpAddr) -> (Vec<Phone>, MediaEngine) {
+    let (engine, _events) = MediaEngine::start(MediaConfig {
+        bind_ip: local,
+        ports: 30_000..=39_999,
+        inactivity: Duration::from_secs(3600),
+    })
+    .expect("start relay");
+    let mut phones = Vec::with_capacity(calls * 2);
+    for c in 0..calls {
+        let mut pair = Vec::new();
+        for side in 0..2 {
+            let socket = UdpSocket::bind((local, 0)).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            let leg = engine.open_leg().expect("open leg");
+            let (phone_key, parley_key) = (MasterKey::generate(), MasterKey::generate());
+            engine
+                .configure(
+                    leg.id,
+                    LegMedia {
+                        remote_rtp: Some(socket.local_addr().unwrap()),
+                        remote_rtcp: None,
+                        rtcp_mux: true,
+                        keys: Some(LegKeys {
+                            suite: SUITE,
+                            phone_key: phone_key.clone(),
+                            parley_key: parley_key.clone(),
+                        }),
+                        trusted_ips: Default::default(),
+                        clock_rate: 8000,
+                    },
+                )
+                .unwrap();
+            pair.push((
+                leg.id,
+                Phone {
+                    socket,
+                    to: SocketAddr::new(local, leg.port),
+                    tx: SrtpContext::new(SUITE, &phone_key),
+                    rx: SrtpContext::new(SUITE, &parley_key),
+                    seq: rand::random(),
+                    ssrc: (c * 2 + side) as u32,
+                },
+            ));
+        }
+        engine.bridge(pair[0].0, pair[1].0).unwrap();
+        phones.extend(pair.into_iter().map(|(_, p)| p));
+    }
+    (phones, engine)
+}
+
+/// Phones talking through the shared-port prototype.
+fn shared_port_phones(calls: usize, local: IpAddr) -> Vec<Phone> {
+    let relay = UdpSocket::bind((local, 0)).unwrap();
+    relay.set_nonblocking(true).unwrap();
+    let to = relay.local_addr().unwrap();
+    let mut phones = Vec::with_capacity(calls * 2);
+    let mut legs = Vec::with_capacity(calls * 2);
+    for c in 0..calls {
+        for side in 0..2 {
+            let socket = UdpSocket::bind((local, 0)).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            let (phone_key, parley_key) = (MasterKey::generate(), MasterKey::generate());
+            legs.push(shared_port::SharedLeg {
+                rx: SrtpContext::new(SUITE, &phone_key),
+                tx: SrtpContext::new(SUITE, &parley_key),
+                peer: c * 2 + (1 - side),
+                phone: socket.local_addr().unwrap(),
+            });
+            phones.push(Phone {
+                socket,
+                to,
+                tx: SrtpContext::new(SUITE, &phone_key),
+                rx: SrtpContext::new(SUITE, &parley_key),
+                seq: rand::random(),
+                ssrc: (c * 2 + side) as u32,
+            });
+        }
+    }
+    std::thread::Builder::new()
+        .name("media-relay".into())
+        .spawn(move || shared_port::run(relay, legs))
+        .expect("start the prototype relay");
+    phones
 }
