@@ -17,9 +17,9 @@
 //! `--sleeping-phones` makes them sleep in epoll instead, to show the
 //! difference.
 //!
-//! `--shared-port-prototype` replaces Parley's relay with a prototype of
-//! another design (`common/shared_port.rs`): every leg on one port, batched
-//! receives and sends. Same phones, same keys, same measurement.
+//! The legs are on the shared port, as SRTP legs of real calls are;
+//! `--own-ports` gives every leg a port pair of its own instead (how plain
+//! RTP legs are served), to compare the two paths.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -27,11 +27,9 @@ use std::time::{Duration, Instant};
 
 #[path = "common/cpu.rs"]
 mod cpu;
-#[path = "common/shared_port.rs"]
-mod shared_port;
 use cpu::{arg, pin};
 
-use parley::media::{LegKeys, LegMedia, MediaConfig, MediaEngine};
+use parley::media::{LegKeys, LegMedia, LegPort, MediaConfig, MediaEngine};
 use parley::srtp::{MasterKey, SrtpContext, Suite};
 
 const SUITE: Suite = Suite::AesCm128HmacSha1_80;
@@ -80,14 +78,13 @@ fn main() {
     let busy_poll = !args.iter().any(|a| a == "--sleeping-phones");
     let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-    let prototype = args.iter().any(|a| a == "--shared-port-prototype");
-    // Keeps the relay running while the phones talk.
-    let (phones, _engine) = if prototype {
-        (shared_port_phones(calls, local), None)
+    let port = if args.iter().any(|a| a == "--own-ports") {
+        LegPort::Own
     } else {
-        let (phones, engine) = engine_phones(calls, local);
-        (phones, Some(engine))
+        LegPort::Shared
     };
+    // Keeps the relay running while the phones talk.
+    let (phones, _engine) = engine_phones(calls, local, port);
     // The thread names itself once it runs; give it a moment.
     let deadline = Instant::now() + Duration::from_secs(2);
     let tid = loop {
@@ -218,8 +215,8 @@ fn main() {
     );
 }
 
-/// Phones talking through Parley's relay, each leg on its own port.
-fn engine_phones(calls: usize, local: IpAddr) -> (Vec<Phone>, MediaEngine) {
+/// Phones talking through Parley's relay.
+fn engine_phones(calls: usize, local: IpAddr, port: LegPort) -> (Vec<Phone>, MediaEngine) {
     let (engine, _events) = MediaEngine::start(MediaConfig {
         bind_ip: local,
         ports: 30_000..=39_999,
@@ -232,7 +229,7 @@ fn engine_phones(calls: usize, local: IpAddr) -> (Vec<Phone>, MediaEngine) {
         for side in 0..2 {
             let socket = UdpSocket::bind((local, 0)).unwrap();
             socket.set_nonblocking(true).unwrap();
-            let leg = engine.open_leg().expect("open leg");
+            let leg = engine.open_leg(port).expect("open leg");
             let (phone_key, parley_key) = (MasterKey::generate(), MasterKey::generate());
             engine
                 .configure(
@@ -267,39 +264,4 @@ fn engine_phones(calls: usize, local: IpAddr) -> (Vec<Phone>, MediaEngine) {
         phones.extend(pair.into_iter().map(|(_, p)| p));
     }
     (phones, engine)
-}
-
-/// Phones talking through the shared-port prototype.
-fn shared_port_phones(calls: usize, local: IpAddr) -> Vec<Phone> {
-    let relay = UdpSocket::bind((local, 0)).unwrap();
-    relay.set_nonblocking(true).unwrap();
-    let to = relay.local_addr().unwrap();
-    let mut phones = Vec::with_capacity(calls * 2);
-    let mut legs = Vec::with_capacity(calls * 2);
-    for c in 0..calls {
-        for side in 0..2 {
-            let socket = UdpSocket::bind((local, 0)).unwrap();
-            socket.set_nonblocking(true).unwrap();
-            let (phone_key, parley_key) = (MasterKey::generate(), MasterKey::generate());
-            legs.push(shared_port::SharedLeg {
-                rx: SrtpContext::new(SUITE, &phone_key),
-                tx: SrtpContext::new(SUITE, &parley_key),
-                peer: c * 2 + (1 - side),
-                phone: socket.local_addr().unwrap(),
-            });
-            phones.push(Phone {
-                socket,
-                to,
-                tx: SrtpContext::new(SUITE, &phone_key),
-                rx: SrtpContext::new(SUITE, &parley_key),
-                seq: rand::random(),
-                ssrc: (c * 2 + side) as u32,
-            });
-        }
-    }
-    std::thread::Builder::new()
-        .name("media-relay".into())
-        .spawn(move || shared_port::run(relay, legs))
-        .expect("start the prototype relay");
-    phones
 }

@@ -765,23 +765,24 @@ fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
     assert_tone(&newest_heard(&b), 440.0);
 }
 
-/// On the wire, both legs carried SRTP only: every RTP packet to and from
-/// each of Parley's two media ports is a 20 ms PCMU packet plus the 80-bit
-/// authentication tag (182 bytes), never a plain one (172 bytes).
+/// On the wire, both legs carried SRTP only: every RTP packet between
+/// Parley's media ports and each phone is a 20 ms PCMU packet plus the
+/// 80-bit authentication tag (182 bytes), never a plain one (172 bytes).
+/// SRTP legs share Parley's port, so a leg is known by its phone's port.
 fn assert_both_legs_srtp(datagrams: &[Datagram]) {
-    let parley_port = |d: &Datagram| {
-        [d.src_port, d.dst_port]
-            .into_iter()
-            .find(|p| (20000..=29999).contains(p))
-    };
+    let parley = |p: u16| (20000..=29999).contains(&p);
     let is_rtp = |d: &Datagram| {
         d.payload.len() >= 12 && d.payload[0] >> 6 == 2 && !(200..=204).contains(&d.payload[1])
     };
     let mut legs: std::collections::BTreeMap<u16, (usize, usize, Vec<usize>)> = Default::default();
     for d in datagrams.iter().filter(|d| is_rtp(d)) {
-        let Some(port) = parley_port(d) else { continue };
-        let leg = legs.entry(port).or_default();
-        if d.dst_port == port {
+        let (phone_port, inbound) = match (parley(d.src_port), parley(d.dst_port)) {
+            (false, true) => (d.src_port, true),
+            (true, false) => (d.dst_port, false),
+            _ => continue,
+        };
+        let leg = legs.entry(phone_port).or_default();
+        if inbound {
             leg.0 += 1;
         } else {
             leg.1 += 1;
@@ -790,7 +791,7 @@ fn assert_both_legs_srtp(datagrams: &[Datagram]) {
     }
     assert_eq!(legs.len(), 2, "two media legs: {:?}", legs.keys());
     for (port, (inbound, outbound, lengths)) in &legs {
-        eprintln!("leg on port {port}: {inbound} RTP packets in, {outbound} out");
+        eprintln!("leg of the phone on port {port}: {inbound} RTP packets in, {outbound} out");
         assert!(
             *inbound > 100 && *outbound > 100,
             "port {port}: {inbound} in, {outbound} out"

@@ -174,6 +174,29 @@ impl Leg {
         self.latched_rtp
     }
 
+    /// Whether [`Leg::receive`] would take this packet, with nothing
+    /// changed, not even counters: how a packet on a port many legs share
+    /// finds its leg. SRTP must authenticate under the phone's key; plain
+    /// RTP must come from an address signaling trusts.
+    pub fn accepts(&self, kind: Kind, src: SocketAddr, buf: &[u8]) -> bool {
+        let Some(media) = &self.media else {
+            return false;
+        };
+        if buf.len() < 8 || buf[0] >> 6 != 2 {
+            return false;
+        }
+        match (&self.rx, kind) {
+            (Some(ctx), Kind::Rtp) => ctx.authenticates_rtp(buf),
+            (Some(ctx), Kind::Rtcp) => ctx.authenticates_rtcp(buf),
+            (None, _) => media.trusted_ips.contains(&src.ip().to_canonical()),
+        }
+    }
+
+    /// What the latest offer/answer said about the phone.
+    pub fn media(&self) -> Option<&LegMedia> {
+        self.media.as_ref()
+    }
+
     /// Takes a packet the phone sent (`buf` is exactly the datagram). On
     /// success the plain packet is at the start of `buf`; returns its
     /// length. A refused packet changes nothing but counters.

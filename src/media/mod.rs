@@ -1,12 +1,13 @@
 //! The media anchor: every call's audio flows through Parley, each leg with
 //! its own SRTP keys.
 //!
-//! Control plane ([`MediaEngine`], called from signaling): allocate a leg's
-//! port pair, configure it after each offer/answer, bridge two legs, close
-//! them. Data plane ([`relay`]): one thread that relays packets between
-//! bridged legs. Per-packet work lives in [`leg::Leg`], which is sans-IO and
-//! tested without sockets.
+//! Control plane ([`MediaEngine`], called from signaling): open a leg on
+//! the shared port pair or on a pair of its own, configure it after each
+//! offer/answer, bridge two legs, close them. Data plane ([`relay`]): one
+//! thread that relays packets between bridged legs. Per-packet work lives
+//! in [`leg::Leg`], which is sans-IO and tested without sockets.
 
+mod batch;
 mod leg;
 mod relay;
 pub mod stats;
@@ -25,7 +26,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use leg::{Kind, LegId, LegKeys, LegMedia, demux};
-use relay::{Command, Relay, Waker};
+use relay::{Command, Relay, SharedPort, Sockets, Waker};
 
 use crate::srtp::Suite;
 
@@ -35,7 +36,8 @@ pub struct MediaConfig {
     /// Where leg sockets are bound; the unspecified address binds a
     /// dual-stack socket (IPv4 and IPv6).
     pub bind_ip: IpAddr,
-    /// RTP ports; each leg takes an even port and the odd one above it.
+    /// RTP ports: an even port and the odd one above it make a pair. The
+    /// first free pair is shared by SRTP legs, the others go one per leg.
     pub ports: RangeInclusive<u16>,
     /// A bridged leg whose phone sends nothing this long is reported.
     pub inactivity: Duration,
@@ -125,6 +127,19 @@ pub enum MediaError {
     Io(#[from] io::Error),
 }
 
+/// Which port a leg's phone sends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegPort {
+    /// The pair SRTP legs share. Packets find their leg by source address,
+    /// and a new source by authenticating under the leg's key, so this is
+    /// for legs certain to use SRTP. Reading and sending many packets per
+    /// system call makes it the cheaper path (BENCHMARKS.md).
+    Shared,
+    /// A pair of its own: for plain RTP, whose packets can only be told
+    /// apart by address, and legs that may end up plain.
+    Own,
+}
+
 /// A leg just opened: its id and the RTP port to put in SDP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenLeg {
@@ -141,6 +156,8 @@ pub struct MediaEngine {
     /// Index of the next port pair to try: next-fit, so a port just freed
     /// is not reused at once (late packets of the old call).
     cursor: AtomicU32,
+    /// The RTP port of the shared pair.
+    shared_port: u16,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -153,10 +170,11 @@ impl MediaEngine {
                 "RTP port range must start even and hold a pair",
             ));
         }
+        let (shared, shared_port) = bind_shared(&config)?;
         let (tx, rx) = mpsc::channel();
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let waker = Arc::new(Waker::new()?);
-        let relay = Relay::new(waker.clone(), rx, events_tx, config.inactivity)?;
+        let relay = Relay::new(waker.clone(), rx, events_tx, shared, config.inactivity)?;
         let thread = std::thread::Builder::new()
             .name("media-relay".into())
             .spawn(move || relay.run())?;
@@ -166,6 +184,7 @@ impl MediaEngine {
             waker,
             next_id: AtomicU64::new(1),
             cursor: AtomicU32::new(0),
+            shared_port,
             thread: Some(thread),
         };
         Ok((engine, events_rx))
@@ -179,15 +198,26 @@ impl MediaEngine {
         Ok(())
     }
 
-    /// Binds a free RTP/RTCP port pair and hands it to the relay.
-    pub fn open_leg(&self) -> Result<OpenLeg, MediaError> {
+    /// Opens a leg on the shared pair, or on a free pair of its own.
+    pub fn open_leg(&self, port: LegPort) -> Result<OpenLeg, MediaError> {
+        if port == LegPort::Shared {
+            let id = LegId(self.next_id.fetch_add(1, Ordering::Relaxed));
+            self.send(Command::Add {
+                id,
+                sockets: Sockets::Shared,
+            })?;
+            return Ok(OpenLeg {
+                id,
+                port: self.shared_port,
+            });
+        }
         let lo = *self.config.ports.start();
         let hi = *self.config.ports.end();
         let pairs = u32::from(hi - lo).div_ceil(2).max(1);
         for _ in 0..pairs {
             let n = self.cursor.fetch_add(1, Ordering::Relaxed) % pairs;
             let port = lo + (n * 2) as u16;
-            if port >= hi {
+            if port >= hi || port == self.shared_port {
                 continue;
             }
             let Ok(rtp) = bind(self.config.bind_ip, port) else {
@@ -197,7 +227,10 @@ impl MediaEngine {
                 continue;
             };
             let id = LegId(self.next_id.fetch_add(1, Ordering::Relaxed));
-            self.send(Command::Add { id, rtp, rtcp })?;
+            self.send(Command::Add {
+                id,
+                sockets: Sockets::Own { rtp, rtcp },
+            })?;
             return Ok(OpenLeg { id, port });
         }
         Err(MediaError::PortsExhausted { lo, hi })
@@ -225,6 +258,62 @@ impl Drop for MediaEngine {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Receive buffer asked for the shared sockets, which queue what many legs'
+/// sockets would: at the default (about 200 kB) a burst at 1,200 calls
+/// overflowed it. The kernel grants at most `net.core.rmem_max` unless the
+/// process may override it.
+const SHARED_RECEIVE_BUFFER: usize = 8 << 20;
+
+/// Binds the first free pair of the range as the shared pair.
+fn bind_shared(config: &MediaConfig) -> io::Result<(SharedPort, u16)> {
+    let (lo, hi) = (*config.ports.start(), *config.ports.end());
+    let mut port = lo;
+    while port < hi {
+        if let Ok(rtp) = bind(config.bind_ip, port)
+            && let Ok(rtcp) = bind(config.bind_ip, port + 1)
+        {
+            for socket in [&rtp, &rtcp] {
+                set_receive_buffer(socket, SHARED_RECEIVE_BUFFER);
+            }
+            return Ok((SharedPort::new(rtp, rtcp), port));
+        }
+        port = port.saturating_add(2);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("no free RTP port pair in {lo}-{hi} for the shared media port"),
+    ))
+}
+
+/// Asks for `bytes` of receive buffer, past `net.core.rmem_max` where the
+/// process may (`SO_RCVBUFFORCE`); says so when the kernel gave less.
+fn set_receive_buffer(socket: &UdpSocket, bytes: usize) {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket and a live c_int of the stated size.
+    let forced = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    let socket = socket2::SockRef::from(socket);
+    if !forced {
+        let _ = socket.set_recv_buffer_size(bytes);
+    }
+    // Linux reports twice what was granted (bookkeeping included).
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < bytes {
+        tracing::warn!(
+            granted,
+            wanted = bytes,
+            "shared media port has a small receive buffer; raise net.core.rmem_max to avoid loss under load"
+        );
     }
 }
 

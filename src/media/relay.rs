@@ -1,9 +1,11 @@
-//! The relay thread: the data plane. Every leg's RTP and RTCP sockets sit in
-//! one epoll set; a readable socket yields one datagram, which goes through
-//! its leg (authenticate, decrypt, latch, count) and out through the bridged
-//! leg (encrypt, send). One thread, one buffer, no locks and no allocation
-//! per packet; the control plane talks to it through a channel and an
-//! eventfd.
+//! The relay thread: the data plane. SRTP legs share one port pair: their
+//! packets are read and sent in batches (`recvmmsg`, `sendmmsg`) and told
+//! apart by source address, a new or changed source being matched to its
+//! leg by authentication. Other legs have a port pair of their own, read one
+//! datagram per readiness event. Either way a packet goes through its leg
+//! (authenticate, decrypt, latch, count) and out through the bridged leg
+//! (encrypt, send). One thread, no locks and no allocation per packet; the
+//! control plane talks to it through a channel and an eventfd.
 
 use std::collections::HashMap;
 use std::io;
@@ -14,8 +16,10 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use slab::Slab;
+use smallvec::SmallVec;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::batch::{BATCH, Batch, Outbox};
 use super::leg::{Kind, Leg, LegId, LegMedia, demux};
 use super::{LegReport, MediaEvent};
 use crate::srtp::MAX_SRTP_OVERHEAD;
@@ -23,13 +27,22 @@ use crate::srtp::SRTCP_OVERHEAD;
 
 /// The epoll token of the wake-up eventfd; leg tokens are `slot << 1 | rtcp`.
 const WAKE_TOKEN: u64 = u64::MAX;
+/// The epoll tokens of the shared RTP and RTCP sockets.
+const SHARED_TOKENS: [u64; 2] = [u64::MAX - 1, u64::MAX - 2];
+/// Legs tried against a packet from a source no leg has: those that know
+/// its SSRC, then a few that expect a new source, in turn. Each try is one
+/// HMAC, so this bounds what a forged packet costs.
+const MAX_TRIALS: usize = 8;
+/// SSRCs remembered per shared leg, to find it when its phone's address
+/// changes (a NAT rebinding) and the packet comes from a new source.
+const MAX_SSRCS: usize = 4;
 /// Readiness events taken per `epoll_wait`.
 const MAX_EVENTS: usize = 256;
 /// Datagrams longer than this are not media (RTP over UDP stays under the
 /// path MTU) and are dropped.
 pub(crate) const MAX_DATAGRAM: usize = 1500;
 /// The packet buffer: a datagram plus the largest SRTP/SRTCP trailer.
-const BUF_LEN: usize = MAX_DATAGRAM
+pub(crate) const BUF_LEN: usize = MAX_DATAGRAM
     + 1
     + if MAX_SRTP_OVERHEAD > SRTCP_OVERHEAD {
         MAX_SRTP_OVERHEAD
@@ -50,23 +63,19 @@ const TICK: Duration = Duration::from_millis(500);
 const BUSY_WAKEUPS: Duration = Duration::from_millis(1);
 const COALESCE: Duration = Duration::from_micros(500);
 
+/// Where a leg's packets arrive and leave.
+pub(crate) enum Sockets {
+    /// A port pair of its own.
+    Own { rtp: UdpSocket, rtcp: UdpSocket },
+    /// The shared pair.
+    Shared,
+}
+
 pub(crate) enum Command {
-    Add {
-        id: LegId,
-        rtp: UdpSocket,
-        rtcp: UdpSocket,
-    },
-    Configure {
-        id: LegId,
-        media: LegMedia,
-    },
-    Bridge {
-        a: LegId,
-        b: LegId,
-    },
-    Close {
-        id: LegId,
-    },
+    Add { id: LegId, sockets: Sockets },
+    Configure { id: LegId, media: LegMedia },
+    Bridge { a: LegId, b: LegId },
+    Close { id: LegId },
     Shutdown,
 }
 
@@ -104,12 +113,70 @@ impl Waker {
 
 struct Slot {
     leg: Leg,
-    rtp: UdpSocket,
-    rtcp: UdpSocket,
+    sockets: Sockets,
     /// The bridged leg's slot.
     peer: Option<usize>,
-    /// The sockets are IPv6 dual-stack: IPv4 peers need mapped addresses.
+    /// Its own sockets are IPv6 dual-stack: IPv4 peers need mapped addresses.
     dual_stack: bool,
+    /// On the shared pair: the source each shared socket knows it by.
+    sources: [Option<SocketAddr>; 2],
+    /// On the shared pair: SSRCs its phone sent that authenticated.
+    ssrcs: SmallVec<[u32; MAX_SSRCS]>,
+    /// On the shared pair: listed in [`SharedPort::expecting`].
+    expecting: bool,
+    /// On the shared pair, while expecting: what it is listed under in
+    /// [`SharedPort::by_hint`].
+    hints: SmallVec<[Hint; 4]>,
+}
+
+/// Where a phone whose source is not known yet is likely to send from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Hint {
+    /// The address its SDP names: a phone that is not behind a NAT sends
+    /// from where it receives (symmetric RTP).
+    Address(SocketAddr),
+    /// A host signaling trusts for it: its SDP host, and the host its
+    /// requests come from, which for a phone behind a NAT is the NAT.
+    Host(std::net::IpAddr),
+}
+
+/// The port pair SRTP legs share, and how its packets find their legs.
+pub(crate) struct SharedPort {
+    /// RTP (and multiplexed RTCP), then RTCP.
+    sockets: [UdpSocket; 2],
+    dual_stack: bool,
+    /// Latched sources, per socket.
+    by_source: [HashMap<SocketAddr, usize>; 2],
+    /// Legs by the SSRCs their phones sent.
+    by_ssrc: HashMap<u32, SmallVec<[usize; 2]>>,
+    /// Legs that may soon send from a source not known yet: new legs, and
+    /// legs whose phone just sent a new offer or answer.
+    expecting: Vec<usize>,
+    /// The same legs by [`Hint`], so that a first packet finds its leg
+    /// among many new ones at once.
+    by_hint: HashMap<Hint, SmallVec<[usize; 2]>>,
+    /// Where the next search starts in `expecting`, so that every leg gets
+    /// its turn when more than [`MAX_TRIALS`] wait.
+    next_trial: usize,
+    batch: Batch,
+    outboxes: [Outbox; 2],
+}
+
+impl SharedPort {
+    pub(crate) fn new(rtp: UdpSocket, rtcp: UdpSocket) -> Self {
+        let dual_stack = rtp.local_addr().is_ok_and(|a| a.is_ipv6());
+        SharedPort {
+            sockets: [rtp, rtcp],
+            dual_stack,
+            by_source: [HashMap::new(), HashMap::new()],
+            by_ssrc: HashMap::new(),
+            expecting: Vec::new(),
+            by_hint: HashMap::new(),
+            next_trial: 0,
+            batch: Batch::new(),
+            outboxes: [Outbox::new(), Outbox::new()],
+        }
+    }
 }
 
 pub(crate) struct Relay {
@@ -119,6 +186,7 @@ pub(crate) struct Relay {
     events: UnboundedSender<MediaEvent>,
     slots: Slab<Slot>,
     by_id: HashMap<LegId, usize>,
+    shared: SharedPort,
     inactivity: Duration,
 }
 
@@ -127,6 +195,7 @@ impl Relay {
         waker: Arc<Waker>,
         commands: Receiver<Command>,
         events: UnboundedSender<MediaEvent>,
+        shared: SharedPort,
         inactivity: Duration,
     ) -> io::Result<Self> {
         // SAFETY: plain syscall; the result is checked before use.
@@ -143,9 +212,13 @@ impl Relay {
             events,
             slots: Slab::new(),
             by_id: HashMap::new(),
+            shared,
             inactivity,
         };
         relay.watch(relay.waker.fd.as_raw_fd(), WAKE_TOKEN)?;
+        for (socket, token) in relay.shared.sockets.iter().zip(SHARED_TOKENS) {
+            relay.watch(socket.as_raw_fd(), token)?;
+        }
         Ok(relay)
     }
 
@@ -209,6 +282,8 @@ impl Relay {
                     if !self.handle_commands(now) {
                         return;
                     }
+                } else if let Some(k) = SHARED_TOKENS.iter().position(|&t| t == token) {
+                    self.drain_shared(k);
                 } else {
                     self.readable((token >> 1) as usize, token & 1 == 1, &mut buf);
                 }
@@ -223,14 +298,17 @@ impl Relay {
         }
     }
 
-    /// One datagram from a readable socket, relayed if it passes. Reading one
-    /// per readiness event keeps it to one receive syscall per packet; epoll
-    /// reports the socket again while more are queued.
+    /// One datagram from a leg's own readable socket, relayed if it passes.
+    /// Reading one per readiness event keeps it to one receive syscall per
+    /// packet; epoll reports the socket again while more are queued.
     fn readable(&mut self, slot: usize, rtcp_socket: bool, buf: &mut [u8; BUF_LEN]) {
         let Some(s) = self.slots.get_mut(slot) else {
             return;
         };
-        let socket = if rtcp_socket { &s.rtcp } else { &s.rtp };
+        let Sockets::Own { rtp, rtcp } = &s.sockets else {
+            return;
+        };
+        let socket = if rtcp_socket { rtcp } else { rtp };
         let (len, src) = match socket.recv_from(&mut buf[..MAX_DATAGRAM + 1]) {
             Ok(r) => r,
             // WouldBlock after a spurious wake-up, or an ICMP error a
@@ -254,54 +332,192 @@ impl Relay {
         let Ok(plain) = s.leg.receive(kind, src, &mut buf[..len], now) else {
             return;
         };
-        let Some(peer) = s.peer else {
-            return;
-        };
-        let Some(p) = self.slots.get_mut(peer) else {
-            return;
-        };
-        let Some((dest, out_len)) = p.leg.prepare_send(kind, &mut buf[..], plain) else {
-            return;
-        };
-        let socket = if kind == Kind::Rtcp && !p.leg.rtcp_mux() {
-            &p.rtcp
-        } else {
-            &p.rtp
-        };
-        let dest = if p.dual_stack { mapped(dest) } else { dest };
-        if socket.send_to(&buf[..out_len], dest).is_err() {
-            p.leg.sending.send_errors += 1;
+        let shared = &mut self.shared;
+        forward(
+            &mut self.slots,
+            &shared.sockets,
+            shared.dual_stack,
+            &mut shared.outboxes,
+            slot,
+            kind,
+            &mut buf[..],
+            plain,
+            None,
+        );
+    }
+
+    /// Everything queued on shared socket `k` (0: RTP, 1: RTCP), a batch
+    /// at a time; what goes out through the shared port leaves in one
+    /// `sendmmsg` per batch. A few batches per wake-up at most, so a flood
+    /// on the shared port cannot starve the legs with ports of their own.
+    fn drain_shared(&mut self, k: usize) {
+        for _ in 0..MAX_SHARED_BATCHES {
+            let fd = self.shared.sockets[k].as_raw_fd();
+            let n = self.shared.batch.recv(fd, MAX_DATAGRAM);
+            for i in 0..n {
+                self.relay_shared(k, i);
+            }
+            let SharedPort {
+                sockets,
+                outboxes,
+                batch,
+                ..
+            } = &mut self.shared;
+            for (socket, outbox) in sockets.iter().zip(outboxes.iter_mut()) {
+                outbox.flush(socket.as_raw_fd(), &batch.bufs, |slot| {
+                    if let Some(s) = self.slots.get_mut(slot) {
+                        s.leg.sending.send_errors += 1;
+                    }
+                });
+            }
+            if n < BATCH {
+                break;
+            }
         }
+    }
+
+    /// Datagram `i` of the batch just read from shared socket `k`: found
+    /// its leg by source (or, from a new source, by authentication), taken
+    /// by the leg, and queued for the bridged leg's phone.
+    fn relay_shared(&mut self, k: usize, i: usize) {
+        let Relay { slots, shared, .. } = self;
+        let SharedPort {
+            sockets,
+            dual_stack,
+            by_source,
+            by_ssrc,
+            expecting,
+            by_hint,
+            next_trial,
+            batch,
+            outboxes,
+        } = shared;
+        let len = batch.len(i);
+        let Some(src) = batch.source(i).map(canonical) else {
+            return;
+        };
+        let known = by_source[k].get(&src).copied();
+        if len > MAX_DATAGRAM {
+            if let Some(s) = known.and_then(|s| slots.get_mut(s)) {
+                s.leg.receiving.malformed += 1;
+            }
+            return;
+        }
+        let buf = &mut batch.bufs[i];
+        let kind = if k == 1 {
+            Kind::Rtcp
+        } else {
+            demux(&buf[..len])
+        };
+        let now = Instant::now();
+        let mut search = Search {
+            slots,
+            by_ssrc,
+            expecting,
+            by_hint,
+            next_trial,
+        };
+        let (slot, plain, searched) = match known {
+            Some(slot) => {
+                match slots_receive(search.slots, slot, kind, src, &mut buf[..len], now) {
+                    Some(plain) => (slot, plain, false),
+                    // A known source its leg refused: the address may have
+                    // passed to another phone (a NAT reusing a port).
+                    None => {
+                        let Some(other) = search.find(kind, src, &buf[..len], Some(slot)) else {
+                            return;
+                        };
+                        let Some(plain) =
+                            slots_receive(search.slots, other, kind, src, &mut buf[..len], now)
+                        else {
+                            return;
+                        };
+                        (other, plain, true)
+                    }
+                }
+            }
+            None => {
+                let Some(slot) = search.find(kind, src, &buf[..len], None) else {
+                    return;
+                };
+                let Some(plain) =
+                    slots_receive(search.slots, slot, kind, src, &mut buf[..len], now)
+                else {
+                    return;
+                };
+                (slot, plain, true)
+            }
+        };
+        if searched {
+            note_source(slots, &mut by_source[k], k, slot, src);
+        }
+        if let Some(ssrc) = packet_ssrc(kind, &buf[..plain]) {
+            note_ssrc(slots, by_ssrc, slot, ssrc);
+        }
+        if slots[slot].expecting {
+            stop_expecting(slots, expecting, by_hint, slot);
+        }
+        forward(
+            slots,
+            sockets,
+            *dual_stack,
+            outboxes,
+            slot,
+            kind,
+            &mut buf[..],
+            plain,
+            Some(i),
+        );
     }
 
     /// Applies queued commands; false on shutdown.
     fn handle_commands(&mut self, now: Instant) -> bool {
         loop {
             match self.commands.try_recv() {
-                Ok(Command::Add { id, rtp, rtcp }) => {
+                Ok(Command::Add { id, sockets }) => {
                     let entry = self.slots.vacant_entry();
                     let key = entry.key();
-                    let dual_stack = rtp.local_addr().is_ok_and(|a| a.is_ipv6());
-                    let (rtp_fd, rtcp_fd) = (rtp.as_raw_fd(), rtcp.as_raw_fd());
+                    let (dual_stack, fds) = match &sockets {
+                        Sockets::Own { rtp, rtcp } => (
+                            rtp.local_addr().is_ok_and(|a| a.is_ipv6()),
+                            Some((rtp.as_raw_fd(), rtcp.as_raw_fd())),
+                        ),
+                        Sockets::Shared => (false, None),
+                    };
                     entry.insert(Slot {
                         leg: Leg::new(id, now),
-                        rtp,
-                        rtcp,
+                        sockets,
                         peer: None,
                         dual_stack,
+                        sources: [None; 2],
+                        ssrcs: SmallVec::new(),
+                        expecting: false,
+                        hints: SmallVec::new(),
                     });
-                    let token = (key as u64) << 1;
-                    if let Err(e) = self
-                        .watch(rtp_fd, token)
-                        .and_then(|()| self.watch(rtcp_fd, token | 1))
-                    {
-                        tracing::error!(leg = %id, error = %e, "media relay: cannot watch sockets");
+                    match fds {
+                        Some((rtp_fd, rtcp_fd)) => {
+                            let token = (key as u64) << 1;
+                            if let Err(e) = self
+                                .watch(rtp_fd, token)
+                                .and_then(|()| self.watch(rtcp_fd, token | 1))
+                            {
+                                tracing::error!(leg = %id, error = %e, "media relay: cannot watch sockets");
+                            }
+                        }
+                        None => expect(&mut self.slots, &mut self.shared, key),
                     }
                     self.by_id.insert(id, key);
                 }
                 Ok(Command::Configure { id, media }) => {
-                    if let Some(s) = self.by_id.get(&id).and_then(|&k| self.slots.get_mut(k)) {
-                        s.leg.configure(media, now);
+                    let Some(&key) = self.by_id.get(&id) else {
+                        continue;
+                    };
+                    let s = &mut self.slots[key];
+                    s.leg.configure(media, now);
+                    // A new offer or answer may come with a new address or
+                    // SSRC: let a packet from a new source find the leg.
+                    if matches!(s.sockets, Sockets::Shared) {
+                        expect(&mut self.slots, &mut self.shared, key);
                     }
                 }
                 Ok(Command::Bridge { a, b }) => {
@@ -322,8 +538,13 @@ impl Relay {
                         continue;
                     };
                     let s = self.slots.remove(key);
-                    self.unwatch(s.rtp.as_raw_fd());
-                    self.unwatch(s.rtcp.as_raw_fd());
+                    match &s.sockets {
+                        Sockets::Own { rtp, rtcp } => {
+                            self.unwatch(rtp.as_raw_fd());
+                            self.unwatch(rtcp.as_raw_fd());
+                        }
+                        Sockets::Shared => forget_shared(&mut self.shared, key, &s),
+                    }
                     if let Some(p) = s.peer.and_then(|p| self.slots.get_mut(p))
                         && p.peer == Some(key)
                     {
@@ -355,6 +576,274 @@ impl Relay {
                 });
             }
         }
+    }
+}
+
+/// Batches read from a shared socket per wake-up, at most.
+const MAX_SHARED_BATCHES: usize = 8;
+
+/// Lets leg `slot` take a packet; the plain length when it did.
+fn slots_receive(
+    slots: &mut Slab<Slot>,
+    slot: usize,
+    kind: Kind,
+    src: SocketAddr,
+    buf: &mut [u8],
+    now: Instant,
+) -> Option<usize> {
+    slots.get_mut(slot)?.leg.receive(kind, src, buf, now).ok()
+}
+
+/// What finding the leg of a packet from a new source looks at.
+struct Search<'a> {
+    slots: &'a mut Slab<Slot>,
+    by_ssrc: &'a HashMap<u32, SmallVec<[usize; 2]>>,
+    expecting: &'a [usize],
+    by_hint: &'a HashMap<Hint, SmallVec<[usize; 2]>>,
+    next_trial: &'a mut usize,
+}
+
+impl Search<'_> {
+    /// The leg that would take `packet` from `src`, not `exclude`. Tried
+    /// in turn, at most [`MAX_TRIALS`] of each: legs whose phones sent its
+    /// SSRC before (a phone whose address changed), expecting legs whose
+    /// SDP names this address, expecting legs that trust this host, and
+    /// expecting legs in general (a phone whose media leaves from another
+    /// host than its signaling). Nothing is changed. An SRTP leg must
+    /// authenticate the packet; a plain leg must trust the host, and one
+    /// that signaled exactly this address wins over one that only trusts it.
+    fn find(
+        &mut self,
+        kind: Kind,
+        src: SocketAddr,
+        packet: &[u8],
+        exclude: Option<usize>,
+    ) -> Option<usize> {
+        let ssrc = packet_ssrc(kind, packet)?;
+        let start = *self.next_trial;
+        *self.next_trial = start.wrapping_add(MAX_TRIALS);
+        let candidates = turn(list(self.by_ssrc.get(&ssrc)), 0)
+            .chain(turn(list(self.by_hint.get(&Hint::Address(src))), 0))
+            .chain(turn(list(self.by_hint.get(&Hint::Host(src.ip()))), start))
+            .chain(turn(self.expecting, start));
+        let mut trusting = None;
+        for c in candidates {
+            if Some(c) == exclude {
+                continue;
+            }
+            let Some(s) = self.slots.get(c) else {
+                continue;
+            };
+            if !s.leg.accepts(kind, src, packet) {
+                continue;
+            }
+            let signaled = s
+                .leg
+                .media()
+                .is_some_and(|m| m.remote_rtp == Some(src) || m.remote_rtcp == Some(src));
+            if s.leg.suite().is_some() || signaled {
+                return Some(c);
+            }
+            trusting.get_or_insert(c);
+        }
+        trusting
+    }
+}
+
+fn list(legs: Option<&SmallVec<[usize; 2]>>) -> &[usize] {
+    legs.map_or(&[], |l| l.as_slice())
+}
+
+/// Up to [`MAX_TRIALS`] of `legs`, from `start` on, round the end.
+fn turn(legs: &[usize], start: usize) -> impl Iterator<Item = usize> + '_ {
+    let n = legs.len();
+    (0..n.min(MAX_TRIALS)).map(move |j| legs[start.wrapping_add(j) % n])
+}
+
+/// The SSRC a packet names: the sender's, for RTCP.
+fn packet_ssrc(kind: Kind, packet: &[u8]) -> Option<u32> {
+    let at = match kind {
+        Kind::Rtp => 8,
+        Kind::Rtcp => 4,
+    };
+    let bytes = packet.get(at..at + 4)?;
+    Some(u32::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Shared socket `k` now finds leg `slot` by `src`, and no longer by the
+/// leg's previous source there.
+fn note_source(
+    slots: &mut Slab<Slot>,
+    by_source: &mut HashMap<SocketAddr, usize>,
+    k: usize,
+    slot: usize,
+    src: SocketAddr,
+) {
+    if let Some(old) = slots[slot].sources[k].replace(src)
+        && old != src
+        && by_source.get(&old) == Some(&slot)
+    {
+        by_source.remove(&old);
+    }
+    if let Some(previous) = by_source.insert(src, slot)
+        && previous != slot
+        && let Some(p) = slots.get_mut(previous)
+        && p.sources[k] == Some(src)
+    {
+        p.sources[k] = None;
+    }
+}
+
+/// Remembers that leg `slot`'s phone sends `ssrc`, forgetting its oldest
+/// SSRC beyond [`MAX_SSRCS`].
+fn note_ssrc(
+    slots: &mut Slab<Slot>,
+    by_ssrc: &mut HashMap<u32, SmallVec<[usize; 2]>>,
+    slot: usize,
+    ssrc: u32,
+) {
+    let s = &mut slots[slot];
+    if s.ssrcs.contains(&ssrc) {
+        return;
+    }
+    if s.ssrcs.len() == MAX_SSRCS {
+        let old = s.ssrcs.remove(0);
+        unlist(by_ssrc, &old, slot);
+    }
+    s.ssrcs.push(ssrc);
+    by_ssrc.entry(ssrc).or_default().push(slot);
+}
+
+/// Removes every way the shared port had to find a closed leg.
+fn forget_shared(shared: &mut SharedPort, key: usize, slot: &Slot) {
+    for (k, source) in slot.sources.iter().enumerate() {
+        if let Some(src) = source
+            && shared.by_source[k].get(src) == Some(&key)
+        {
+            shared.by_source[k].remove(src);
+        }
+    }
+    for &ssrc in &slot.ssrcs {
+        unlist(&mut shared.by_ssrc, &ssrc, key);
+    }
+    if slot.expecting {
+        shared.expecting.retain(|&e| e != key);
+        for hint in &slot.hints {
+            unlist(&mut shared.by_hint, hint, key);
+        }
+    }
+}
+
+/// Lists shared leg `key` as expecting packets from a new source, under
+/// the hints its current media description gives.
+fn expect(slots: &mut Slab<Slot>, shared: &mut SharedPort, key: usize) {
+    let s = &mut slots[key];
+    if !s.expecting {
+        s.expecting = true;
+        shared.expecting.push(key);
+    }
+    for hint in s.hints.drain(..) {
+        unlist(&mut shared.by_hint, &hint, key);
+    }
+    if let Some(media) = s.leg.media() {
+        let addresses = [media.remote_rtp, media.remote_rtcp]
+            .into_iter()
+            .flatten()
+            .map(|a| Hint::Address(canonical(a)));
+        let hosts = media
+            .trusted_ips
+            .iter()
+            .map(|ip| Hint::Host(ip.to_canonical()));
+        for hint in addresses.chain(hosts) {
+            if !s.hints.contains(&hint) {
+                s.hints.push(hint);
+                shared.by_hint.entry(hint).or_default().push(key);
+            }
+        }
+    }
+}
+
+/// Leg `slot` found its source: it no longer takes part in searches
+/// beyond its SSRCs.
+fn stop_expecting(
+    slots: &mut Slab<Slot>,
+    expecting: &mut Vec<usize>,
+    by_hint: &mut HashMap<Hint, SmallVec<[usize; 2]>>,
+    slot: usize,
+) {
+    let s = &mut slots[slot];
+    s.expecting = false;
+    expecting.retain(|&e| e != slot);
+    for hint in s.hints.drain(..) {
+        unlist(by_hint, &hint, slot);
+    }
+}
+
+/// Removes `slot` from the list under `key`, and the list once empty.
+fn unlist<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, SmallVec<[usize; 2]>>,
+    key: &K,
+    slot: usize,
+) {
+    if let Some(legs) = map.get_mut(key) {
+        legs.retain(|l| *l != slot);
+        if legs.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// Sends the plain packet in `buf[..plain]`, which leg `from` took, on to
+/// its bridged leg's phone. A packet read from the shared port (`batch`:
+/// its buffer's index) that leaves through the shared port again is
+/// queued for the batch's `sendmmsg`; anything else is sent at once.
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    slots: &mut Slab<Slot>,
+    shared_sockets: &[UdpSocket; 2],
+    shared_dual_stack: bool,
+    outboxes: &mut [Outbox; 2],
+    from: usize,
+    kind: Kind,
+    buf: &mut [u8],
+    plain: usize,
+    batch: Option<usize>,
+) {
+    let Some(peer) = slots.get(from).and_then(|s| s.peer) else {
+        return;
+    };
+    let Some(p) = slots.get_mut(peer) else {
+        return;
+    };
+    let Some((dest, len)) = p.leg.prepare_send(kind, buf, plain) else {
+        return;
+    };
+    let k = usize::from(kind == Kind::Rtcp && !p.leg.rtcp_mux());
+    let sent = match (&p.sockets, batch) {
+        (Sockets::Own { rtp, rtcp }, _) => {
+            let dest = if p.dual_stack { mapped(dest) } else { dest };
+            [rtp, rtcp][k].send_to(&buf[..len], dest).is_ok()
+        }
+        (Sockets::Shared, Some(i)) => {
+            let dest = if shared_dual_stack {
+                mapped(dest)
+            } else {
+                dest
+            };
+            outboxes[k].push(i, len, dest, peer);
+            true
+        }
+        (Sockets::Shared, None) => {
+            let dest = if shared_dual_stack {
+                mapped(dest)
+            } else {
+                dest
+            };
+            shared_sockets[k].send_to(&buf[..len], dest).is_ok()
+        }
+    };
+    if !sent {
+        p.leg.sending.send_errors += 1;
     }
 }
 

@@ -194,12 +194,23 @@ fn rtcp_receiver_reports_are_read() {
 
 /// Two fake phones on loopback, each talking SRTP to its own leg with its
 /// own keys: what one sends, the other decrypts with the key Parley gave
-/// it, and neither ever sees the other's key.
+/// it, and neither ever sees the other's key. Legs on ports of their own.
 #[test]
 fn relay_bridges_srtp_legs_with_separate_keys() {
+    bridge_two_srtp_legs(LegPort::Own, 41_000);
+}
+
+/// The same with both legs on the shared port: packets find their legs by
+/// source and authentication.
+#[test]
+fn relay_bridges_srtp_legs_on_the_shared_port() {
+    bridge_two_srtp_legs(LegPort::Shared, 41_100);
+}
+
+fn bridge_two_srtp_legs(port: LegPort, lo: u16) {
     let (engine, mut events) = MediaEngine::start(MediaConfig {
         bind_ip: LOCAL,
-        ports: 41_000..=41_099,
+        ports: lo..=lo + 99,
         inactivity: Duration::from_millis(700),
     })
     .unwrap();
@@ -213,9 +224,9 @@ fn relay_bridges_srtp_legs_with_separate_keys() {
         .unwrap();
     let (a_key, b_key) = (MasterKey::generate(), MasterKey::generate());
     let (parley_a, parley_b) = (MasterKey::generate(), MasterKey::generate());
-    let leg_a = engine.open_leg().unwrap();
-    let leg_b = engine.open_leg().unwrap();
-    assert_ne!(leg_a.port, leg_b.port);
+    let leg_a = engine.open_leg(port).unwrap();
+    let leg_b = engine.open_leg(port).unwrap();
+    assert_eq!(leg_a.port == leg_b.port, port == LegPort::Shared);
     assert_eq!(leg_a.port % 2, 0);
     engine
         .configure(
@@ -261,8 +272,11 @@ fn relay_bridges_srtp_legs_with_separate_keys() {
         let u = a_rx.unprotect_rtp(&mut buf[..n]).unwrap();
         assert_eq!(u.ssrc, 0xB);
     }
-    // A forged packet to leg A is not relayed.
-    phone_b.send_to(&rtp(99, 0xA, &[0; 170]), to_a).unwrap();
+    // A forged packet to leg A, from a stranger and from the other phone,
+    // is not relayed.
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    stranger.send_to(&rtp(99, 0xA, &[0; 170]), to_a).unwrap();
+    phone_b.send_to(&rtp(98, 0xA, &[0; 170]), to_a).unwrap();
     phone_a
         .send_to(&protect(&mut a_tx, &rtp(50, 0xA, &[1; 160])), to_a)
         .unwrap();
@@ -296,8 +310,114 @@ fn relay_bridges_srtp_legs_with_separate_keys() {
     assert_eq!(report.id, leg_a.id);
     assert_eq!(report.suite, Some(Suite::AesCm128HmacSha1_80));
     assert_eq!((report.received_packets, report.sent_packets), (51, 50));
-    assert_eq!((report.auth_failures, report.lost), (1, 0));
+    // On its own port leg A sees both forgeries and counts them; on the
+    // shared port the stranger matches no leg, and phone B's packet goes to
+    // leg B, whose address it comes from.
+    let forged_seen = if port == LegPort::Own { 2 } else { 0 };
+    assert_eq!((report.auth_failures, report.lost), (forged_seen, 0));
     assert_eq!(report.remote, Some(phone_a.local_addr().unwrap()));
+}
+
+/// On the shared port, more new legs than are tried against one packet
+/// all find their phones within a few packets, and a phone whose address
+/// changes mid-call (a NAT rebinding) is followed once its packets
+/// authenticate from the new address.
+#[test]
+fn shared_port_serves_many_new_legs_and_follows_a_moved_phone() {
+    struct Phone {
+        socket: UdpSocket,
+        to: SocketAddr,
+        tx: SrtpContext,
+        rx: SrtpContext,
+        ssrc: u32,
+        seq: u16,
+    }
+    impl Phone {
+        fn send(&mut self) {
+            let seq = self.seq;
+            self.seq += 1;
+            let packet = protect(&mut self.tx, &rtp(seq, self.ssrc, &[7; 160]));
+            self.socket.send_to(&packet, self.to).unwrap();
+        }
+        /// The next packet that opens under Parley's key for this phone.
+        fn hear(&mut self) -> Option<u32> {
+            let mut buf = [0u8; 2048];
+            let (n, _) = self.socket.recv_from(&mut buf).ok()?;
+            self.rx.unprotect_rtp(&mut buf[..n]).ok().map(|u| u.ssrc)
+        }
+    }
+    let (engine, _events) = MediaEngine::start(MediaConfig {
+        bind_ip: LOCAL,
+        ports: 41_300..=41_399,
+        inactivity: Duration::from_secs(60),
+    })
+    .unwrap();
+    let suite = Suite::AesCm128HmacSha1_80;
+    let mut phones = Vec::new();
+    for call in 0..12u32 {
+        let mut legs = Vec::new();
+        for side in 0..2 {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let (phone_key, parley_key) = (MasterKey::generate(), MasterKey::generate());
+            let leg = engine.open_leg(LegPort::Shared).unwrap();
+            engine
+                .configure(
+                    leg.id,
+                    srtp_media(socket.local_addr().unwrap(), &phone_key, &parley_key),
+                )
+                .unwrap();
+            legs.push(leg.id);
+            phones.push(Phone {
+                socket,
+                to: SocketAddr::new(LOCAL, leg.port),
+                tx: SrtpContext::new(suite, &phone_key),
+                rx: SrtpContext::new(suite, &parley_key),
+                ssrc: call * 2 + side,
+                seq: 1,
+            });
+        }
+        engine.bridge(legs[0], legs[1]).unwrap();
+    }
+    // 24 legs wait for a first packet: every phone sends until its peer
+    // hears it.
+    for call in 0..12 {
+        let (a, b) = (call * 2, call * 2 + 1);
+        let heard = (0..10).any(|_| {
+            phones[a].send();
+            phones[b].hear() == Some(phones[a].ssrc)
+        });
+        assert!(heard, "call {call}: A never reached B");
+        let heard = (0..10).any(|_| {
+            phones[b].send();
+            phones[a].hear() == Some(phones[b].ssrc)
+        });
+        assert!(heard, "call {call}: B never reached A");
+    }
+    // Phone 0 moves: same key and SSRC, new address.
+    let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
+    moved
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    phones[0].socket = moved;
+    phones[0].send();
+    assert_eq!(phones[1].hear(), Some(0), "the moved phone is relayed");
+    phones[1].send();
+    assert_eq!(phones[0].hear(), Some(1), "its peer's audio follows it");
+    // A stranger sending from the old address's neighbourhood with a
+    // forged packet under phone 0's SSRC moves nothing.
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut forged = rtp(500, 0, &[0; 160]);
+    forged.extend_from_slice(&[0; 10]);
+    stranger.send_to(&forged, phones[0].to).unwrap();
+    phones[1].send();
+    assert_eq!(
+        phones[0].hear(),
+        Some(1),
+        "still relayed to the moved phone"
+    );
 }
 
 #[test]
@@ -308,22 +428,26 @@ fn ports_run_out_cleanly_and_come_back() {
         inactivity: Duration::from_secs(60),
     })
     .unwrap();
-    let legs: Vec<OpenLeg> = (0..3).map(|_| engine.open_leg().unwrap()).collect();
+    // The first pair is the shared one, which never runs out.
+    let legs: Vec<OpenLeg> = (0..2)
+        .map(|_| engine.open_leg(LegPort::Own).unwrap())
+        .collect();
     let mut ports: Vec<u16> = legs.iter().map(|l| l.port).collect();
     ports.sort();
-    assert_eq!(ports, [41_200, 41_202, 41_204]);
+    assert_eq!(ports, [41_202, 41_204]);
     assert!(matches!(
-        engine.open_leg(),
+        engine.open_leg(LegPort::Own),
         Err(MediaError::PortsExhausted {
             lo: 41_200,
             hi: 41_205
         })
     ));
+    assert_eq!(engine.open_leg(LegPort::Shared).unwrap().port, 41_200);
     engine.close(legs[1].id).unwrap();
     // The relay closes the sockets asynchronously.
     let deadline = Instant::now() + Duration::from_secs(2);
     let reopened = loop {
-        match engine.open_leg() {
+        match engine.open_leg(LegPort::Own) {
             Ok(l) => break l,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => panic!("{e}"),

@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
-use crate::media::{LegId, LegMedia, MediaConfig, MediaEngine, MediaError, OpenLeg};
+use crate::media::{LegId, LegMedia, LegPort, MediaConfig, MediaEngine, MediaError, OpenLeg};
 use crate::pbx::core::{Core, CoreKeys, LocalRoutes, MediaControl};
 use crate::pbx::directory::Directory;
 use crate::pbx::events::{Event, StoreOp};
@@ -328,8 +328,8 @@ impl LocalRoutes for KernelRoutes {
 struct EngineControl(MediaEngine);
 
 impl MediaControl for EngineControl {
-    fn open_leg(&mut self) -> Result<OpenLeg, MediaError> {
-        self.0.open_leg()
+    fn open_leg(&mut self, port: LegPort) -> Result<OpenLeg, MediaError> {
+        self.0.open_leg(port)
     }
 
     fn configure(&mut self, id: LegId, media: LegMedia) {

@@ -292,46 +292,65 @@ impl SrtpContext {
         Ok(len + tag_len)
     }
 
-    /// Authenticates and decrypts the SRTP packet filling `buf`, leaving the
-    /// RTP packet at its start. A packet that fails changes no state.
-    pub fn unprotect_rtp(&mut self, buf: &mut [u8]) -> Result<Unprotected, SrtpError> {
+    /// The state an SSRC has, or would start with: for checks that must not
+    /// change anything.
+    fn peek_stream(&self, ssrc: u32, seq: u16) -> std::borrow::Cow<'_, Stream> {
+        match self.streams.iter().flatten().find(|s| s.ssrc == ssrc) {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(self.new_stream(ssrc, seq)),
+        }
+    }
+
+    /// Checks the SRTP packet filling `buf` (length, replay, tag) without
+    /// changing any state.
+    fn check_rtp(&self, buf: &[u8]) -> Result<CheckedRtp, SrtpError> {
         let tag_len = self.suite.rtp_tag_len();
         let len = buf.len().checked_sub(tag_len).ok_or(SrtpError::TooShort)?;
         let header_len = rtp_header_len(&buf[..len])?;
         let (seq, ssrc) = rtp_seq_ssrc(buf);
-        let slot = self.find(ssrc);
-        // A stream is only made for an SSRC not seen before, and kept only
-        // once its first packet authenticates.
-        let fresh = match slot {
-            Some(_) => None,
-            None => Some(self.new_stream(ssrc, seq)),
-        };
-        let stream = match (slot, &fresh) {
-            (Some(slot), _) => self.streams[slot].as_ref().expect("slot just found"),
-            (None, fresh) => fresh.as_ref().expect("made for an unknown SSRC"),
-        };
+        let stream = self.peek_stream(ssrc, seq);
         let roc = stream.guess_roc(seq);
         let idx = index(roc, seq);
         stream.rtp_window.check(idx)?;
-
         let expected = self.rtp.mac(&[&buf[..len], &roc.to_be_bytes()]);
         if !bool::from(expected[..tag_len].ct_eq(&buf[len..])) {
             return Err(SrtpError::AuthFailed);
         }
-        let iv = self.rtp.iv(ssrc, idx);
-        self.rtp.cipher.apply(iv, &mut buf[header_len..len]);
+        Ok(CheckedRtp {
+            len,
+            header_len,
+            seq,
+            ssrc,
+            roc,
+            idx,
+        })
+    }
 
-        let slot = match (slot, fresh) {
-            (Some(slot), _) => slot,
-            (None, fresh) => self.insert(fresh.expect("made for an unknown SSRC")),
+    /// Whether the SRTP packet `buf` is one this context would accept, with
+    /// nothing changed: to find which of several keys a packet is under.
+    pub fn authenticates_rtp(&self, buf: &[u8]) -> bool {
+        self.check_rtp(buf).is_ok()
+    }
+
+    /// Authenticates and decrypts the SRTP packet filling `buf`, leaving the
+    /// RTP packet at its start. A packet that fails changes no state.
+    pub fn unprotect_rtp(&mut self, buf: &mut [u8]) -> Result<Unprotected, SrtpError> {
+        let c = self.check_rtp(buf)?;
+        let iv = self.rtp.iv(c.ssrc, c.idx);
+        self.rtp.cipher.apply(iv, &mut buf[c.header_len..c.len]);
+        // A stream is only made for an SSRC not seen before, and kept only
+        // once its first packet authenticates.
+        let slot = match self.find(c.ssrc) {
+            Some(slot) => slot,
+            None => self.insert(self.new_stream(c.ssrc, c.seq)),
         };
         let stream = self.streams[slot].as_mut().expect("slot just filled");
-        stream.rtp_window.accept(idx);
-        stream.advance(roc, seq);
+        stream.rtp_window.accept(c.idx);
+        stream.advance(c.roc, c.seq);
         Ok(Unprotected {
-            len,
-            ssrc,
-            index: idx,
+            len: c.len,
+            ssrc: c.ssrc,
+            index: c.idx,
         })
     }
 
@@ -386,9 +405,9 @@ impl SrtpContext {
         Ok(end + SRTCP_TAG_LEN)
     }
 
-    /// Authenticates and, when its E flag says so, decrypts the SRTCP
-    /// packet filling `buf`. Returns the RTCP length.
-    pub fn unprotect_rtcp(&mut self, buf: &mut [u8]) -> Result<usize, SrtpError> {
+    /// Checks the SRTCP packet filling `buf` (length, replay, tag) without
+    /// changing any state.
+    fn check_rtcp(&self, buf: &[u8]) -> Result<CheckedRtcp, SrtpError> {
         let auth_end = buf
             .len()
             .checked_sub(SRTCP_TAG_LEN)
@@ -398,48 +417,63 @@ impl SrtpContext {
             .ok_or(SrtpError::TooShort)?;
         let ssrc = rtcp_ssrc(&buf[..len])?;
         let e_index = u32::from_be_bytes(buf[len..auth_end].try_into().expect("4 bytes"));
-        let encrypted = e_index & 0x8000_0000 != 0;
         let srtcp_index = u64::from(e_index & MAX_SRTCP_INDEX);
-
-        let slot = self.find(ssrc);
-        let fresh = match slot {
-            Some(_) => None,
-            None => Some(self.new_stream(ssrc, 0)),
-        };
-        let window = match (slot, &fresh) {
-            (Some(slot), _) => {
-                &self.streams[slot]
-                    .as_ref()
-                    .expect("slot just found")
-                    .rtcp_window
-            }
-            (None, fresh) => {
-                &fresh
-                    .as_ref()
-                    .expect("made for an unknown SSRC")
-                    .rtcp_window
-            }
-        };
-        window.check(srtcp_index)?;
+        self.peek_stream(ssrc, 0).rtcp_window.check(srtcp_index)?;
         let expected = self.rtcp.mac(&[&buf[..auth_end]]);
         if !bool::from(expected[..SRTCP_TAG_LEN].ct_eq(&buf[auth_end..])) {
             return Err(SrtpError::AuthFailed);
         }
-        if encrypted {
-            let iv = self.rtcp.iv(ssrc, srtcp_index);
-            self.rtcp.cipher.apply(iv, &mut buf[RTCP_HEADER_LEN..len]);
+        Ok(CheckedRtcp {
+            len,
+            ssrc,
+            encrypted: e_index & 0x8000_0000 != 0,
+            srtcp_index,
+        })
+    }
+
+    /// Whether the SRTCP packet `buf` is one this context would accept,
+    /// with nothing changed.
+    pub fn authenticates_rtcp(&self, buf: &[u8]) -> bool {
+        self.check_rtcp(buf).is_ok()
+    }
+
+    /// Authenticates and, when its E flag says so, decrypts the SRTCP
+    /// packet filling `buf`. Returns the RTCP length.
+    pub fn unprotect_rtcp(&mut self, buf: &mut [u8]) -> Result<usize, SrtpError> {
+        let c = self.check_rtcp(buf)?;
+        if c.encrypted {
+            let iv = self.rtcp.iv(c.ssrc, c.srtcp_index);
+            self.rtcp.cipher.apply(iv, &mut buf[RTCP_HEADER_LEN..c.len]);
         }
-        let slot = match (slot, fresh) {
-            (Some(slot), _) => slot,
-            (None, fresh) => self.insert(fresh.expect("made for an unknown SSRC")),
+        let slot = match self.find(c.ssrc) {
+            Some(slot) => slot,
+            None => self.insert(self.new_stream(c.ssrc, 0)),
         };
         self.streams[slot]
             .as_mut()
             .expect("slot just filled")
             .rtcp_window
-            .accept(srtcp_index);
-        Ok(len)
+            .accept(c.srtcp_index);
+        Ok(c.len)
     }
+}
+
+/// An SRTP packet that passed [`SrtpContext::check_rtp`].
+struct CheckedRtp {
+    len: usize,
+    header_len: usize,
+    seq: u16,
+    ssrc: u32,
+    roc: u32,
+    idx: u64,
+}
+
+/// An SRTCP packet that passed [`SrtpContext::check_rtcp`].
+struct CheckedRtcp {
+    len: usize,
+    ssrc: u32,
+    encrypted: bool,
+    srtcp_index: u64,
 }
 
 /// The length of an RTP header with its CSRCs and extension, checked

@@ -167,6 +167,45 @@ fn replayed_and_too_old_packets_are_rejected() {
 }
 
 #[test]
+fn a_trial_authentication_tells_keys_apart_and_changes_nothing() {
+    let (ours, other) = (MasterKey::generate(), MasterKey::generate());
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &ours);
+    let mut stranger = SrtpContext::new(Suite::AesCm128HmacSha1_80, &other);
+    let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &ours);
+    let packet = protect(&mut tx, &rtp_packet(65_535, 9, &[1; 160]));
+    let forged = protect(&mut stranger, &rtp_packet(65_535, 9, &[1; 160]));
+    assert!(!rx.authenticates_rtp(&forged));
+    // Asking twice changes nothing: the packet is still new, and still
+    // decrypts (the sequence number then wraps into the next rollover).
+    assert!(rx.authenticates_rtp(&packet));
+    assert!(rx.authenticates_rtp(&packet));
+    let (plain, u) = unprotect(&mut rx, &packet).unwrap();
+    assert_eq!(plain, rtp_packet(65_535, 9, &[1; 160]));
+    assert_eq!(u.index, 65_535);
+    // Once taken, it is a replay.
+    assert!(!rx.authenticates_rtp(&packet));
+    let next = protect(&mut tx, &rtp_packet(0, 9, &[2; 160]));
+    assert!(rx.authenticates_rtp(&next));
+    assert_eq!(unprotect(&mut rx, &next).unwrap().1.index, 65_536);
+
+    let mut rtcp = vec![0x80, 200, 0, 6];
+    rtcp.extend_from_slice(&9u32.to_be_bytes());
+    rtcp.extend_from_slice(&[0; 20]);
+    let protect_rtcp = |ctx: &mut SrtpContext| {
+        let mut buf = rtcp.clone();
+        buf.resize(rtcp.len() + SRTCP_OVERHEAD, 0);
+        let n = ctx.protect_rtcp(&mut buf, rtcp.len()).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let (good, bad) = (protect_rtcp(&mut tx), protect_rtcp(&mut stranger));
+    assert!(!rx.authenticates_rtcp(&bad));
+    assert!(rx.authenticates_rtcp(&good));
+    assert_eq!(rx.unprotect_rtcp(&mut good.clone()), Ok(rtcp.len()));
+    assert!(!rx.authenticates_rtcp(&good));
+}
+
+#[test]
 fn rollover_counter_follows_the_sequence_wrap_and_late_packets() {
     let key = MasterKey::generate();
     let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_32, &key);

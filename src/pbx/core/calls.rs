@@ -27,7 +27,7 @@ use slab::Slab;
 mod in_dialog;
 
 use super::Core;
-use crate::media::{LegId, LegKeys, LegMedia, LegReport, MediaError, MediaEvent, OpenLeg};
+use crate::media::{LegId, LegKeys, LegMedia, LegPort, LegReport, MediaError, MediaEvent, OpenLeg};
 use crate::pbx::anchor::{
     AnchorError, LocalMedia, PhoneMedia, answer_for_caller, offer_for_branch, read_phone_sdp,
 };
@@ -54,8 +54,8 @@ const REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// What the call logic needs from the media plane. The runtime implements
 /// it on `media::MediaEngine`; tests use a recording fake.
 pub trait MediaControl: Send {
-    /// A fresh leg on a free port pair.
-    fn open_leg(&mut self) -> Result<OpenLeg, MediaError>;
+    /// A fresh leg, on the shared port or a free pair of its own.
+    fn open_leg(&mut self, port: LegPort) -> Result<OpenLeg, MediaError>;
     fn configure(&mut self, id: LegId, media: LegMedia);
     fn bridge(&mut self, a: LegId, b: LegId);
     fn close(&mut self, id: LegId);
@@ -65,7 +65,7 @@ pub trait MediaControl: Send {
 pub struct NoMedia;
 
 impl MediaControl for NoMedia {
-    fn open_leg(&mut self) -> Result<OpenLeg, MediaError> {
+    fn open_leg(&mut self, _: LegPort) -> Result<OpenLeg, MediaError> {
         Err(MediaError::Stopped)
     }
     fn configure(&mut self, _: LegId, _: LegMedia) {}
@@ -510,7 +510,14 @@ impl Core {
         if offer.keys_over_plain {
             tracing::warn!("caller put SRTP keys in SDP over plain signaling; they were ignored");
         }
-        let caller_leg = match self.media.open_leg() {
+        // Only a leg certain to stay SRTP goes on the shared port, where
+        // packets are matched to legs by authentication.
+        let caller_port = if offer.is_srtp() {
+            LegPort::Shared
+        } else {
+            LegPort::Own
+        };
+        let caller_leg = match self.media.open_leg(caller_port) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "no media port for the caller's leg");
@@ -556,7 +563,12 @@ impl Core {
                 Ok(s) => s,
                 Err(_) => continue,
             };
-            let Ok(leg) = self.media.open_leg() else {
+            let port = if security == MediaSecurity::Srtp {
+                LegPort::Shared
+            } else {
+                LegPort::Own
+            };
+            let Ok(leg) = self.media.open_leg(port) else {
                 tracing::error!("no media port for a callee leg");
                 continue;
             };

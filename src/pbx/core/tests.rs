@@ -646,7 +646,7 @@ fn challenges_leave_no_transaction_state() {
 
 use std::sync::{Arc as StdArc, Mutex};
 
-use crate::media::{LegId, LegMedia, LegReport, MediaError, MediaEvent, OpenLeg};
+use crate::media::{LegId, LegMedia, LegPort, LegReport, MediaError, MediaEvent, OpenLeg};
 use crate::pbx::cdr::{EndedBy, Outcome};
 use crate::sdp::{Direction, SessionDescription};
 use crate::sip::digest::Challenge;
@@ -661,10 +661,13 @@ struct FakeMedia {
 }
 
 impl MediaControl for FakeMedia {
-    fn open_leg(&mut self) -> Result<OpenLeg, MediaError> {
+    fn open_leg(&mut self, port: LegPort) -> Result<OpenLeg, MediaError> {
         let mut n = self.next.lock().unwrap();
         *n += 1;
-        self.log.lock().unwrap().push(format!("open {}", *n));
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("open {} {port:?}", *n));
         Ok(OpenLeg {
             id: LegId(*n),
             port: 30_000 + 2 * *n as u16,
@@ -919,8 +922,9 @@ fn a_call_is_bridged_through_its_own_dialogs_and_media_legs() {
     assert_eq!(
         log,
         [
-            "open 1",
-            "open 2",
+            // Plain RTP legs get ports of their own.
+            "open 1 Own",
+            "open 2 Own",
             "configure 1",
             "configure 2",
             "bridge 1 2"

@@ -1,0 +1,179 @@
+//! Many datagrams per system call on the shared media port: `recvmmsg`
+//! fills a batch of buffers, the relay rewrites each packet in place, and
+//! `sendmmsg` sends those bound for the shared port from where they lie.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+use socket2::{SockAddr, SockAddrStorage};
+
+/// Datagrams taken per `recvmmsg` (and so sent per `sendmmsg` at most).
+pub(crate) const BATCH: usize = 32;
+
+/// One packet buffer: a datagram plus the largest SRTP/SRTCP trailer.
+pub(crate) type PacketBuf = [u8; super::relay::BUF_LEN];
+
+/// Receive buffers and what the kernel said about each datagram.
+pub(crate) struct Batch {
+    pub(crate) bufs: Box<[PacketBuf; BATCH]>,
+    lens: [usize; BATCH],
+    names: [libc::sockaddr_storage; BATCH],
+    name_lens: [libc::socklen_t; BATCH],
+}
+
+impl Batch {
+    pub(crate) fn new() -> Self {
+        Batch {
+            bufs: Box::new([[0; super::relay::BUF_LEN]; BATCH]),
+            lens: [0; BATCH],
+            // SAFETY: an all-zero sockaddr_storage is a valid (unspecified)
+            // address.
+            names: [unsafe { std::mem::zeroed() }; BATCH],
+            name_lens: [0; BATCH],
+        }
+    }
+
+    /// Reads up to [`BATCH`] datagrams of at most `max_len` bytes each
+    /// (longer ones are cut to `max_len + 1`, so they show as too long)
+    /// without waiting. Returns how many; 0 when none is queued.
+    pub(crate) fn recv(&mut self, fd: RawFd, max_len: usize) -> usize {
+        let slot_len = (max_len + 1).min(super::relay::BUF_LEN);
+        let bufs = self.bufs.as_mut_ptr();
+        let names = self.names.as_mut_ptr();
+        let mut iovs: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
+            // SAFETY: `bufs` has BATCH buffers.
+            iov_base: unsafe { bufs.add(i) }.cast(),
+            iov_len: slot_len,
+        });
+        let iov_ptr = iovs.as_mut_ptr();
+        let mut msgs: [libc::mmsghdr; BATCH] = std::array::from_fn(|i| {
+            // SAFETY: an all-zero msghdr is a valid empty message header.
+            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+            // SAFETY: `names` and `iovs` have BATCH entries each.
+            hdr.msg_name = unsafe { names.add(i) }.cast();
+            hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_iov = unsafe { iov_ptr.add(i) };
+            hdr.msg_iovlen = 1;
+            libc::mmsghdr {
+                msg_hdr: hdr,
+                msg_len: 0,
+            }
+        });
+        // SAFETY: every header points at a live name and buffer of the stated
+        // sizes, all of which outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n <= 0 {
+            // WouldBlock, or an ICMP error a previous send caused: nothing
+            // to relay either way.
+            return 0;
+        }
+        let n = n as usize;
+        for (i, m) in msgs.iter().take(n).enumerate() {
+            self.lens[i] = (m.msg_len as usize).min(slot_len);
+            self.name_lens[i] = m.msg_hdr.msg_namelen;
+        }
+        n
+    }
+
+    /// The length of datagram `i` of the last batch.
+    pub(crate) fn len(&self, i: usize) -> usize {
+        self.lens[i]
+    }
+
+    /// Where datagram `i` of the last batch came from.
+    pub(crate) fn source(&self, i: usize) -> Option<SocketAddr> {
+        let mut storage = SockAddrStorage::zeroed();
+        // SAFETY: the kernel filled `names[i]` and `name_lens[i]` for this
+        // datagram; both storages are a `sockaddr_storage`, and the length
+        // never exceeds it.
+        unsafe {
+            *storage.view_as::<libc::sockaddr_storage>() = self.names[i];
+            SockAddr::new(storage, self.name_lens[i])
+        }
+        .as_socket()
+    }
+}
+
+/// Packets waiting to leave one shared socket: which batch buffer, how
+/// many bytes, to where, and for which leg (to count a failed send).
+pub(crate) struct Outbox {
+    items: Vec<(usize, usize, SockAddr, usize)>,
+}
+
+impl Outbox {
+    pub(crate) fn new() -> Self {
+        Outbox {
+            items: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Queues buffer `buf` of the current batch; never grows past
+    /// [`BATCH`], one entry per received datagram.
+    pub(crate) fn push(&mut self, buf: usize, len: usize, to: SocketAddr, slot: usize) {
+        debug_assert!(self.items.len() < BATCH);
+        self.items.push((buf, len, SockAddr::from(to), slot));
+    }
+
+    /// Sends everything queued with as few `sendmmsg` calls as the kernel
+    /// allows; calls `failed` with the leg slot of each datagram it refused.
+    pub(crate) fn flush(
+        &mut self,
+        fd: RawFd,
+        bufs: &[PacketBuf; BATCH],
+        mut failed: impl FnMut(usize),
+    ) {
+        let count = self.items.len();
+        if count == 0 {
+            return;
+        }
+        let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; BATCH];
+        // SAFETY: an all-zero mmsghdr is a valid empty message header.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for (i, (buf, len, to, _)) in self.items.iter().enumerate() {
+            iovs[i] = libc::iovec {
+                iov_base: bufs[*buf].as_ptr() as *mut libc::c_void,
+                iov_len: *len,
+            };
+            msgs[i].msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+            msgs[i].msg_hdr.msg_namelen = to.len();
+            msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        let mut sent = 0;
+        while sent < count {
+            // SAFETY: headers `sent..count` point at live addresses in
+            // `items` and at buffers in `bufs`, which the kernel only reads.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    msgs[sent..count].as_mut_ptr(),
+                    (count - sent) as libc::c_uint,
+                    0,
+                )
+            };
+            if n > 0 {
+                sent += n as usize;
+            } else {
+                // The first unsent datagram was refused (or the socket is
+                // full): drop it, as UDP would, and go on with the rest.
+                let err = io::Error::last_os_error();
+                tracing::trace!(error = %err, "media send refused");
+                failed(self.items[sent].3);
+                sent += 1;
+            }
+        }
+        self.items.clear();
+    }
+}
