@@ -478,7 +478,14 @@ fn media(mut eps: Vec<Endpoint>, args: &Args) {
                 pkt[12..20].copy_from_slice(&stamp.to_be_bytes());
                 seqs[i] = seqs[i].wrapping_add(1);
                 let len = e.tx.protect_rtp(&mut pkt, RTP_LEN).expect("protect");
-                if e.socket.send_to(&pkt[..len], e.parley).is_ok() && now >= measure_from {
+                // The stamp decides whether the packet is in the measured
+                // window, as on the receiving side: a round that runs late
+                // must not count on one side only.
+                let sent_at = origin + Duration::from_micros(stamp);
+                if e.socket.send_to(&pkt[..len], e.parley).is_ok()
+                    && sent_at >= measure_from
+                    && sent_at < stop_at
+                {
                     sent += 1;
                 }
                 k += 1;

@@ -354,8 +354,11 @@ impl Relay {
         for _ in 0..MAX_SHARED_BATCHES {
             let fd = self.shared.sockets[k].as_raw_fd();
             let n = self.shared.batch.recv(fd, MAX_DATAGRAM);
+            // Arrival time, for jitter: the batch was queued by now, and
+            // the wake-up time can be a coalescing nap old.
+            let now = Instant::now();
             for i in 0..n {
-                self.relay_shared(k, i);
+                self.relay_shared(k, i, now);
             }
             let SharedPort {
                 sockets,
@@ -379,7 +382,7 @@ impl Relay {
     /// Datagram `i` of the batch just read from shared socket `k`: found
     /// its leg by source (or, from a new source, by authentication), taken
     /// by the leg, and queued for the bridged leg's phone.
-    fn relay_shared(&mut self, k: usize, i: usize) {
+    fn relay_shared(&mut self, k: usize, i: usize, now: Instant) {
         let Relay { slots, shared, .. } = self;
         let SharedPort {
             sockets,
@@ -409,7 +412,6 @@ impl Relay {
         } else {
             demux(&buf[..len])
         };
-        let now = Instant::now();
         let mut search = Search {
             slots,
             by_ssrc,
