@@ -416,6 +416,22 @@ fn a_returning_ssrc_resumes_instead_of_starting_over() {
 }
 
 proptest::proptest! {
+    /// The AES-NI keystream is the `aes` crate's, for any key, counter and
+    /// length (including lengths that end inside a block or a lane group).
+    #[test]
+    fn aes_ni_keystream_matches_the_aes_crate(
+        key in proptest::prelude::any::<[u8; 16]>(),
+        counter in proptest::prelude::any::<u128>(),
+        data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1600),
+    ) {
+        let iv = counter & !0xFFFF;
+        let mut fast = data.clone();
+        let mut reference = data;
+        AesCm::new(&key).apply(iv, &mut fast);
+        AesCm::portable(&key).apply(iv, &mut reference);
+        proptest::prop_assert_eq!(fast, reference);
+    }
+
     /// Whatever arrives from the network, unprotecting neither panics nor
     /// lets a packet through without the key, and a refused packet leaves
     /// the context able to take the real stream.
