@@ -419,27 +419,16 @@ impl Relay {
             by_hint,
             next_trial,
         };
-        let (slot, plain, searched) = match known {
-            Some(slot) => {
-                match slots_receive(search.slots, slot, kind, src, &mut buf[..len], now) {
-                    Some(plain) => (slot, plain, false),
-                    // A known source its leg refused: the address may have
-                    // passed to another phone (a NAT reusing a port).
-                    None => {
-                        let Some(other) = search.find(kind, src, &buf[..len], Some(slot)) else {
-                            return;
-                        };
-                        let Some(plain) =
-                            slots_receive(search.slots, other, kind, src, &mut buf[..len], now)
-                        else {
-                            return;
-                        };
-                        (other, plain, true)
-                    }
-                }
-            }
+        let taken = known.and_then(|slot| {
+            slots_receive(search.slots, slot, kind, src, &mut buf[..len], now).map(|p| (slot, p))
+        });
+        let (slot, plain, searched) = match taken {
+            Some((slot, plain)) => (slot, plain, false),
+            // No leg knows this source, or its leg refused the packet: the
+            // address may have passed to another phone (a NAT reusing a
+            // port). Search, leaving out the leg that refused.
             None => {
-                let Some(slot) = search.find(kind, src, &buf[..len], None) else {
+                let Some(slot) = search.find(kind, src, &buf[..len], known) else {
                     return;
                 };
                 let Some(plain) =

@@ -1,9 +1,8 @@
 //! The per-sender crypto context: session keys plus per-SSRC state.
 
-use hmac::{Hmac, KeyInit, Mac};
-use sha1::Sha1;
 use subtle::ConstantTimeEq;
 
+use super::auth::HmacSha1;
 use super::kdf::{Label, derive};
 use super::keystream::AesCm;
 use super::replay::ReplayWindow;
@@ -31,8 +30,8 @@ struct SessionKeys {
     cipher: AesCm,
     /// The session salt placed as `k_s · 2^16`, ready to XOR into an IV.
     salt: u128,
-    /// HMAC-SHA1 keyed once; cloning it copies the precomputed pads.
-    auth: Hmac<Sha1>,
+    /// HMAC-SHA1 keyed once.
+    auth: HmacSha1,
 }
 
 impl SessionKeys {
@@ -46,7 +45,7 @@ impl SessionKeys {
         let keys = SessionKeys {
             cipher: AesCm::new(&k_e),
             salt: u128::from_be_bytes(k_s),
-            auth: <Hmac<Sha1> as KeyInit>::new_from_slice(&k_a).expect("HMAC takes any key length"),
+            auth: HmacSha1::new(&k_a),
         };
         for b in k_e.iter_mut().chain(k_a.iter_mut()).chain(k_s.iter_mut()) {
             // SAFETY: valid, aligned references to bytes on our stack.
@@ -62,11 +61,7 @@ impl SessionKeys {
 
     /// The full HMAC-SHA1 of `parts`.
     fn mac(&self, parts: &[&[u8]]) -> [u8; 20] {
-        let mut mac = self.auth.clone();
-        for part in parts {
-            mac.update(part);
-        }
-        mac.finalize().into_bytes().into()
+        self.auth.tag(parts)
     }
 }
 

@@ -11,6 +11,7 @@
 //! states are precomputed, so a packet costs one AES-CM pass and one
 //! HMAC-SHA1 over its bytes.
 
+mod auth;
 mod context;
 mod kdf;
 mod keystream;
