@@ -420,6 +420,83 @@ fn shared_port_serves_many_new_legs_and_follows_a_moved_phone() {
     );
 }
 
+/// Garbage on the shared port — random bytes, RTP-looking packets with a
+/// real leg's SSRC, SRTCP-sized junk, from strangers and from a real
+/// phone's own address — neither stops the relay nor moves a leg: every
+/// genuine packet sent between the garbage still arrives.
+#[test]
+fn garbage_on_the_shared_port_disturbs_no_call() {
+    let (engine, _events) = MediaEngine::start(MediaConfig {
+        bind_ip: LOCAL,
+        ports: 41_400..=41_499,
+        inactivity: Duration::from_secs(60),
+    })
+    .unwrap();
+    let suite = Suite::AesCm128HmacSha1_80;
+    let phone_a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let phone_b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    phone_b
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (a_key, b_key, parley_b) = (
+        MasterKey::generate(),
+        MasterKey::generate(),
+        MasterKey::generate(),
+    );
+    let leg_a = engine.open_leg(LegPort::Shared).unwrap();
+    let leg_b = engine.open_leg(LegPort::Shared).unwrap();
+    engine
+        .configure(
+            leg_a.id,
+            srtp_media(
+                phone_a.local_addr().unwrap(),
+                &a_key,
+                &MasterKey::generate(),
+            ),
+        )
+        .unwrap();
+    engine
+        .configure(
+            leg_b.id,
+            srtp_media(phone_b.local_addr().unwrap(), &b_key, &parley_b),
+        )
+        .unwrap();
+    engine.bridge(leg_a.id, leg_b.id).unwrap();
+    let port = SocketAddr::new(LOCAL, leg_a.port);
+    let mut a_tx = SrtpContext::new(suite, &a_key);
+    let mut b_rx = SrtpContext::new(suite, &parley_b);
+    let strangers: Vec<UdpSocket> = (0..4)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let rtcp_port = SocketAddr::new(LOCAL, leg_a.port + 1);
+    let mut buf = [0u8; 2048];
+    for seq in 0..200u16 {
+        // Four pieces of garbage per genuine packet.
+        for j in 0..4 {
+            let len = rand::random_range(0..1600);
+            let mut junk: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+            if j % 2 == 0 && junk.len() >= 12 {
+                // Looks like RTP from phone A's stream.
+                junk[0] = 0x80;
+                junk[8..12].copy_from_slice(&0xAu32.to_be_bytes());
+            }
+            let from = if j == 3 { &phone_a } else { &strangers[j] };
+            let to = if j == 1 { rtcp_port } else { port };
+            from.send_to(&junk, to).unwrap();
+        }
+        let payload = [seq as u8; 160];
+        phone_a
+            .send_to(&protect(&mut a_tx, &rtp(seq, 0xA, &payload)), port)
+            .unwrap();
+        // The genuine packet arrives; garbage never does.
+        let (n, _) = phone_b
+            .recv_from(&mut buf)
+            .expect("a genuine packet is relayed");
+        let u = b_rx.unprotect_rtp(&mut buf[..n]).unwrap();
+        assert_eq!(&buf[12..u.len], &payload[..]);
+    }
+}
+
 #[test]
 fn ports_run_out_cleanly_and_come_back() {
     let (engine, _events) = MediaEngine::start(MediaConfig {
