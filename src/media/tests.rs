@@ -472,7 +472,7 @@ fn garbage_on_the_shared_port_disturbs_no_call() {
     let mut buf = [0u8; 2048];
     for seq in 0..200u16 {
         // Four pieces of garbage per genuine packet.
-        for j in 0..4 {
+        for (j, stranger) in strangers.iter().enumerate() {
             let len = rand::random_range(0..1600);
             let mut junk: Vec<u8> = (0..len).map(|_| rand::random()).collect();
             if j % 2 == 0 && junk.len() >= 12 {
@@ -480,7 +480,7 @@ fn garbage_on_the_shared_port_disturbs_no_call() {
                 junk[0] = 0x80;
                 junk[8..12].copy_from_slice(&0xAu32.to_be_bytes());
             }
-            let from = if j == 3 { &phone_a } else { &strangers[j] };
+            let from = if j == 3 { &phone_a } else { stranger };
             let to = if j == 1 { rtcp_port } else { port };
             from.send_to(&junk, to).unwrap();
         }
