@@ -40,26 +40,12 @@ impl Batch {
     pub(crate) fn recv(&mut self, fd: RawFd, max_len: usize) -> usize {
         let slot_len = (max_len + 1).min(super::relay::BUF_LEN);
         let bufs = self.bufs.as_mut_ptr();
-        let names = self.names.as_mut_ptr();
         let mut iovs: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
             // SAFETY: `bufs` has BATCH buffers.
             iov_base: unsafe { bufs.add(i) }.cast(),
             iov_len: slot_len,
         });
-        let iov_ptr = iovs.as_mut_ptr();
-        let mut msgs: [libc::mmsghdr; BATCH] = std::array::from_fn(|i| {
-            // SAFETY: an all-zero msghdr is a valid empty message header.
-            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-            // SAFETY: `names` and `iovs` have BATCH entries each.
-            hdr.msg_name = unsafe { names.add(i) }.cast();
-            hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdr.msg_iov = unsafe { iov_ptr.add(i) };
-            hdr.msg_iovlen = 1;
-            libc::mmsghdr {
-                msg_hdr: hdr,
-                msg_len: 0,
-            }
-        });
+        let mut msgs = recv_headers(&mut iovs, &mut self.names);
         // SAFETY: every header points at a live name and buffer of the stated
         // sizes, all of which outlive the call.
         let n = unsafe {
@@ -101,6 +87,27 @@ impl Batch {
         }
         .as_socket()
     }
+}
+
+/// `recvmmsg` headers, one per buffer in `iovs`, each with room for the
+/// sender's address in `names`. They point into both arrays: use them
+/// before either moves.
+pub(crate) fn recv_headers<const N: usize>(
+    iovs: &mut [libc::iovec; N],
+    names: &mut [libc::sockaddr_storage; N],
+) -> [libc::mmsghdr; N] {
+    std::array::from_fn(|i| {
+        // SAFETY: an all-zero msghdr is a valid empty message header.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+        hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        hdr.msg_iov = &mut iovs[i];
+        hdr.msg_iovlen = 1;
+        libc::mmsghdr {
+            msg_hdr: hdr,
+            msg_len: 0,
+        }
+    })
 }
 
 /// Packets waiting to leave one shared socket: which batch buffer, how

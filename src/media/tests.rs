@@ -10,6 +10,22 @@ use crate::srtp::{MasterKey, SrtpContext, SrtpError};
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
+/// A media engine on loopback with `ports` and the given inactivity time.
+fn start_engine(
+    ports: std::ops::RangeInclusive<u16>,
+    inactivity: Duration,
+) -> (
+    MediaEngine,
+    tokio::sync::mpsc::UnboundedReceiver<MediaEvent>,
+) {
+    MediaEngine::start(MediaConfig {
+        bind_ip: LOCAL,
+        ports,
+        inactivity,
+    })
+    .unwrap()
+}
+
 fn srtp_media(remote: SocketAddr, phone_key: &MasterKey, parley_key: &MasterKey) -> LegMedia {
     LegMedia {
         remote_rtp: Some(remote),
@@ -192,6 +208,23 @@ fn rtcp_receiver_reports_are_read() {
     assert_eq!(demux(&rtp(1, 1, &[])), Kind::Rtp);
 }
 
+/// Opens two legs on `port`, each configured for its phone's SRTP (the
+/// phone's address, its key, Parley's key for it), and bridges them.
+fn bridge_srtp(
+    engine: &MediaEngine,
+    port: LegPort,
+    phones: [(&UdpSocket, &MasterKey, &MasterKey); 2],
+) -> [OpenLeg; 2] {
+    let legs = phones.map(|(socket, phone_key, parley_key)| {
+        let leg = engine.open_leg(port).unwrap();
+        let media = srtp_media(socket.local_addr().unwrap(), phone_key, parley_key);
+        engine.configure(leg.id, media).unwrap();
+        leg
+    });
+    engine.bridge(legs[0].id, legs[1].id).unwrap();
+    legs
+}
+
 /// Two fake phones on loopback, each talking SRTP to its own leg with its
 /// own keys: what one sends, the other decrypts with the key Parley gave
 /// it, and neither ever sees the other's key. Legs on ports of their own.
@@ -208,12 +241,7 @@ fn relay_bridges_srtp_legs_on_the_shared_port() {
 }
 
 fn bridge_two_srtp_legs(port: LegPort, lo: u16) {
-    let (engine, mut events) = MediaEngine::start(MediaConfig {
-        bind_ip: LOCAL,
-        ports: lo..=lo + 99,
-        inactivity: Duration::from_millis(700),
-    })
-    .unwrap();
+    let (engine, mut events) = start_engine(lo..=lo + 99, Duration::from_millis(700));
     let phone_a = UdpSocket::bind("127.0.0.1:0").unwrap();
     let phone_b = UdpSocket::bind("127.0.0.1:0").unwrap();
     phone_a
@@ -224,23 +252,13 @@ fn bridge_two_srtp_legs(port: LegPort, lo: u16) {
         .unwrap();
     let (a_key, b_key) = (MasterKey::generate(), MasterKey::generate());
     let (parley_a, parley_b) = (MasterKey::generate(), MasterKey::generate());
-    let leg_a = engine.open_leg(port).unwrap();
-    let leg_b = engine.open_leg(port).unwrap();
+    let [leg_a, leg_b] = bridge_srtp(
+        &engine,
+        port,
+        [(&phone_a, &a_key, &parley_a), (&phone_b, &b_key, &parley_b)],
+    );
     assert_eq!(leg_a.port == leg_b.port, port == LegPort::Shared);
     assert_eq!(leg_a.port % 2, 0);
-    engine
-        .configure(
-            leg_a.id,
-            srtp_media(phone_a.local_addr().unwrap(), &a_key, &parley_a),
-        )
-        .unwrap();
-    engine
-        .configure(
-            leg_b.id,
-            srtp_media(phone_b.local_addr().unwrap(), &b_key, &parley_b),
-        )
-        .unwrap();
-    engine.bridge(leg_a.id, leg_b.id).unwrap();
 
     let mut a_tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &a_key);
     let mut b_tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &b_key);
@@ -346,12 +364,7 @@ fn shared_port_serves_many_new_legs_and_follows_a_moved_phone() {
             self.rx.unprotect_rtp(&mut buf[..n]).ok().map(|u| u.ssrc)
         }
     }
-    let (engine, _events) = MediaEngine::start(MediaConfig {
-        bind_ip: LOCAL,
-        ports: 41_300..=41_399,
-        inactivity: Duration::from_secs(60),
-    })
-    .unwrap();
+    let (engine, _events) = start_engine(41_300..=41_399, Duration::from_secs(60));
     let suite = Suite::AesCm128HmacSha1_80;
     let mut phones = Vec::new();
     for call in 0..12u32 {
@@ -426,12 +439,7 @@ fn shared_port_serves_many_new_legs_and_follows_a_moved_phone() {
 /// genuine packet sent between the garbage still arrives.
 #[test]
 fn garbage_on_the_shared_port_disturbs_no_call() {
-    let (engine, _events) = MediaEngine::start(MediaConfig {
-        bind_ip: LOCAL,
-        ports: 41_400..=41_499,
-        inactivity: Duration::from_secs(60),
-    })
-    .unwrap();
+    let (engine, _events) = start_engine(41_400..=41_499, Duration::from_secs(60));
     let suite = Suite::AesCm128HmacSha1_80;
     let phone_a = UdpSocket::bind("127.0.0.1:0").unwrap();
     let phone_b = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -443,25 +451,14 @@ fn garbage_on_the_shared_port_disturbs_no_call() {
         MasterKey::generate(),
         MasterKey::generate(),
     );
-    let leg_a = engine.open_leg(LegPort::Shared).unwrap();
-    let leg_b = engine.open_leg(LegPort::Shared).unwrap();
-    engine
-        .configure(
-            leg_a.id,
-            srtp_media(
-                phone_a.local_addr().unwrap(),
-                &a_key,
-                &MasterKey::generate(),
-            ),
-        )
-        .unwrap();
-    engine
-        .configure(
-            leg_b.id,
-            srtp_media(phone_b.local_addr().unwrap(), &b_key, &parley_b),
-        )
-        .unwrap();
-    engine.bridge(leg_a.id, leg_b.id).unwrap();
+    let [leg_a, _] = bridge_srtp(
+        &engine,
+        LegPort::Shared,
+        [
+            (&phone_a, &a_key, &MasterKey::generate()),
+            (&phone_b, &b_key, &parley_b),
+        ],
+    );
     let port = SocketAddr::new(LOCAL, leg_a.port);
     let mut a_tx = SrtpContext::new(suite, &a_key);
     let mut b_rx = SrtpContext::new(suite, &parley_b);
@@ -499,12 +496,7 @@ fn garbage_on_the_shared_port_disturbs_no_call() {
 
 #[test]
 fn ports_run_out_cleanly_and_come_back() {
-    let (engine, _events) = MediaEngine::start(MediaConfig {
-        bind_ip: LOCAL,
-        ports: 41_200..=41_205,
-        inactivity: Duration::from_secs(60),
-    })
-    .unwrap();
+    let (engine, _events) = start_engine(41_200..=41_205, Duration::from_secs(60));
     // The first pair is the shared one, which never runs out.
     let legs: Vec<OpenLeg> = (0..2)
         .map(|_| engine.open_leg(LegPort::Own).unwrap())

@@ -11,6 +11,7 @@ use socket2::{SockAddr, SockAddrStorage};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
+use crate::media::recv_headers;
 use crate::sip::message::limits::MAX_MESSAGE_BYTES;
 
 /// Most datagrams handed to the kernel in one call.
@@ -138,20 +139,12 @@ fn recv_mmsg(sock: &UdpSocket, bufs: &mut RecvBuffers) -> io::Result<usize> {
         iov_base: unsafe { bufs.data.as_mut_ptr().add(i * RECV_SLOT) } as *mut libc::c_void,
         iov_len: RECV_SLOT,
     });
-    let names = bufs.names.as_mut_ptr();
-    let mut msgs: [libc::mmsghdr; RECV_BATCH] = std::array::from_fn(|i| {
-        // SAFETY: an all-zero msghdr is a valid empty message header.
-        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        // SAFETY: `names` has RECV_BATCH entries.
-        hdr.msg_name = unsafe { names.add(i) } as *mut libc::c_void;
-        hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        hdr.msg_iov = &mut iovs[i];
-        hdr.msg_iovlen = 1;
-        libc::mmsghdr {
-            msg_hdr: hdr,
-            msg_len: 0,
-        }
-    });
+    let names: &mut [libc::sockaddr_storage; RECV_BATCH] = bufs
+        .names
+        .as_mut_slice()
+        .try_into()
+        .expect("RECV_BATCH names");
+    let mut msgs = recv_headers(&mut iovs, names);
     // SAFETY: every header points at a live name and buffer of the stated
     // sizes in `bufs` and `iovs`, which outlive the call.
     let n = unsafe {
