@@ -84,7 +84,7 @@ fn main() {
         LegPort::Shared
     };
     // Keeps the relay running while the phones talk.
-    let (phones, _engine) = engine_phones(calls, local, port);
+    let (mut phones, _engine) = engine_phones(calls, local, port);
     // The thread names itself once it runs; give it a moment.
     let deadline = Instant::now() + Duration::from_secs(2);
     let tid = loop {
@@ -96,7 +96,6 @@ fn main() {
     };
     pin(tid, relay_cpu);
     pin(0, load_cpu);
-    let mut phones = phones;
 
     // One epoll set over every phone socket.
     // SAFETY: plain syscall, checked.

@@ -77,16 +77,20 @@ impl Batch {
 
     /// Where datagram `i` of the last batch came from.
     pub(crate) fn source(&self, i: usize) -> Option<SocketAddr> {
-        let mut storage = SockAddrStorage::zeroed();
-        // SAFETY: the kernel filled `names[i]` and `name_lens[i]` for this
-        // datagram; both storages are a `sockaddr_storage`, and the length
-        // never exceeds it.
-        unsafe {
-            *storage.view_as::<libc::sockaddr_storage>() = self.names[i];
-            SockAddr::new(storage, self.name_lens[i])
-        }
-        .as_socket()
+        sender(&self.names[i], self.name_lens[i])
     }
+}
+
+/// The sender's address `recvmmsg` wrote into `name` (`len` bytes of it).
+pub(crate) fn sender(name: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let mut storage = SockAddrStorage::zeroed();
+    // SAFETY: both storages are a `sockaddr_storage`; the kernel wrote `len`
+    // bytes of an address into `name`, and never more than it holds.
+    unsafe {
+        *storage.view_as::<libc::sockaddr_storage>() = *name;
+        SockAddr::new(storage, len)
+    }
+    .as_socket()
 }
 
 /// `recvmmsg` headers, one per buffer in `iovs`, each with room for the

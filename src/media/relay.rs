@@ -116,7 +116,8 @@ struct Slot {
     sockets: Sockets,
     /// The bridged leg's slot.
     peer: Option<usize>,
-    /// Its own sockets are IPv6 dual-stack: IPv4 peers need mapped addresses.
+    /// Its sockets (own or shared) are IPv6 dual-stack: IPv4 peers need
+    /// mapped addresses.
     dual_stack: bool,
     /// On the shared pair: the source each shared socket knows it by.
     sources: [Option<SocketAddr>; 2],
@@ -336,7 +337,6 @@ impl Relay {
         forward(
             &mut self.slots,
             &shared.sockets,
-            shared.dual_stack,
             &mut shared.outboxes,
             slot,
             kind,
@@ -386,7 +386,6 @@ impl Relay {
         let Relay { slots, shared, .. } = self;
         let SharedPort {
             sockets,
-            dual_stack,
             by_source,
             by_ssrc,
             expecting,
@@ -394,6 +393,7 @@ impl Relay {
             next_trial,
             batch,
             outboxes,
+            ..
         } = shared;
         let len = batch.len(i);
         let Some(src) = batch.source(i).map(canonical) else {
@@ -451,7 +451,6 @@ impl Relay {
         forward(
             slots,
             sockets,
-            *dual_stack,
             outboxes,
             slot,
             kind,
@@ -473,7 +472,7 @@ impl Relay {
                             rtp.local_addr().is_ok_and(|a| a.is_ipv6()),
                             Some((rtp.as_raw_fd(), rtcp.as_raw_fd())),
                         ),
-                        Sockets::Shared => (false, None),
+                        Sockets::Shared => (self.shared.dual_stack, None),
                     };
                     entry.insert(Slot {
                         leg: Leg::new(id, now),
@@ -792,7 +791,6 @@ fn unlist<K: std::hash::Hash + Eq>(
 fn forward(
     slots: &mut Slab<Slot>,
     shared_sockets: &[UdpSocket; 2],
-    shared_dual_stack: bool,
     outboxes: &mut [Outbox; 2],
     from: usize,
     kind: Kind,
@@ -809,29 +807,15 @@ fn forward(
     let Some((dest, len)) = p.leg.prepare_send(kind, buf, plain) else {
         return;
     };
+    let dest = if p.dual_stack { mapped(dest) } else { dest };
     let k = usize::from(kind == Kind::Rtcp && !p.leg.rtcp_mux());
     let sent = match (&p.sockets, batch) {
-        (Sockets::Own { rtp, rtcp }, _) => {
-            let dest = if p.dual_stack { mapped(dest) } else { dest };
-            [rtp, rtcp][k].send_to(&buf[..len], dest).is_ok()
-        }
+        (Sockets::Own { rtp, rtcp }, _) => [rtp, rtcp][k].send_to(&buf[..len], dest).is_ok(),
         (Sockets::Shared, Some(i)) => {
-            let dest = if shared_dual_stack {
-                mapped(dest)
-            } else {
-                dest
-            };
             outboxes[k].push(i, len, dest, peer);
             true
         }
-        (Sockets::Shared, None) => {
-            let dest = if shared_dual_stack {
-                mapped(dest)
-            } else {
-                dest
-            };
-            shared_sockets[k].send_to(&buf[..len], dest).is_ok()
-        }
+        (Sockets::Shared, None) => shared_sockets[k].send_to(&buf[..len], dest).is_ok(),
     };
     if !sent {
         p.leg.sending.send_errors += 1;

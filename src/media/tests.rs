@@ -368,31 +368,29 @@ fn shared_port_serves_many_new_legs_and_follows_a_moved_phone() {
     let suite = Suite::AesCm128HmacSha1_80;
     let mut phones = Vec::new();
     for call in 0..12u32 {
-        let mut legs = Vec::new();
-        for side in 0..2 {
+        let sockets = [(); 2].map(|()| {
             let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
             socket
                 .set_read_timeout(Some(Duration::from_millis(200)))
                 .unwrap();
-            let (phone_key, parley_key) = (MasterKey::generate(), MasterKey::generate());
-            let leg = engine.open_leg(LegPort::Shared).unwrap();
-            engine
-                .configure(
-                    leg.id,
-                    srtp_media(socket.local_addr().unwrap(), &phone_key, &parley_key),
-                )
-                .unwrap();
-            legs.push(leg.id);
+            socket
+        });
+        let keys = [(); 2].map(|()| (MasterKey::generate(), MasterKey::generate()));
+        let [leg, _] = bridge_srtp(
+            &engine,
+            LegPort::Shared,
+            [0, 1].map(|side| (&sockets[side], &keys[side].0, &keys[side].1)),
+        );
+        for (side, (socket, (phone_key, parley_key))) in sockets.into_iter().zip(keys).enumerate() {
             phones.push(Phone {
                 socket,
                 to: SocketAddr::new(LOCAL, leg.port),
                 tx: SrtpContext::new(suite, &phone_key),
                 rx: SrtpContext::new(suite, &parley_key),
-                ssrc: call * 2 + side,
+                ssrc: call * 2 + side as u32,
                 seq: 1,
             });
         }
-        engine.bridge(legs[0], legs[1]).unwrap();
     }
     // 24 legs wait for a first packet: every phone sends until its peer
     // hears it.

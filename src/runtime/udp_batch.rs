@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
 use bytes::Bytes;
-use socket2::{SockAddr, SockAddrStorage};
+use socket2::SockAddr;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::media::recv_headers;
+use crate::media::{recv_headers, sender};
 use crate::sip::message::limits::MAX_MESSAGE_BYTES;
 
 /// Most datagrams handed to the kernel in one call.
@@ -92,7 +92,7 @@ fn send_batch(sock: &UdpSocket, items: &[(Bytes, SocketAddr)]) -> io::Result<usi
 /// Where `recv_batch` puts what it read; kept and reused by its owner.
 pub struct RecvBuffers {
     data: Vec<u8>,
-    names: Vec<libc::sockaddr_storage>,
+    names: [libc::sockaddr_storage; RECV_BATCH],
     name_lens: [libc::socklen_t; RECV_BATCH],
     lens: [usize; RECV_BATCH],
 }
@@ -103,7 +103,7 @@ impl RecvBuffers {
             data: vec![0; RECV_BATCH * RECV_SLOT],
             // SAFETY: an all-zero sockaddr_storage is a valid (unspecified)
             // address.
-            names: vec![unsafe { std::mem::zeroed() }; RECV_BATCH],
+            names: [unsafe { std::mem::zeroed() }; RECV_BATCH],
             name_lens: [0; RECV_BATCH],
             lens: [0; RECV_BATCH],
         }
@@ -113,15 +113,7 @@ impl RecvBuffers {
     /// `MAX_MESSAGE_BYTES` when it was too large) and where it came from.
     pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
         let start = i * RECV_SLOT;
-        let mut storage = SockAddrStorage::zeroed();
-        // SAFETY: the kernel filled `names[i]` and `name_lens[i]` for this
-        // datagram; both storages are a `sockaddr_storage`, and the length
-        // never exceeds it.
-        let from = unsafe {
-            *storage.view_as::<libc::sockaddr_storage>() = self.names[i];
-            SockAddr::new(storage, self.name_lens[i])
-        }
-        .as_socket();
+        let from = sender(&self.names[i], self.name_lens[i]);
         (&self.data[start..start + self.lens[i]], from)
     }
 }
@@ -139,12 +131,7 @@ fn recv_mmsg(sock: &UdpSocket, bufs: &mut RecvBuffers) -> io::Result<usize> {
         iov_base: unsafe { bufs.data.as_mut_ptr().add(i * RECV_SLOT) } as *mut libc::c_void,
         iov_len: RECV_SLOT,
     });
-    let names: &mut [libc::sockaddr_storage; RECV_BATCH] = bufs
-        .names
-        .as_mut_slice()
-        .try_into()
-        .expect("RECV_BATCH names");
-    let mut msgs = recv_headers(&mut iovs, names);
+    let mut msgs = recv_headers(&mut iovs, &mut bufs.names);
     // SAFETY: every header points at a live name and buffer of the stated
     // sizes in `bufs` and `iovs`, which outlive the call.
     let n = unsafe {

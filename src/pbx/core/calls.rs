@@ -234,6 +234,17 @@ impl Calls {
     }
 }
 
+/// Where a leg's media arrives: only a leg certain to be SRTP for the whole
+/// call (a renegotiated leg keeps its protection) goes on the shared port,
+/// where packets are matched to legs by authentication.
+fn leg_port(certain_srtp: bool) -> LegPort {
+    if certain_srtp {
+        LegPort::Shared
+    } else {
+        LegPort::Own
+    }
+}
+
 /// A renegotiated leg keeps its protection: SRTP stays SRTP, plain stays
 /// plain.
 fn kept_security(current: Option<&PhoneMedia>) -> MediaSecurity {
@@ -510,14 +521,7 @@ impl Core {
         if offer.keys_over_plain {
             tracing::warn!("caller put SRTP keys in SDP over plain signaling; they were ignored");
         }
-        // Only a leg certain to stay SRTP goes on the shared port, where
-        // packets are matched to legs by authentication.
-        let caller_port = if offer.is_srtp() {
-            LegPort::Shared
-        } else {
-            LegPort::Own
-        };
-        let caller_leg = match self.media.open_leg(caller_port) {
+        let caller_leg = match self.media.open_leg(leg_port(offer.is_srtp())) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "no media port for the caller's leg");
@@ -563,12 +567,10 @@ impl Core {
                 Ok(s) => s,
                 Err(_) => continue,
             };
-            let port = if security == MediaSecurity::Srtp {
-                LegPort::Shared
-            } else {
-                LegPort::Own
-            };
-            let Ok(leg) = self.media.open_leg(port) else {
+            let Ok(leg) = self
+                .media
+                .open_leg(leg_port(security == MediaSecurity::Srtp))
+            else {
                 tracing::error!("no media port for a callee leg");
                 continue;
             };
