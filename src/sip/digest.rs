@@ -6,7 +6,6 @@
 //! it, the timestamp says whether it is still fresh.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -124,12 +123,16 @@ pub struct ChallengeHeader<'a> {
 impl std::fmt::Display for ChallengeHeader<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Digest realm=\"")?;
-        for c in self.realm.chars() {
-            if c == '"' || c == '\\' {
-                f.write_str("\\")?;
-            }
-            f.write_char(c)?;
+        // Escapes quote and backslash (RFC 3261 quoted-pair), written in
+        // runs between them.
+        let mut rest = self.realm;
+        while let Some(i) = rest.find(['"', '\\']) {
+            f.write_str(&rest[..i])?;
+            f.write_str("\\")?;
+            f.write_str(&rest[i..i + 1])?;
+            rest = &rest[i + 1..];
         }
+        f.write_str(rest)?;
         write!(
             f,
             "\", nonce=\"{}\", algorithm={}, qop=\"auth\"",
