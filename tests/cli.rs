@@ -89,6 +89,15 @@ fn extensions_are_added_listed_changed_and_removed() {
     );
     assert!(text(&out).1.contains("extension 999 does not exist"));
 
+    // Only digests are stored: no password, old or new, is anywhere in the
+    // data dir (database, journal, anything else), while the name is.
+    let stored = data_dir_bytes(d);
+    let holds = |needle: &[u8]| stored.windows(needle.len()).any(|w| w == needle);
+    assert!(holds(b"Front desk"), "the scan reads the database");
+    for password in ["secret-100", "changed-secret", "typed-password"] {
+        assert!(!holds(password.as_bytes()), "{password} stored in clear");
+    }
+
     assert!(
         cli(d, &["extension", "remove", "101"], None)
             .status
@@ -98,6 +107,23 @@ fn extensions_are_added_listed_changed_and_removed() {
     assert!(!out.status.success() && text(&out).1.contains("does not exist"));
     let (stdout, _) = text(&cli(d, &["extension", "list"], None));
     assert!(!stdout.contains("101"));
+}
+
+/// Every byte of every file under `dir`.
+fn data_dir_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(p) = pending.pop() {
+        for entry in std::fs::read_dir(&p).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                all.extend(std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    all
 }
 
 #[test]

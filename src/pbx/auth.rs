@@ -19,12 +19,14 @@ use smallvec::SmallVec;
 
 use super::directory::{Directory, Extension};
 use crate::sip::digest::{
-    Algorithm, ChallengeHeader, Credentials, DigestError, Nonce, NonceIssuer, NonceStatus,
+    Algorithm, ChallengeHeader, Credentials, DigestError, Nonce, NonceIssuer, NonceSerial,
+    NonceStatus,
 };
 use crate::sip::message::{HeaderName, Message};
 
 /// Nonces remembered per extension for nonce-count checks. A phone that
-/// comes back with a nonce forgotten here is asked again (`stale=true`).
+/// comes back with a nonce forgotten here, or with any nonce issued before
+/// it, is asked again (`stale=true`).
 pub const NONCES_PER_EXTENSION: usize = 8;
 
 #[derive(Debug)]
@@ -46,8 +48,16 @@ pub enum AuthResult {
     Malformed(DigestError),
 }
 
-/// The last nonce count seen for each recently used nonce of one extension.
-type NonceCounts = SmallVec<[(Box<str>, u32); NONCES_PER_EXTENSION]>;
+/// The nonce counts of one extension: the last count seen for each of its
+/// recently used nonces, and the newest nonce it had to forget. A nonce
+/// issued no later than that one and not remembered may have been used
+/// already, so it is refused; the table stays bounded without letting a
+/// forgotten nonce be replayed.
+#[derive(Default)]
+struct NonceCounts {
+    recent: SmallVec<[(Box<str>, NonceSerial, u32); NONCES_PER_EXTENSION]>,
+    forgotten_up_to: Option<NonceSerial>,
+}
 
 /// An address as nonce binding: IPv4 and IPv4-mapped IPv6 alike.
 fn peer_bytes(ip: IpAddr) -> [u8; 16] {
@@ -190,20 +200,23 @@ impl Authenticator {
                 false
             }
         };
-        let fresh = self
+        let fresh = match self
             .nonces
             .check(&creds.nonce, now_secs, &peer_bytes(source))
-            == NonceStatus::Fresh;
+        {
+            NonceStatus::Fresh(serial) => Some(serial),
+            NonceStatus::Expired | NonceStatus::Unknown => None,
+        };
         let Some(ext) = ext.filter(|_| ok) else {
             return AuthResult::Failed {
                 username: creds.username.into_owned(),
-                countable: fresh,
+                countable: fresh.is_some(),
             };
         };
-        if !fresh {
+        let Some(serial) = fresh else {
             return AuthResult::Stale;
-        }
-        if !self.note_nonce_count(&ext.number, &creds.nonce, creds.nc) {
+        };
+        if !self.note_nonce_count(&ext.number, &creds.nonce, serial, creds.nc) {
             tracing::info!(extension = %ext.number, nc = creds.nc, "replayed nonce count refused");
             return AuthResult::Stale;
         }
@@ -215,23 +228,39 @@ impl Authenticator {
         AuthResult::Authenticated(ext.clone())
     }
 
-    /// Records `nc` for this nonce; false if it is not above the last one.
-    fn note_nonce_count(&mut self, extension: &str, nonce: &str, nc: u32) -> bool {
+    /// Records `nc` for this nonce; false if it is not above the last one,
+    /// or if the nonce is not remembered and may have been forgotten.
+    fn note_nonce_count(
+        &mut self,
+        extension: &str,
+        nonce: &str,
+        serial: NonceSerial,
+        nc: u32,
+    ) -> bool {
         if !self.seen.contains_key(extension) {
-            self.seen.insert(extension.into(), NonceCounts::new());
+            self.seen.insert(extension.into(), NonceCounts::default());
         }
-        let list = self.seen.get_mut(extension).expect("just inserted");
-        if let Some(entry) = list.iter_mut().find(|(n, _)| &**n == nonce) {
-            if nc <= entry.1 {
+        let counts = self.seen.get_mut(extension).expect("just inserted");
+        if let Some(entry) = counts.recent.iter_mut().find(|(n, _, _)| &**n == nonce) {
+            if nc <= entry.2 {
                 return false;
             }
-            entry.1 = nc;
+            entry.2 = nc;
             return true;
         }
-        if list.len() == NONCES_PER_EXTENSION {
-            list.remove(0);
+        if counts.forgotten_up_to.is_some_and(|f| serial <= f) {
+            return false;
         }
-        list.push((nonce.into(), nc));
+        counts.recent.push((nonce.into(), serial, nc));
+        if counts.recent.len() > NONCES_PER_EXTENSION {
+            // The oldest goes, so every nonce still remembered is newer
+            // than every one forgotten.
+            let oldest = (0..counts.recent.len())
+                .min_by_key(|&i| counts.recent[i].1)
+                .expect("not empty");
+            let (_, gone, _) = counts.recent.remove(oldest);
+            counts.forgotten_up_to = Some(counts.forgotten_up_to.map_or(gone, |f| f.max(gone)));
+        }
         true
     }
 
@@ -461,6 +490,62 @@ mod tests {
         );
         assert!(matches!(send(&mut a, 2), AuthResult::Authenticated(_)));
         assert!(matches!(send(&mut a, 2), AuthResult::Stale));
+    }
+
+    #[test]
+    fn a_forgotten_nonce_cannot_be_replayed() {
+        let mut a = authenticator();
+        let dir = directory();
+        let nonce = |a: &mut Authenticator| {
+            let ch = a.challenges(100, SRC, false, None).to_strings();
+            Challenge::parse(&ch[1]).unwrap()
+        };
+        let send = |a: &mut Authenticator, c: &Challenge, nc| {
+            let h = c
+                .answer("REGISTER", "sip:parley.test", "100", "pw100", "cn", nc)
+                .to_header();
+            a.check(
+                100,
+                SRC,
+                &register(Some(&h)),
+                HeaderName::Authorization,
+                "100",
+                &dir,
+            )
+        };
+        // A nonce issued before the others but first used after them.
+        let late = nonce(&mut a);
+        let first = nonce(&mut a);
+        assert!(matches!(
+            send(&mut a, &first, 1),
+            AuthResult::Authenticated(_)
+        ));
+        let mut later = Vec::new();
+        for _ in 0..NONCES_PER_EXTENSION {
+            let c = nonce(&mut a);
+            assert!(matches!(send(&mut a, &c, 1), AuthResult::Authenticated(_)));
+            later.push(c);
+        }
+        // `first` was pushed out of the table: its replay is still refused.
+        assert!(
+            matches!(send(&mut a, &first, 1), AuthResult::Stale),
+            "replay of a forgotten nonce"
+        );
+        assert!(
+            matches!(send(&mut a, &late, 1), AuthResult::Stale),
+            "a never-seen nonce older than a forgotten one"
+        );
+        // Nonces still remembered keep their counts; new ones work.
+        assert!(matches!(send(&mut a, &later[0], 1), AuthResult::Stale));
+        assert!(matches!(
+            send(&mut a, &later[0], 2),
+            AuthResult::Authenticated(_)
+        ));
+        let fresh = nonce(&mut a);
+        assert!(matches!(
+            send(&mut a, &fresh, 1),
+            AuthResult::Authenticated(_)
+        ));
     }
 
     #[test]

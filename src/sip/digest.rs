@@ -418,13 +418,20 @@ fn nc_hex(nc: u32) -> [u8; 8] {
 /// What a nonce is worth when it comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NonceStatus {
-    Fresh,
+    /// Made here for this peer and still valid.
+    Fresh(NonceSerial),
     /// Made by this server but too old: ask again with `stale=true`.
     Expired,
     /// Not made by this server for this peer (forged, issued to another
     /// address, or from before a restart).
     Unknown,
 }
+
+/// The order in which nonces were issued: issue time, then the issuer's
+/// counter. Lets a user of nonce counts refuse, without remembering it, a
+/// nonce older than one it had to forget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NonceSerial(u128);
 
 const NONCE_RAW_BYTES: usize = 8 + 4 + 16;
 /// Unpadded base64 of the raw nonce.
@@ -502,10 +509,13 @@ impl NonceIssuer {
         let mut ts = [0u8; 8];
         ts.copy_from_slice(&raw[..8]);
         let issued = u64::from_be_bytes(ts);
+        let mut count = [0u8; 4];
+        count.copy_from_slice(&raw[8..12]);
         if issued > now_secs || now_secs - issued > self.lifetime_secs {
             NonceStatus::Expired
         } else {
-            NonceStatus::Fresh
+            let serial = (u128::from(issued) << 32) | u128::from(u32::from_be_bytes(count));
+            NonceStatus::Fresh(NonceSerial(serial))
         }
     }
 
@@ -639,8 +649,16 @@ mod tests {
         let n1 = issuer.issue(1000, peer);
         let n2 = issuer.issue(1000, peer);
         assert_ne!(n1, n2);
-        assert_eq!(issuer.check(&n1, 1000, peer), NonceStatus::Fresh);
-        assert_eq!(issuer.check(&n1, 1300, peer), NonceStatus::Fresh);
+        let serial = |status| match status {
+            NonceStatus::Fresh(s) => s,
+            other => panic!("{other:?}"),
+        };
+        let s1 = serial(issuer.check(&n1, 1000, peer));
+        assert_eq!(issuer.check(&n1, 1300, peer), NonceStatus::Fresh(s1));
+        let s2 = serial(issuer.check(&n2, 1000, peer));
+        let n3 = issuer.issue(1001, peer);
+        let s3 = serial(issuer.check(&n3, 1001, peer));
+        assert!(s1 < s2 && s2 < s3, "serials follow the order of issue");
         assert_eq!(issuer.check(&n1, 1301, peer), NonceStatus::Expired);
         assert_eq!(issuer.check(&n1, 999, peer), NonceStatus::Expired);
         assert_eq!(
