@@ -35,7 +35,7 @@ use crate::pbx::auth::AuthResult;
 use crate::pbx::cdr::{CallRecord, EndedBy, LegRecord, Outcome};
 use crate::pbx::events::SecurityEvent;
 use crate::pbx::policy::MediaSecurity;
-use crate::sdp::SessionDescription;
+use crate::sdp::{Direction, SessionDescription};
 use crate::sip::dialog::{Dialog, MAX_FORWARDS};
 use crate::sip::message::{Framing, HeaderName, Message, MessageBuilder, Method, NameAddr, Uri};
 use crate::sip::transaction::{ClientTxId, ServerTxId};
@@ -164,6 +164,15 @@ struct Call {
     offer_in_ok: Option<Side>,
     /// The device whose early media (18x with SDP) the caller hears.
     early: Option<usize>,
+}
+
+impl Call {
+    /// Whether either phone's latest description holds the media (any
+    /// direction but sendrecv).
+    fn on_hold(&self) -> bool {
+        let held = |m: &PhoneMedia| m.direction() != Direction::SendRecv;
+        held(&self.caller_media) || self.callee_media.as_ref().is_some_and(held)
+    }
 }
 
 /// Every call in progress, with the indexes that find one from a
@@ -1324,6 +1333,16 @@ impl Core {
                 let Some(&idx) = self.calls.by_leg.get(&id) else {
                     return;
                 };
+                // A phone on hold may send nothing at all (many stop RTP
+                // and RTCP both); silence then says nothing about the call.
+                // Resuming re-configures the legs, which restarts the clock.
+                if self.calls.calls[idx].on_hold() {
+                    tracing::debug!(
+                        call_ref = %self.calls.calls[idx].call_ref, leg = %id,
+                        "no media during hold; the call stays up"
+                    );
+                    return;
+                }
                 tracing::warn!(
                     call_ref = %self.calls.calls[idx].call_ref, leg = %id, idle_secs = idle.as_secs(),
                     "no media from a phone; ending the call"

@@ -1304,6 +1304,25 @@ fn hold_and_resume_pass_through_to_the_other_side() {
             .expect("200 to the caller");
         let to_caller = SessionDescription::parse(ok2.body()).unwrap();
         assert_eq!(to_caller.media_direction(0).name(), callee_dir);
+        if caller_dir == "sendonly" {
+            // Phones on hold may send nothing: quiet media is no reason to
+            // end a held call.
+            for id in leg_ids(&s) {
+                s.h.core.handle_media_event(
+                    s.h.now,
+                    MediaEvent::Inactive {
+                        id,
+                        idle: Duration::from_secs(120),
+                    },
+                );
+            }
+            let out = s.h.drain_flows();
+            assert!(
+                !out.iter().any(|(_, m)| m.method() == Some(Method::Bye)),
+                "{out:?}"
+            );
+            assert_eq!(s.h.core.call_count(), 1);
+        }
     }
     // Each round reconfigured both legs; the call is still up.
     assert_eq!(
@@ -1311,6 +1330,32 @@ fn hold_and_resume_pass_through_to_the_other_side() {
         configured_before + 4
     );
     assert_eq!(s.h.core.call_count(), 1);
+    // Resumed, quiet media ends the call again.
+    s.h.core.handle_media_event(
+        s.h.now,
+        MediaEvent::Inactive {
+            id: leg_ids(&s)[0],
+            idle: Duration::from_secs(60),
+        },
+    );
+    let out = s.h.drain_flows();
+    let byes = out
+        .iter()
+        .filter(|(_, m)| m.method() == Some(Method::Bye))
+        .count();
+    assert_eq!(byes, 2, "{out:?}");
+    assert_eq!(s.h.core.call_count(), 0);
+}
+
+/// The media legs configured so far, each once.
+fn leg_ids(s: &CallSetup) -> Vec<LegId> {
+    let mut ids: Vec<LegId> = Vec::new();
+    for (id, _) in s.media.configured.lock().unwrap().iter() {
+        if !ids.contains(id) {
+            ids.push(*id);
+        }
+    }
+    ids
 }
 
 // ---- NAT keep-alive ------------------------------------------------------
