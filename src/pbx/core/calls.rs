@@ -93,6 +93,9 @@ struct Branch {
     security: MediaSecurity,
     offer: SessionDescription,
     state: BranchState,
+    /// Why the device could not take the call's media, when that is known
+    /// (the reason phrase of a 488 the caller gets).
+    media_refusal: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -622,6 +625,7 @@ impl Core {
                     security,
                     offer: sdp,
                     state: BranchState::Calling,
+                    media_refusal: None,
                 }),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start a fork");
@@ -750,7 +754,13 @@ impl Core {
             100 => {}
             101..=199 => self.fork_ringing(now, idx, bi, &msg),
             200..=299 => self.fork_answered(now, idx, bi, msg),
-            _ => self.fork_failed(now, idx, bi, status),
+            _ => {
+                let branch = &mut self.calls.calls[idx].branches[bi];
+                if status == 488 && branch.security == MediaSecurity::Srtp {
+                    branch.media_refusal = Some("Callee Refused SRTP Required By Policy".into());
+                }
+                self.fork_failed(now, idx, bi, status)
+            }
         }
     }
 
@@ -879,10 +889,17 @@ impl Core {
             })
             .collect();
         let (status, reason, outcome) = summarize(&statuses);
+        // A 488 says why when a device's media was the problem.
+        let reason = call
+            .branches
+            .iter()
+            .filter(|b| status == 488 && b.state == BranchState::Failed(488))
+            .find_map(|b| b.media_refusal.clone())
+            .unwrap_or_else(|| reason.to_string());
         let (tx, flow) = (call.invite_tx, call.caller_flow);
-        let b = self.response_builder(&self.calls.calls[idx].invite, flow, status, reason);
+        let b = self.response_builder(&self.calls.calls[idx].invite, flow, status, &reason);
         self.respond(now, tx, status, b.finish());
-        self.finish_call(now, idx, outcome, status, reason, None);
+        self.finish_call(now, idx, outcome, status, &reason, None);
     }
 
     fn fork_answered(&mut self, now: Instant, idx: usize, bi: usize, msg: Message) {
@@ -920,6 +937,7 @@ impl Core {
                     .request("BYE", &via, None)
                     .finish_with_body(None, b"");
                 let _ = self.tx.send_request(now, flow, bye);
+                self.calls.calls[idx].branches[bi].media_refusal = Some(e.to_string());
                 return self.fork_failed(now, idx, bi, 488);
             }
         };
@@ -932,6 +950,7 @@ impl Core {
                     .request("BYE", &via, None)
                     .finish_with_body(None, b"");
                 let _ = self.tx.send_request(now, flow, bye);
+                self.calls.calls[idx].branches[bi].media_refusal = Some(e.to_string());
                 return self.fork_failed(
                     now,
                     idx,

@@ -1209,6 +1209,65 @@ fn unanswered_calls_time_out_and_quiet_media_ends_a_call() {
 }
 
 #[test]
+fn a_callee_that_cannot_do_its_required_srtp_fails_the_call_with_a_reason() {
+    // 101 must use SRTP everywhere; its softphone registered over TLS from
+    // outside. The caller (100, a LAN phone on UDP) may use plain RTP.
+    for device_answer in [488, 200] {
+        let mut s = call_setup();
+        let remote = tls_from("198.51.100.9:40000", 7);
+        let mut soft = phone("101", "pw101", remote);
+        assert!(matches!(
+            s.h.register(&mut soft, remote).0,
+            RegisterOutcome::Registered { .. }
+        ));
+        let out = s.dial("101");
+        let (f, invite) = out
+            .iter()
+            .find(|(_, m)| m.method() == Some(Method::Invite))
+            .unwrap();
+        assert_eq!(*f, remote);
+        let offer = String::from_utf8_lossy(invite.body()).into_owned();
+        assert!(
+            offer.contains("RTP/SAVP") && offer.contains("a=crypto:"),
+            "{offer}"
+        );
+        // The device cannot do SRTP: it refuses, or answers plain RTP.
+        let plain = sdp_offer("198.51.100.9", 7000);
+        let reply_bytes = match device_answer {
+            488 => reply(invite, 488, "Not Acceptable Here", None),
+            _ => {
+                let mut rb = MessageBuilder::response_to(invite, 200, "OK", Some("softtag"));
+                rb.header(
+                    HeaderName::Contact,
+                    "<sip:101@198.51.100.9:40000;transport=tls>",
+                );
+                rb.finish_with_body(Some("application/sdp"), plain.as_bytes())
+            }
+        };
+        let out = s.h.send_flows(remote, reply_bytes);
+        let (_, refusal) = out
+            .iter()
+            .find(|(f, m)| *f == s.caller.flow && m.status().is_some_and(|c| c >= 300))
+            .unwrap_or_else(|| panic!("{device_answer}: a final answer to the caller: {out:?}"));
+        assert_eq!(refusal.status(), Some(488));
+        let expected = match device_answer {
+            488 => "Callee Refused SRTP Required By Policy",
+            _ => "SRTP Required By Encryption Policy",
+        };
+        assert_eq!(refusal.reason(), expected);
+        if device_answer == 200 {
+            // The device's plain answer is not used: it is hung up.
+            assert!(
+                out.iter()
+                    .any(|(f, m)| *f == remote && m.method() == Some(Method::Bye)),
+                "{out:?}"
+            );
+        }
+        assert_eq!(s.h.core.call_count(), 0);
+    }
+}
+
+#[test]
 fn hold_and_resume_pass_through_to_the_other_side() {
     let mut s = call_setup();
     let out = s.dial("102");
