@@ -121,12 +121,19 @@ pub fn read_phone_sdp(
     };
     let m = &sdp.media[audio];
     let offered_crypto = m.attribute("crypto").is_some();
+    // Of several usable lines, the strongest suite (Suite::ALL's order);
+    // among equals, the phone's first.
     let crypto = if tls {
-        m.crypto().find_map(|c| {
-            c.usable()
-                .ok()
-                .map(|(suite, key)| (c.tag, suite, key.clone()))
-        })
+        let rank = |suite: Suite| Suite::ALL.iter().position(|&s| s == suite);
+        m.crypto()
+            .filter_map(|c| {
+                c.usable()
+                    .ok()
+                    .map(|(suite, key)| (c.tag, suite, key.clone()))
+            })
+            .enumerate()
+            .min_by_key(|(i, (_, suite, _))| (rank(*suite), *i))
+            .map(|(_, line)| line)
     } else {
         None
     };
@@ -358,6 +365,35 @@ mod tests {
 
     fn audio_crypto(sdp: &SessionDescription) -> Vec<CryptoAttribute> {
         sdp.media[0].crypto().collect()
+    }
+
+    #[test]
+    fn the_strongest_usable_suite_is_chosen_whatever_the_order() {
+        for (lines, want) in [
+            (
+                format!(
+                    "a=crypto:1 AES_CM_128_HMAC_SHA1_32 {KEY_A}\r\na=crypto:2 AES_CM_128_HMAC_SHA1_80 {KEY_B}\r\n"
+                ),
+                (2, Suite::AesCm128HmacSha1_80),
+            ),
+            (
+                format!(
+                    "a=crypto:1 AES_CM_128_HMAC_SHA1_80 {KEY_A}\r\na=crypto:2 AES_CM_128_HMAC_SHA1_32 {KEY_B}\r\n"
+                ),
+                (1, Suite::AesCm128HmacSha1_80),
+            ),
+            (
+                format!(
+                    "a=crypto:1 AES_256_CM_HMAC_SHA1_80 {KEY_A}\r\na=crypto:2 AES_CM_128_HMAC_SHA1_32 {KEY_B}\r\na=crypto:3 AES_CM_128_HMAC_SHA1_32 {KEY_A}\r\n"
+                ),
+                (2, Suite::AesCm128HmacSha1_32),
+            ),
+        ] {
+            let offer = caller_offer("RTP/SAVP", &lines);
+            let phone = read_phone_sdp(offer.as_bytes(), true, MediaSecurity::Srtp, None).unwrap();
+            let (tag, suite, _) = phone.crypto.unwrap();
+            assert_eq!((tag, suite), want, "{lines}");
+        }
     }
 
     #[test]
