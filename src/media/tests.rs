@@ -290,6 +290,24 @@ fn bridge_two_srtp_legs(port: LegPort, lo: u16) {
         let u = a_rx.unprotect_rtp(&mut buf[..n]).unwrap();
         assert_eq!(u.ssrc, 0xB);
     }
+    // RTCP crosses too, as SRTCP under the other leg's key, its content
+    // intact: a sender report each way.
+    for (from, to_leg, tx, to, rx, ssrc) in [
+        (&phone_a, to_a, &mut a_tx, &phone_b, &mut b_rx, 0xAu32),
+        (&phone_b, to_b, &mut b_tx, &phone_a, &mut a_rx, 0xB),
+    ] {
+        let mut sr = vec![0x80, 200, 0, 6];
+        sr.extend_from_slice(&ssrc.to_be_bytes());
+        sr.extend_from_slice(&[7; 20]);
+        let mut packet = sr.clone();
+        packet.resize(sr.len() + crate::srtp::SRTCP_OVERHEAD, 0);
+        let n = tx.protect_rtcp(&mut packet, sr.len()).unwrap();
+        from.send_to(&packet[..n], to_leg).unwrap();
+        let (n, _) = to.recv_from(&mut buf).unwrap();
+        assert_ne!(&buf[..sr.len()], &sr[..], "encrypted on the way out");
+        let len = rx.unprotect_rtcp(&mut buf[..n]).unwrap();
+        assert_eq!(&buf[..len], &sr[..]);
+    }
     // A forged packet to leg A, from a stranger and from the other phone,
     // is not relayed.
     let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
