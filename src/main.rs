@@ -223,7 +223,11 @@ async fn calls(cmd: CallsCommand) -> Result<(), String> {
             Some(t) => format!(
                 "{t}{}{}",
                 tls.map(|v| format!(" {v}")).unwrap_or_default(),
-                if srtp.is_some() { " SRTP" } else { " RTP" }
+                match srtp {
+                    // The suite by its tag length: SRTP/80 or SRTP/32.
+                    Some(suite) => format!(" SRTP/{}", suite.rsplit('_').next().unwrap_or(suite)),
+                    None => " RTP".to_string(),
+                }
             ),
         };
         let mos = |media: Option<&str>, dir: &str| {

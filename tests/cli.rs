@@ -329,6 +329,11 @@ fn call_history_is_listed_newest_first() {
         sip_status: 486,
         sip_reason: "Busy Here".into(),
         ended_by: None,
+        caller_leg: LegRecord {
+            srtp: Some(Suite::AesCm128HmacSha1_32),
+            media: None,
+            ..answered.caller_leg.clone()
+        },
         callee_leg: None,
         ..answered.clone()
     };
@@ -345,6 +350,16 @@ fn call_history_is_listed_newest_first() {
             let rows = store.recent_calls(10).await.unwrap();
             assert_eq!(rows.len(), 2);
             assert_eq!(rows[1].duration_ms, 80_500);
+            // Which suite each leg used is kept.
+            assert_eq!(
+                rows[1].caller_srtp.as_deref(),
+                Some("AES_CM_128_HMAC_SHA1_80")
+            );
+            assert_eq!(
+                rows[0].caller_srtp.as_deref(),
+                Some("AES_CM_128_HMAC_SHA1_32")
+            );
+            assert_eq!(rows[1].callee_srtp, None);
             let media: serde_json::Value =
                 serde_json::from_str(rows[1].caller_media.as_deref().unwrap()).unwrap();
             assert_eq!(media["received"]["packets"], 4000);
@@ -356,7 +371,9 @@ fn call_history_is_listed_newest_first() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{stdout}{stderr}");
     assert!(
-        lines[1].contains("busy") && lines[1].contains("486 Busy Here"),
+        lines[1].contains("busy")
+            && lines[1].contains("486 Busy Here")
+            && lines[1].contains("tls TLSv1.3 SRTP/32"),
         "{}",
         lines[1]
     );
@@ -367,7 +384,7 @@ fn call_history_is_listed_newest_first() {
         lines[2]
     );
     assert!(
-        lines[2].contains("tls TLSv1.3 SRTP") && lines[2].contains("udp RTP"),
+        lines[2].contains("tls TLSv1.3 SRTP/80") && lines[2].contains("udp RTP"),
         "{}",
         lines[2]
     );
