@@ -685,15 +685,21 @@ fn an_rtp_only_phone_under_preferred_calls_an_srtp_one() {
     );
 }
 
-/// Two softphones at home, behind a router that masquerades with random
-/// ports and forgets idle connections after 12 s, register over TLS to a
-/// Parley on the internet, call each other with audio both ways, and can
-/// still be called after idling well past the router's memory: Parley's
-/// keep-alives hold the mappings open (with `keepalive_secs = 0` the second
-/// call fails).
-#[test]
-fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
-    let _serial = serial();
+/// Two softphones at home (extensions 900 and 901), behind a router that
+/// masquerades with random ports and forgets idle connections after 12 s,
+/// registered over TLS to a Parley on the internet with the given
+/// `[sip]` keep-alive interval.
+struct HomePhones {
+    p: Parley,
+    a: Baresip,
+    ctl_a: Control,
+    b: Baresip,
+    ctl_b: Control,
+    // Dropped last: the namespaces outlive the processes in them.
+    _lab: NatLab,
+}
+
+fn home_phones_behind_a_nat(keepalive_secs: u32) -> HomePhones {
     // SAFETY: reads the process's user id.
     let root = unsafe { libc::geteuid() } == 0;
     assert!(
@@ -701,7 +707,11 @@ fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
         "this test builds network namespaces and needs root (CI runs as root)"
     );
     let lab = NatLab::new(12, 10);
-    let p = Parley::start_in(Some(&lab.pbx), PBX_IP, "[sip]\nkeepalive_secs = 5\n");
+    let p = Parley::start_in(
+        Some(&lab.pbx),
+        PBX_IP,
+        &format!("[sip]\nkeepalive_secs = {keepalive_secs}\n"),
+    );
     p.add_extension("900", "password900", "required");
     p.add_extension("901", "password901", "required");
     let home_phone = |name: &str, ext: &str, tone_hz: u32| {
@@ -716,8 +726,8 @@ fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
         let control = Control::connect_in(&lab.phones, PHONES_IP, port);
         (phone, control)
     };
-    let (a, mut ctl_a) = home_phone("home-a", "900", 440);
-    let (b, mut ctl_b) = home_phone("home-b", "901", 1000);
+    let (a, ctl_a) = home_phone("home-a", "900", 440);
+    let (b, ctl_b) = home_phone("home-b", "901", 1000);
     for phone in [&a, &b] {
         assert!(
             phone.wait_log("[1 binding]", Duration::from_secs(15)),
@@ -726,6 +736,34 @@ fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
             phone.log()
         );
     }
+    HomePhones {
+        p,
+        a,
+        ctl_a,
+        b,
+        ctl_b,
+        _lab: lab,
+    }
+}
+
+/// Quiet for twice as long as the router remembers a connection.
+const NAT_IDLE: Duration = Duration::from_secs(25);
+
+/// The home phones call each other with audio both ways, and can still be
+/// called after idling well past the router's memory: Parley's keep-alives
+/// hold the mappings open (the next test shows the call fails without
+/// them).
+#[test]
+fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
+    let _serial = serial();
+    let HomePhones {
+        p,
+        a,
+        mut ctl_a,
+        b,
+        mut ctl_b,
+        _lab,
+    } = home_phones_behind_a_nat(5);
     // Parley sees the router's public address, not the phones' own
     // (which only appears inside their Contact headers).
     assert!(
@@ -748,8 +786,7 @@ fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
     assert_tone(&heard(&b), 440.0);
     assert_tone(&heard(&a), 1000.0);
 
-    // Quiet for twice as long as the router remembers a connection.
-    std::thread::sleep(Duration::from_secs(25));
+    std::thread::sleep(NAT_IDLE);
     ctl_a.events.clear();
     ctl_b.events.clear();
     ctl_b.command("dial", &format!("sip:900@{DOMAIN}"));
@@ -763,6 +800,36 @@ fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
     assert!(ctl_a.wait_event("CALL_CLOSED", Duration::from_secs(10)));
     assert_tone(&newest_heard(&a), 1000.0);
     assert_tone(&newest_heard(&b), 440.0);
+}
+
+/// The control for the test above: with Parley's keep-alives off (and the
+/// phones sending none of their own), the router forgets the idle phones'
+/// connections, and the same call after the same idle time fails without
+/// ever reaching the called phone. So it is Parley's keep-alives, not
+/// anything the phones do, that keep them reachable.
+#[test]
+fn without_keepalives_an_idle_phone_behind_a_nat_is_lost() {
+    let _serial = serial();
+    let HomePhones {
+        p,
+        a: _a,
+        mut ctl_a,
+        b: _b,
+        mut ctl_b,
+        _lab,
+    } = home_phones_behind_a_nat(0);
+    std::thread::sleep(NAT_IDLE);
+    ctl_b.command("dial", &format!("sip:900@{DOMAIN}"));
+    assert!(
+        ctl_b.wait_event("CALL_CLOSED", Duration::from_secs(40)),
+        "the call between forgotten phones did not fail\n{}",
+        p.log()
+    );
+    assert!(
+        !ctl_a.wait_event("CALL_INCOMING", Duration::from_secs(1)),
+        "the forgotten phone was reached: {:?}",
+        ctl_a.events
+    );
 }
 
 /// On the wire, both legs carried SRTP only: every RTP packet between
