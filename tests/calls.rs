@@ -210,6 +210,50 @@ fn a_plain_rtp_desk_phone_calls_an_srtp_softphone() {
     );
 }
 
+/// Two LAN desk phones on UDP under `required-remote`: plain RTP is allowed
+/// where they are, so the call carries no keys and no SRTP on either leg,
+/// and the audio still flows through the anchor both ways.
+#[test]
+fn two_lan_desk_phones_talk_plain_rtp_over_udp() {
+    let _serial = serial();
+    let p = Parley::start("");
+    p.add_extension("210", "password210", "required-remote");
+    p.add_extension("211", "password211", "required-remote");
+    let (a, mut ctl_a) = phone(&p, "desk-a", &udp_account("210", "password210", p.udp), 500);
+    let (b, mut ctl_b) = phone(
+        &p,
+        "desk-b",
+        &udp_account("211", "password211", p.udp),
+        1500,
+    );
+    for (desk, ext) in [(&a, "210"), (&b, "211")] {
+        assert!(
+            desk.wait_log("[1 binding]", Duration::from_secs(15)),
+            "{ext} did not register"
+        );
+    }
+    ctl_a.command("dial", &format!("sip:211@{DOMAIN}"));
+    assert!(
+        ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
+        "call not established\n--- parley ---\n{}",
+        p.log()
+    );
+    assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_secs(3));
+    ctl_b.command("hangup", "");
+    assert!(ctl_a.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    assert_tone(&heard(&b), 500.0);
+    assert_tone(&heard(&a), 1500.0);
+    for desk in [&a, &b] {
+        let log = desk.log();
+        assert!(!log.contains("a=crypto"), "SDES key over UDP:\n{log}");
+        assert!(!log.contains("RTP/SAVP"), "SRTP offered over UDP:\n{log}");
+    }
+    let rows = answered_calls(&p, 1);
+    assert_eq!(rows[0].matches("udp RTP").count(), 2, "{}", rows[0]);
+    assert!(!rows[0].contains("SRTP"), "{}", rows[0]);
+}
+
 /// Waits until the call history holds `n` answered calls; returns the
 /// newest `n` rows of `parley calls list`.
 fn answered_calls(p: &Parley, n: usize) -> Vec<String> {
