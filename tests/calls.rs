@@ -740,7 +740,7 @@ struct HomePhones {
     b: Baresip,
     ctl_b: Control,
     // Dropped last: the namespaces outlive the processes in them.
-    _lab: NatLab,
+    lab: NatLab,
 }
 
 fn home_phones_behind_a_nat(keepalive_secs: u32) -> HomePhones {
@@ -786,7 +786,7 @@ fn home_phones_behind_a_nat(keepalive_secs: u32) -> HomePhones {
         ctl_a,
         b,
         ctl_b,
-        _lab: lab,
+        lab,
     }
 }
 
@@ -806,7 +806,7 @@ fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
         mut ctl_a,
         b,
         mut ctl_b,
-        _lab,
+        lab: _lab,
     } = home_phones_behind_a_nat(5);
     // Parley sees the router's public address, not the phones' own
     // (which only appears inside their Contact headers).
@@ -860,7 +860,7 @@ fn without_keepalives_an_idle_phone_behind_a_nat_is_lost() {
         mut ctl_a,
         b: _b,
         mut ctl_b,
-        _lab,
+        lab: _lab,
     } = home_phones_behind_a_nat(0);
     std::thread::sleep(NAT_IDLE);
     ctl_b.command("dial", &format!("sip:900@{DOMAIN}"));
@@ -873,6 +873,65 @@ fn without_keepalives_an_idle_phone_behind_a_nat_is_lost() {
         !ctl_a.wait_event("CALL_INCOMING", Duration::from_secs(1)),
         "the forgotten phone was reached: {:?}",
         ctl_a.events
+    );
+}
+
+/// A registered phone that vanishes without closing its connection (its
+/// router died, it lost its network) stops answering Parley's TCP
+/// keep-alive probes; Parley then closes the connection, and the phone's
+/// registration goes with it, so it is no longer rung.
+#[test]
+fn a_phone_that_stops_answering_keepalives_loses_its_registration() {
+    let _serial = serial();
+    let phones = home_phones_behind_a_nat(5);
+    let p = &phones.p;
+    // The router's port for 900's connection, as Parley saw it register.
+    let log = p.log();
+    let added = log
+        .lines()
+        .find(|l| l.contains("registration changed") && l.contains("extension=900"))
+        .unwrap_or_else(|| panic!("no registration of 900 in the log\n{log}"));
+    let prefix = format!("{NAT_PUBLIC_IP}:");
+    let at = added.find(&prefix).expect("the router's address") + prefix.len();
+    let port: String = added[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    // Every packet of that connection now vanishes, both ways.
+    for (chain, addr, port_dir) in [("INPUT", "-s", "--sport"), ("OUTPUT", "-d", "--dport")] {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &phones.lab.pbx,
+                "iptables",
+                "-I",
+                chain,
+                "-p",
+                "tcp",
+            ])
+            .args([addr, NAT_PUBLIC_IP, port_dir, &port, "-j", "DROP"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Keep-alive after 5 s of quiet, then 3 probes 1 s apart.
+    assert!(
+        p.wait_log("connection-closed", Duration::from_secs(20)),
+        "the silent phone's connection was not closed\n{}",
+        p.log()
+    );
+    let closed = p.log();
+    let line = closed
+        .lines()
+        .find(|l| l.contains("connection-closed"))
+        .unwrap();
+    assert!(line.contains("extension=900"), "{line}");
+    // The other phone, on its own connection, is still registered.
+    assert!(
+        !closed
+            .lines()
+            .any(|l| l.contains("connection-closed") && l.contains("extension=901"))
     );
 }
 
