@@ -501,35 +501,7 @@ impl Core {
                     extension: user.clone(),
                     transport: flow.transport,
                 });
-                // Only a failure with a nonce we sent to this address counts:
-                // a forged UDP source never saw our challenge.
-                let block = if countable {
-                    self.lockout.record_failure(now, source, &user)
-                } else {
-                    None
-                };
-                if let Some(block) = block {
-                    let seconds = block.until.saturating_duration_since(now).as_secs();
-                    match block.scope {
-                        BlockScope::Source => tracing::warn!(
-                            failures = block.failures,
-                            seconds,
-                            "source blocked after repeated authentication failures"
-                        ),
-                        BlockScope::SourceAndExtension => tracing::warn!(
-                            failures = block.failures,
-                            seconds,
-                            "source blocked for this extension after repeated authentication failures"
-                        ),
-                    }
-                    self.security(SecurityEvent::Blocked {
-                        source,
-                        extension: user.clone(),
-                        scope: block.scope,
-                        failures: block.failures,
-                        seconds,
-                    });
-                }
+                self.count_auth_failure(now, source, &user, countable);
                 return self.challenge(now, tx, msg, flow, false, false);
             }
             AuthResult::WrongUser { username } => {
@@ -597,6 +569,45 @@ impl Core {
         b.header(HeaderName::Date, &self.date.1);
         self.respond(now, tx, 200, b.finish());
         self.report(now, changes);
+    }
+
+    /// Counts a failed authentication (REGISTER or INVITE) towards the
+    /// lockout and reports the block it starts. Only a failure with a nonce
+    /// we sent to this address counts (`countable`): a forged UDP source
+    /// never saw our challenge.
+    fn count_auth_failure(
+        &mut self,
+        now: Instant,
+        source: std::net::IpAddr,
+        extension: &str,
+        countable: bool,
+    ) {
+        if !countable {
+            return;
+        }
+        let Some(block) = self.lockout.record_failure(now, source, extension) else {
+            return;
+        };
+        let seconds = block.until.saturating_duration_since(now).as_secs();
+        match block.scope {
+            BlockScope::Source => tracing::warn!(
+                failures = block.failures,
+                seconds,
+                "source blocked after repeated authentication failures"
+            ),
+            BlockScope::SourceAndExtension => tracing::warn!(
+                failures = block.failures,
+                seconds,
+                "source blocked for this extension after repeated authentication failures"
+            ),
+        }
+        self.security(SecurityEvent::Blocked {
+            source,
+            extension: extension.to_string(),
+            scope: block.scope,
+            failures: block.failures,
+            seconds,
+        });
     }
 
     /// A 401 (registrations) or, with `proxy`, a 407 (calls) with fresh

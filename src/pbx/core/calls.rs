@@ -82,6 +82,8 @@ enum BranchState {
     Failed(u16),
     /// CANCEL sent.
     Cancelled,
+    /// Answered after another device won: ACKed and sent BYE.
+    HungUp,
 }
 
 struct Branch {
@@ -422,12 +424,12 @@ impl Core {
                     extension: caller.clone(),
                     transport: flow.transport,
                 });
-                if countable {
-                    self.lockout.record_failure(now, source, &caller);
-                }
+                self.count_auth_failure(now, source, &caller, countable);
                 return self.challenge(now, tx, &msg, flow, false, true);
             }
         };
+        // As for REGISTER, a success clears this pair's failures.
+        self.lockout.record_success(source, &caller);
         let caller_policy = ext.encryption;
         let span = tracing::info_span!("call", caller = %caller, source = %flow.remote);
         let _entered = span.enter();
@@ -916,8 +918,13 @@ impl Core {
         self.transmit(flow, ack);
         let call = &self.calls.calls[idx];
         let branch = &call.branches[bi];
+        if call.winner == Some(bi) || branch.state == BranchState::HungUp {
+            // A retransmitted 2xx (the device missed the ACK): acknowledged
+            // again, and nothing more.
+            return;
+        }
         if call.state != State::Ringing || call.winner.is_some() {
-            // A second device answered too late: it gets ACK and BYE.
+            // A second device answered too late: it gets ACK and BYE (once).
             let via = self.via(&flow, &branch_id());
             let bye = dialog
                 .request("BYE", &via, None)
@@ -925,6 +932,7 @@ impl Core {
             if let Ok(c) = self.tx.send_request(now, flow, bye) {
                 self.calls.by_branch.insert(c, (idx, bi));
             }
+            self.calls.calls[idx].branches[bi].state = BranchState::HungUp;
             return;
         }
         let tls = flow.transport == Transport::Tls;
@@ -1213,13 +1221,15 @@ impl Core {
                 b.state,
                 BranchState::Calling | BranchState::Ringing | BranchState::Cancelled
             );
-            if open && self.calls.late_forks.len() < MAX_LATE_FORKS {
+            // A fork already hung up still gets its 2xx retransmissions ACKed.
+            let hung_up = b.state == BranchState::HungUp;
+            if (open || hung_up) && self.calls.late_forks.len() < MAX_LATE_FORKS {
                 self.calls.late_forks.insert(
                     b.tx,
                     LateFork {
                         request: b.request.clone(),
                         flow: b.flow,
-                        bye_sent: false,
+                        bye_sent: hung_up,
                         until: now + self.cfg.timers.t1 * 64,
                     },
                 );

@@ -705,6 +705,8 @@ struct Caller {
     nc: u32,
     /// Headers added to the INVITE (session timers, Allow...).
     extra: Vec<(HeaderName, String)>,
+    /// The INVITE's SDP; a plain offer from the phone's address when unset.
+    offer: Option<String>,
 }
 
 impl Caller {
@@ -718,8 +720,10 @@ impl Caller {
         b.header_fmt(
             HeaderName::Via,
             format_args!(
-                "SIP/2.0/UDP {};branch=z9hG4bKinv{}",
-                self.flow.remote, self.cseq
+                "SIP/2.0/{} {};branch=z9hG4bKinv{}",
+                self.flow.transport.via_token(),
+                self.flow.remote,
+                self.cseq
             ),
         );
         b.header(HeaderName::MaxForwards, "70");
@@ -749,10 +753,38 @@ impl Caller {
             );
             b.header(HeaderName::ProxyAuthorization, &creds.to_header());
         }
-        b.finish_with_body(
-            Some("application/sdp"),
-            sdp_offer(&self.flow.remote.ip().to_string(), 4000).as_bytes(),
-        )
+        let offer = self
+            .offer
+            .clone()
+            .unwrap_or_else(|| sdp_offer(&self.flow.remote.ip().to_string(), 4000));
+        b.finish_with_body(Some("application/sdp"), offer.as_bytes())
+    }
+
+    /// A CANCEL for the INVITE last sent to `to` (RFC 3261 §9.1: its
+    /// Request-URI, top Via, Call-ID, From, To and CSeq number).
+    fn cancel(&self, to: &str) -> Bytes {
+        let mut b = MessageBuilder::request("CANCEL", &format!("sip:{to}@{REALM}"));
+        b.header_fmt(
+            HeaderName::Via,
+            format_args!(
+                "SIP/2.0/{} {};branch=z9hG4bKinv{}",
+                self.flow.transport.via_token(),
+                self.flow.remote,
+                self.cseq
+            ),
+        );
+        b.header(HeaderName::MaxForwards, "70");
+        b.header_fmt(
+            HeaderName::From,
+            format_args!(
+                "\"Desk {u}\" <sip:{u}@{REALM}>;tag=caller{u}",
+                u = self.user
+            ),
+        );
+        b.header_fmt(HeaderName::To, format_args!("<sip:{to}@{REALM}>"));
+        b.header(HeaderName::CallId, "call-1@phone");
+        b.header_fmt(HeaderName::CSeq, format_args!("{} CANCEL", self.cseq));
+        b.finish_with_body(None, b"")
     }
 
     fn in_dialog(&mut self, method: &str, ok: &Message) -> Bytes {
@@ -792,8 +824,27 @@ impl Caller {
 
 /// A callee device's answer to what Parley sent it.
 fn reply(req: &Message, status: u16, reason: &str, sdp: Option<&str>) -> Bytes {
-    let mut b = MessageBuilder::response_to(req, status, reason, Some("calleetag"));
-    b.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
+    reply_as(
+        req,
+        status,
+        reason,
+        sdp,
+        "calleetag",
+        "<sip:102@192.168.1.30:5062>",
+    )
+}
+
+/// The answer of a device with its own To tag and Contact (another fork).
+fn reply_as(
+    req: &Message,
+    status: u16,
+    reason: &str,
+    sdp: Option<&str>,
+    tag: &str,
+    contact: &str,
+) -> Bytes {
+    let mut b = MessageBuilder::response_to(req, status, reason, Some(tag));
+    b.header(HeaderName::Contact, contact);
     match sdp {
         Some(body) => b.finish_with_body(Some("application/sdp"), body.as_bytes()),
         None => b.finish_with_body(None, b""),
@@ -810,11 +861,16 @@ struct CallSetup {
 /// Extensions 100 (caller, LAN desk phone over UDP) and 102 (callee, UDP)
 /// registered, with a fake media plane.
 fn call_setup() -> CallSetup {
+    call_setup_at("192.168.1.30:5062")
+}
+
+/// `call_setup` with the callee's device at `callee`.
+fn call_setup_at(callee: &str) -> CallSetup {
     let mut h = Harness::new(cfg());
     let media = FakeMedia::default();
     h.core.set_media(Box::new(media.clone()));
     let caller_flow = udp_from("192.168.1.20:5062");
-    let callee_flow = udp_from("192.168.1.30:5062");
+    let callee_flow = udp_from(callee);
     let mut a = phone("100", "pw100", caller_flow);
     assert!(matches!(
         h.register(&mut a, caller_flow).0,
@@ -833,6 +889,7 @@ fn call_setup() -> CallSetup {
         challenge: None,
         nc: 0,
         extra: vec![],
+        offer: None,
     };
     CallSetup {
         h,
@@ -1126,6 +1183,12 @@ fn report(id: u64, packets: u64) -> LegReport {
 
 /// Dials 102 and has it answer; returns the caller's 200.
 fn answered_call(s: &mut CallSetup) -> Message {
+    answered_call_with_invite(s).1
+}
+
+/// Dials 102 and has it answer; returns the INVITE the callee got and the
+/// caller's 200.
+fn answered_call_with_invite(s: &mut CallSetup) -> (Message, Message) {
     let out = s.dial("102");
     let invite = out
         .into_iter()
@@ -1135,10 +1198,12 @@ fn answered_call(s: &mut CallSetup) -> Message {
     let answer = sdp_offer("192.168.1.30", 6000);
     let out =
         s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&answer)));
-    out.into_iter()
+    let ok = out
+        .into_iter()
         .find(|(_, m)| m.status() == Some(200))
         .unwrap()
-        .1
+        .1;
+    (invite, ok)
 }
 
 #[test]
@@ -1590,6 +1655,7 @@ fn lan_phones_get_the_lan_address_and_remote_phones_the_public_one() {
             challenge: None,
             nc: 0,
             extra: vec![],
+            offer: None,
         },
         callee_flow: soft,
     };
@@ -1877,4 +1943,960 @@ fn early_media_reaches_the_caller_before_the_answer() {
     let ok = caller_ok(&out, s.caller.flow);
     assert_eq!(ok.body(), progress.body());
     assert_eq!(ok.to().unwrap().tag(), progress.to().unwrap().tag());
+}
+
+// ---- forking, refusals, in-dialog from either side -------------------------
+
+/// Contact of the second device of 102 (see `add_callee_device`).
+const SOFT_CONTACT: &str = "<sip:102@192.168.1.31:5064>";
+
+/// Registers a second device of 102 at `remote`; returns its flow.
+fn add_callee_device(s: &mut CallSetup, remote: &str) -> Flow {
+    let flow = udp_from(remote);
+    let mut soft = phone("102", "pw102", flow);
+    assert!(matches!(
+        s.h.register(&mut soft, flow).0,
+        RegisterOutcome::Registered { .. }
+    ));
+    assert_eq!(s.h.core.registrar().bindings("102").len(), 2);
+    flow
+}
+
+/// The one INVITE Parley sent to `flow`.
+fn invite_to(out: &[(Flow, Message)], flow: Flow) -> Message {
+    let invites = requests_to(out, flow, Method::Invite);
+    assert_eq!(invites.len(), 1, "one INVITE to {flow:?}: {out:?}");
+    invites.into_iter().next().unwrap()
+}
+
+/// The responses sent to `flow`, as (status, reason, CSeq method).
+fn answers_to(out: &[(Flow, Message)], flow: Flow) -> Vec<(u16, String, Method)> {
+    out.iter()
+        .filter(|(f, _)| *f == flow)
+        .filter_map(|(_, m)| Some((m.status()?, m.reason().to_string(), m.cseq()?.method)))
+        .collect()
+}
+
+fn media_log(s: &CallSetup) -> Vec<String> {
+    s.media.log.lock().unwrap().clone()
+}
+
+#[test]
+fn forked_call_rings_every_device_and_the_first_answer_wins() {
+    let mut s = call_setup();
+    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
+    let out = s.dial("102");
+    assert_eq!(statuses_to(&out, s.caller.flow), [100]);
+    let desk_invite = invite_to(&out, s.callee_flow);
+    let soft_invite = invite_to(&out, soft);
+    // One call towards the callee: one Call-ID and From tag, a transaction
+    // and a media leg per device.
+    assert_eq!(desk_invite.call_id(), soft_invite.call_id());
+    assert_eq!(
+        desk_invite.from().unwrap().tag(),
+        soft_invite.from().unwrap().tag()
+    );
+    assert_ne!(
+        desk_invite.top_via().unwrap().branch(),
+        soft_invite.top_via().unwrap().branch()
+    );
+    let desk_port = SessionDescription::parse(desk_invite.body()).unwrap().media[0].port;
+    assert_ne!(
+        desk_port,
+        SessionDescription::parse(soft_invite.body()).unwrap().media[0].port
+    );
+    assert!(soft_invite.request_uri().contains("192.168.1.31:5064"));
+
+    // Both ring; the caller hears one 180.
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&desk_invite, 180, "Ringing", None));
+    assert_eq!(statuses_to(&out, s.caller.flow), [180]);
+    let out = s.h.send_flows(
+        soft,
+        reply_as(&soft_invite, 180, "Ringing", None, "softtag", SOFT_CONTACT),
+    );
+    assert!(out.is_empty(), "one 180 is enough: {out:?}");
+
+    // The softphone answers first: ACK to it, CANCEL to the desk phone,
+    // exactly one 200 to the caller.
+    let soft_ok = reply_as(
+        &soft_invite,
+        200,
+        "OK",
+        Some(&sdp_offer("192.168.1.31", 7000)),
+        "softtag",
+        SOFT_CONTACT,
+    );
+    let out = s.h.send_flows(soft, soft_ok.clone());
+    assert_eq!(statuses_to(&out, s.caller.flow), [200]);
+    let ok = caller_ok(&out, s.caller.flow);
+    assert_eq!(requests_to(&out, soft, Method::Ack).len(), 1);
+    assert!(requests_to(&out, soft, Method::Cancel).is_empty());
+    let cancels = requests_to(&out, s.callee_flow, Method::Cancel);
+    assert_eq!(cancels.len(), 1, "{out:?}");
+    assert_eq!(
+        cancels[0].top_via().unwrap().branch(),
+        desk_invite.top_via().unwrap().branch()
+    );
+    assert_eq!(cancels[0].request_uri(), desk_invite.request_uri());
+    assert_eq!(cancels[0].cseq().unwrap().seq, 1);
+    assert_eq!(cancels[0].cseq().unwrap().method, Method::Cancel);
+    assert_eq!(
+        s.media
+            .configured
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap()
+            .1
+            .remote_rtp,
+        Some(addr("192.168.1.31:7000")),
+        "the caller is bridged to the softphone"
+    );
+    // The desk phone's leg (FakeMedia port 30000 + 2n) closed with its CANCEL.
+    let desk_leg = format!("close {}", (desk_port - 30_000) / 2);
+    assert!(media_log(&s).contains(&desk_leg), "{:?}", media_log(&s));
+
+    // The desk phone picked up as the CANCEL crossed: its 200 is ACKed and
+    // hung up; the caller sees nothing of it.
+    let desk_ok = reply(
+        &desk_invite,
+        200,
+        "OK",
+        Some(&sdp_offer("192.168.1.30", 6000)),
+    );
+    let out = s.h.send_flows(s.callee_flow, desk_ok.clone());
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
+    let byes = requests_to(&out, s.callee_flow, Method::Bye);
+    assert_eq!(byes.len(), 1, "{out:?}");
+    assert_eq!(byes[0].to().unwrap().tag(), Some("calleetag"));
+    assert_eq!(byes[0].call_id(), desk_invite.call_id());
+    assert!(
+        out.iter().all(|(f, _)| *f == s.callee_flow),
+        "the caller sees nothing more: {out:?}"
+    );
+    // Its retransmitted 200 is ACKed again but hung up only once.
+    let out = s.h.send_flows(s.callee_flow, desk_ok.clone());
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
+    assert!(
+        requests_to(&out, s.callee_flow, Method::Bye).is_empty(),
+        "{out:?}"
+    );
+    assert!(out.iter().all(|(f, _)| *f == s.callee_flow));
+    s.h.send_flows(s.callee_flow, reply(&byes[0], 200, "OK", None));
+
+    // The winner repeats its 200 (its ACK was lost): ACKed again, and the
+    // call goes on.
+    let out = s.h.send_flows(soft, soft_ok);
+    assert_eq!(requests_to(&out, soft, Method::Ack).len(), 1);
+    assert!(requests_to(&out, soft, Method::Bye).is_empty(), "{out:?}");
+    assert!(out.iter().all(|(f, _)| *f == soft));
+    assert_eq!(s.h.core.call_count(), 1);
+
+    // The caller hangs up: only the softphone gets a BYE.
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let out =
+        s.h.send_flows(s.caller.flow, s.caller.in_dialog("BYE", &ok));
+    assert_eq!(statuses_to(&out, s.caller.flow), [200]);
+    let byes = requests_to(&out, soft, Method::Bye);
+    assert_eq!(byes.len(), 1);
+    assert_eq!(byes[0].to().unwrap().tag(), Some("softtag"));
+    assert!(requests_to(&out, s.callee_flow, Method::Bye).is_empty());
+    // Even after the call, the desk phone's 200 is still only ACKed.
+    let out = s.h.send_flows(s.callee_flow, desk_ok);
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
+    assert!(requests_to(&out, s.callee_flow, Method::Bye).is_empty());
+    s.h.advance(Duration::from_secs(3));
+    let cdr = s.h.calls.last().unwrap();
+    assert_eq!(
+        (cdr.outcome, cdr.ended_by, cdr.sip_status),
+        (Outcome::Answered, Some(EndedBy::Caller), 200)
+    );
+}
+
+#[test]
+fn every_device_busy_gives_the_caller_one_486() {
+    let mut s = call_setup();
+    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
+    let out = s.dial("102");
+    let desk_invite = invite_to(&out, s.callee_flow);
+    let soft_invite = invite_to(&out, soft);
+
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&desk_invite, 486, "Busy Here", None));
+    // The transaction layer ACKs the 486; the caller waits for the other.
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
+    assert!(statuses_to(&out, s.caller.flow).is_empty(), "{out:?}");
+    assert_eq!(s.h.core.call_count(), 1);
+
+    let out = s.h.send_flows(
+        soft,
+        reply_as(
+            &soft_invite,
+            486,
+            "Busy Here",
+            None,
+            "softtag",
+            SOFT_CONTACT,
+        ),
+    );
+    assert_eq!(requests_to(&out, soft, Method::Ack).len(), 1);
+    assert_eq!(
+        answers_to(&out, s.caller.flow),
+        [(486, "Busy Here".to_string(), Method::Invite)]
+    );
+    assert!(requests_to(&out, s.callee_flow, Method::Cancel).is_empty());
+    assert_eq!(s.h.core.call_count(), 0);
+    let cdr = s.h.calls.last().unwrap();
+    assert_eq!(
+        (cdr.outcome, cdr.sip_status, cdr.sip_reason.as_str()),
+        (Outcome::Busy, 486, "Busy Here")
+    );
+    assert_eq!((cdr.caller.as_str(), cdr.callee.as_str()), ("100", "102"));
+    assert!(cdr.answered_unix_ms.is_none() && cdr.callee_leg.is_none());
+    assert_eq!(cdr.ended_by, None);
+    let log = media_log(&s);
+    for leg in ["close 1", "close 2", "close 3"] {
+        assert!(log.contains(&leg.to_string()), "{leg} missing: {log:?}");
+    }
+}
+
+#[test]
+fn caller_cancel_while_two_devices_ring_cancels_every_fork() {
+    let mut s = call_setup();
+    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
+    let out = s.dial("102");
+    let desk_invite = invite_to(&out, s.callee_flow);
+    let soft_invite = invite_to(&out, soft);
+    s.h.send_flows(s.callee_flow, reply(&desk_invite, 180, "Ringing", None));
+    s.h.send_flows(
+        soft,
+        reply_as(&soft_invite, 180, "Ringing", None, "softtag", SOFT_CONTACT),
+    );
+
+    let out = s.h.send_flows(s.caller.flow, s.caller.cancel("102"));
+    assert_eq!(
+        answers_to(&out, s.caller.flow),
+        [
+            (200, "OK".to_string(), Method::Cancel),
+            (487, "Request Terminated".to_string(), Method::Invite)
+        ]
+    );
+    for (flow, invite) in [(s.callee_flow, &desk_invite), (soft, &soft_invite)] {
+        let cancels = requests_to(&out, flow, Method::Cancel);
+        assert_eq!(cancels.len(), 1, "a CANCEL to {flow:?}: {out:?}");
+        assert_eq!(
+            cancels[0].top_via().unwrap().branch(),
+            invite.top_via().unwrap().branch()
+        );
+        assert_eq!(cancels[0].call_id(), invite.call_id());
+    }
+    assert_eq!(s.h.core.call_count(), 0);
+    let cdr = s.h.calls.last().unwrap();
+    assert_eq!(
+        (cdr.outcome, cdr.ended_by, cdr.sip_status),
+        (Outcome::Cancelled, Some(EndedBy::Caller), 487)
+    );
+
+    // The devices' 487s are ACKed and reach nobody else.
+    let out = s.h.send_flows(
+        s.callee_flow,
+        reply(&desk_invite, 487, "Request Terminated", None),
+    );
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
+    assert!(out.iter().all(|(f, _)| *f == s.callee_flow), "{out:?}");
+    let out = s.h.send_flows(
+        soft,
+        reply_as(
+            &soft_invite,
+            487,
+            "Request Terminated",
+            None,
+            "softtag",
+            SOFT_CONTACT,
+        ),
+    );
+    assert!(out.iter().all(|(f, _)| *f == soft), "{out:?}");
+}
+
+#[test]
+fn a_declining_callee_gets_the_caller_603() {
+    let mut s = call_setup();
+    let out = s.dial("102");
+    let invite = invite_to(&out, s.callee_flow);
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&invite, 603, "Decline", None));
+    assert_eq!(
+        answers_to(&out, s.caller.flow),
+        [(603, "Decline".to_string(), Method::Invite)]
+    );
+    let cdr = s.h.calls.last().unwrap();
+    assert_eq!((cdr.outcome, cdr.sip_status), (Outcome::Declined, 603));
+    assert_eq!(s.h.core.call_count(), 0);
+
+    // With two devices, one unavailable and one declining: the decline is
+    // the more telling answer.
+    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
+    s.caller.challenge = None;
+    let out = s.dial("102");
+    let desk_invite = invite_to(&out, s.callee_flow);
+    let soft_invite = invite_to(&out, soft);
+    let out = s.h.send_flows(
+        s.callee_flow,
+        reply(&desk_invite, 480, "Temporarily Unavailable", None),
+    );
+    assert!(statuses_to(&out, s.caller.flow).is_empty());
+    let out = s.h.send_flows(
+        soft,
+        reply_as(&soft_invite, 603, "Decline", None, "softtag", SOFT_CONTACT),
+    );
+    assert_eq!(
+        answers_to(&out, s.caller.flow),
+        [(603, "Decline".to_string(), Method::Invite)]
+    );
+    assert_eq!(s.h.calls.last().unwrap().outcome, Outcome::Declined);
+}
+
+#[test]
+fn invite_with_a_stale_nonce_is_rechallenged_with_stale_true() {
+    let mut s = call_setup();
+    let first = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+    assert_eq!(first[0].1.status(), Some(407));
+    s.caller.challenge = Some(
+        Challenge::parse(
+            first[0]
+                .1
+                .headers(HeaderName::ProxyAuthenticate)
+                .last()
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    s.h.advance(Duration::from_secs(301));
+    let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+    assert_eq!(out.len(), 1, "{out:?}");
+    let resp = &out[0].1;
+    assert_eq!(
+        (resp.status(), resp.reason()),
+        (Some(407), "Proxy Authentication Required")
+    );
+    let challenges: Vec<_> = resp.headers(HeaderName::ProxyAuthenticate).collect();
+    assert_eq!(challenges.len(), 2);
+    assert!(challenges.iter().all(|c| c.contains("stale=true")));
+    assert!(resp.header(HeaderName::WwwAuthenticate).is_none());
+    assert!(s.h.security().is_empty(), "a stale nonce is not a failure");
+    assert!(s.h.calls.is_empty(), "no record for a challenged INVITE");
+
+    // Answering the fresh nonce gets the call through.
+    s.caller.nc = 0;
+    s.caller.challenge = Some(Challenge::parse(challenges.last().unwrap()).unwrap());
+    let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+    assert_eq!(statuses_to(&out, s.caller.flow), [100]);
+    invite_to(&out, s.callee_flow);
+}
+
+#[test]
+fn repeated_wrong_passwords_on_invite_lock_the_caller_out() {
+    let mut s = call_setup();
+    s.caller.password = "old-password";
+    let first = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+    s.caller.challenge = Some(
+        Challenge::parse(
+            first[0]
+                .1
+                .headers(HeaderName::ProxyAuthenticate)
+                .last()
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    for _ in 0..3 {
+        let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+        assert_eq!(statuses_to(&out, s.caller.flow), [407]);
+    }
+    let security = s.h.security();
+    assert_eq!(
+        security
+            .iter()
+            .filter(|e| matches!(e, SecurityEvent::AuthFailed { .. }))
+            .count(),
+        3
+    );
+    assert!(
+        security.iter().any(|e| matches!(
+            e,
+            SecurityEvent::Blocked {
+                scope: BlockScope::SourceAndExtension,
+                failures: 3,
+                ..
+            }
+        )),
+        "the block is reported as for REGISTER: {security:?}"
+    );
+    // The right password from that address is refused now, for calls and
+    // registrations alike; nothing reaches the callee.
+    s.caller.password = "pw100";
+    let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+    assert_eq!(
+        answers_to(&out, s.caller.flow),
+        [(403, "Too Many Failed Attempts".to_string(), Method::Invite)]
+    );
+    assert!(out.iter().all(|(f, _)| *f == s.caller.flow));
+    let mut desk = phone("100", "pw100", s.caller.flow);
+    let resp = s.h.send(s.caller.flow, desk.build()).pop().unwrap();
+    assert_eq!(
+        (resp.status(), resp.reason()),
+        (Some(403), "Too Many Failed Attempts")
+    );
+    assert!(media_log(&s).is_empty(), "no leg for refused calls");
+
+    // The block ends (the callee, whose binding lapsed meanwhile, registers
+    // again).
+    s.h.advance(Duration::from_secs(901));
+    let mut callee = phone("102", "pw102", s.callee_flow);
+    s.h.register(&mut callee, s.callee_flow);
+    s.caller.challenge = None;
+    let out = s.dial("102");
+    invite_to(&out, s.callee_flow);
+}
+
+#[test]
+fn a_successful_invite_clears_earlier_failures_as_a_registration_does() {
+    let mut s = call_setup();
+    let first = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+    s.caller.challenge = Some(
+        Challenge::parse(
+            first[0]
+                .1
+                .headers(HeaderName::ProxyAuthenticate)
+                .last()
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    let attempt = |s: &mut CallSetup, password: &'static str| {
+        s.caller.password = password;
+        s.h.send_flows(s.caller.flow, s.caller.invite("102"))
+    };
+    for _ in 0..2 {
+        assert_eq!(statuses_to(&attempt(&mut s, "typo"), s.caller.flow), [407]);
+    }
+    let out = attempt(&mut s, "pw100");
+    invite_to(&out, s.callee_flow);
+    let out = s.h.send_flows(s.caller.flow, s.caller.cancel("102"));
+    assert_eq!(statuses_to(&out, s.caller.flow), [200, 487]);
+    // One more typo is the first of a new count, not the third.
+    assert_eq!(statuses_to(&attempt(&mut s, "typo"), s.caller.flow), [407]);
+    let out = attempt(&mut s, "pw100");
+    assert_eq!(statuses_to(&out, s.caller.flow), [100], "{out:?}");
+    assert!(
+        !s.h.security()
+            .iter()
+            .any(|e| matches!(e, SecurityEvent::Blocked { .. }))
+    );
+}
+
+#[test]
+fn invite_policy_refuses_plain_signaling_from_outside_the_lan_after_credentials() {
+    let mut s = call_setup();
+    // 100 is `required-remote`; this INVITE comes over UDP from the internet.
+    s.caller.flow = udp_from("198.51.100.9:5060");
+    s.caller.password = "guess";
+    let first = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+    s.caller.challenge = Some(
+        Challenge::parse(
+            first[0]
+                .1
+                .headers(HeaderName::ProxyAuthenticate)
+                .last()
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    // A wrong password learns nothing about the policy.
+    let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+    assert_eq!(statuses_to(&out, s.caller.flow), [407]);
+    assert!(
+        !s.h.security()
+            .iter()
+            .any(|e| matches!(e, SecurityEvent::PolicyViolation { .. }))
+    );
+
+    s.caller.password = "pw100";
+    let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
+    assert_eq!(
+        answers_to(&out, s.caller.flow),
+        [(
+            403,
+            "TLS Required Outside The LAN".to_string(),
+            Method::Invite
+        )]
+    );
+    assert!(out.iter().all(|(f, _)| *f == s.caller.flow), "{out:?}");
+    assert!(s.h.security().iter().any(|e| matches!(
+        e,
+        SecurityEvent::PolicyViolation {
+            transport: Transport::Udp,
+            ..
+        }
+    )));
+    let cdr = s.h.calls.last().unwrap();
+    assert_eq!(
+        (cdr.outcome, cdr.sip_status, cdr.sip_reason.as_str()),
+        (Outcome::Rejected, 403, "TLS Required Outside The LAN")
+    );
+    assert!(media_log(&s).is_empty());
+    assert_eq!(s.h.core.call_count(), 0);
+}
+
+/// A request from the callee's device inside the dialog Parley's `invite`
+/// opened with it (the device answered with tag `calleetag`).
+fn callee_in_dialog(
+    invite: &Message,
+    flow: Flow,
+    method: &str,
+    seq: u32,
+    body: Option<(&str, &str)>,
+) -> Bytes {
+    let target = NameAddr::parse(invite.header(HeaderName::Contact).unwrap())
+        .unwrap()
+        .uri
+        .to_string();
+    let mut b = MessageBuilder::request(method, &target);
+    b.header_fmt(
+        HeaderName::Via,
+        format_args!(
+            "SIP/2.0/UDP {};branch=z9hG4bKcallee{method}{seq}",
+            flow.remote
+        ),
+    );
+    b.header(HeaderName::MaxForwards, "70");
+    b.header_fmt(
+        HeaderName::From,
+        format_args!("{};tag=calleetag", invite.header(HeaderName::To).unwrap()),
+    );
+    b.header(HeaderName::To, invite.header(HeaderName::From).unwrap());
+    b.header(HeaderName::CallId, invite.call_id().unwrap());
+    b.header_fmt(HeaderName::CSeq, format_args!("{seq} {method}"));
+    b.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
+    match body {
+        Some((ctype, body)) => b.finish_with_body(Some(ctype), body.as_bytes()),
+        None => b.finish_with_body(None, b""),
+    }
+}
+
+/// The caller's device answering a request Parley sent it in its dialog.
+fn caller_answer(req: &Message, status: u16, reason: &str, sdp: Option<&str>) -> Bytes {
+    let mut b = MessageBuilder::response_to(req, status, reason, None);
+    b.header(HeaderName::Contact, "<sip:100@192.168.1.20:5062>");
+    match sdp {
+        Some(body) => b.finish_with_body(Some("application/sdp"), body.as_bytes()),
+        None => b.finish_with_body(None, b""),
+    }
+}
+
+#[test]
+fn a_reinvite_from_the_callee_is_relayed_to_the_caller_and_answered() {
+    let mut s = call_setup();
+    let (invite, ok) = answered_call_with_invite(&mut s);
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let configured_before = s.media.configured.lock().unwrap().len();
+
+    // The callee puts the call on hold, from a new port.
+    let hold = sdp_offer("192.168.1.30", 6100).replace("a=sendrecv", "a=sendonly");
+    let out = s.h.send_flows(
+        s.callee_flow,
+        callee_in_dialog(
+            &invite,
+            s.callee_flow,
+            "INVITE",
+            1,
+            Some(("application/sdp", &hold)),
+        ),
+    );
+    assert_eq!(statuses_to(&out, s.callee_flow), [100]);
+    let reinvites = requests_to(&out, s.caller.flow, Method::Invite);
+    assert_eq!(reinvites.len(), 1, "{out:?}");
+    let reinvite = &reinvites[0];
+    // In the caller's dialog: its Call-ID and tags, towards its Contact.
+    assert_eq!(reinvite.call_id(), Some("call-1@phone"));
+    assert_eq!(reinvite.to().unwrap().tag(), Some("caller100"));
+    assert_eq!(reinvite.from().unwrap().tag(), ok.to().unwrap().tag());
+    assert_eq!(reinvite.request_uri(), "sip:100@192.168.1.20:5062");
+    let offer = SessionDescription::parse(reinvite.body()).unwrap();
+    let first = SessionDescription::parse(ok.body()).unwrap();
+    assert_eq!(offer.media_direction(0), Direction::SendOnly);
+    assert_eq!(offer.media[0].port, first.media[0].port, "same leg");
+    assert_eq!(offer.connection, first.connection);
+    assert!(offer.origin.session_version > first.origin.session_version);
+    let text = String::from_utf8_lossy(reinvite.as_bytes());
+    assert!(!text.contains("192.168.1.30"), "callee leaked:\n{text}");
+
+    // The caller agrees: Parley ACKs it and answers the callee.
+    let agreed = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly");
+    let out = s.h.send_flows(
+        s.caller.flow,
+        caller_answer(reinvite, 200, "OK", Some(&agreed)),
+    );
+    let acks = requests_to(&out, s.caller.flow, Method::Ack);
+    assert_eq!(acks.len(), 1, "{out:?}");
+    assert_eq!(acks[0].cseq().unwrap().seq, reinvite.cseq().unwrap().seq);
+    assert_eq!(acks[0].call_id(), Some("call-1@phone"));
+    let ok2 = caller_ok(&out, s.callee_flow);
+    assert_eq!(ok2.cseq().unwrap().method, Method::Invite);
+    assert_eq!(ok2.call_id(), invite.call_id());
+    let answer = SessionDescription::parse(ok2.body()).unwrap();
+    assert_eq!(answer.media_direction(0), Direction::RecvOnly);
+    let to_callee = SessionDescription::parse(invite.body()).unwrap();
+    assert_eq!(answer.media[0].port, to_callee.media[0].port);
+    assert!(!String::from_utf8_lossy(ok2.as_bytes()).contains("192.168.1.20"));
+    let configured = s.media.configured.lock().unwrap().clone();
+    assert_eq!(configured.len(), configured_before + 2);
+    assert!(
+        configured
+            .iter()
+            .any(|(_, m)| m.remote_rtp == Some(addr("192.168.1.30:6100"))),
+        "the callee's leg follows its new port"
+    );
+
+    // The callee hangs up: the caller gets the BYE.
+    let out = s.h.send_flows(
+        s.callee_flow,
+        callee_in_dialog(&invite, s.callee_flow, "BYE", 2, None),
+    );
+    assert_eq!(statuses_to(&out, s.callee_flow), [200]);
+    let byes = requests_to(&out, s.caller.flow, Method::Bye);
+    assert_eq!(byes.len(), 1);
+    assert_eq!(byes[0].to().unwrap().tag(), Some("caller100"));
+    assert_eq!(s.h.core.call_count(), 0);
+    s.h.advance(Duration::from_secs(3));
+    assert_eq!(s.h.calls.last().unwrap().ended_by, Some(EndedBy::Callee));
+}
+
+#[test]
+fn a_reinvite_changing_the_codec_reaches_the_other_side_with_that_codec() {
+    let mut s = call_setup();
+    let (_, ok) = answered_call_with_invite(&mut s);
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    assert_eq!(
+        SessionDescription::parse(ok.body()).unwrap().media[0].formats,
+        ["0", "8", "101"]
+    );
+
+    // Only PCMA from now on.
+    let pcma = sdp_offer("192.168.1.20", 4000)
+        .replace("RTP/AVP 0 8 101", "RTP/AVP 8 101")
+        .replace("a=rtpmap:0 PCMU/8000\r\n", "");
+    let out = s.h.send_flows(
+        s.caller.flow,
+        s.caller
+            .in_dialog_with("INVITE", &ok, Some(("application/sdp", &pcma))),
+    );
+    assert_eq!(statuses_to(&out, s.caller.flow), [100]);
+    let reinvite = requests_to(&out, s.callee_flow, Method::Invite);
+    assert_eq!(reinvite.len(), 1, "{out:?}");
+    let offer = SessionDescription::parse(reinvite[0].body()).unwrap();
+    assert_eq!(offer.media[0].formats, ["8", "101"]);
+    let rtpmaps: Vec<_> = offer.media[0]
+        .attributes
+        .iter()
+        .filter(|a| a.name == "rtpmap")
+        .filter_map(|a| a.value.clone())
+        .collect();
+    assert_eq!(rtpmaps, ["8 PCMA/8000", "101 telephone-event/8000"]);
+
+    let answer = sdp_offer("192.168.1.30", 6000)
+        .replace("RTP/AVP 0 8 101", "RTP/AVP 8 101")
+        .replace("a=rtpmap:0 PCMU/8000\r\n", "");
+    let mut rb = MessageBuilder::response_to(&reinvite[0], 200, "OK", None);
+    rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
+    let out = s.h.send_flows(
+        s.callee_flow,
+        rb.finish_with_body(Some("application/sdp"), answer.as_bytes()),
+    );
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
+    let ok2 = caller_ok(&out, s.caller.flow);
+    let to_caller = SessionDescription::parse(ok2.body()).unwrap();
+    assert_eq!(to_caller.media[0].formats, ["8", "101"]);
+    assert_eq!(to_caller.media[0].proto, "RTP/AVP");
+    assert!(
+        !String::from_utf8_lossy(ok2.body()).contains("PCMU"),
+        "{ok2:?}"
+    );
+    assert_eq!(s.h.core.call_count(), 1);
+}
+
+#[test]
+fn an_update_with_sdp_is_relayed_as_an_update_and_answered_without_ack() {
+    let mut s = call_setup();
+    let (invite, ok) = answered_call_with_invite(&mut s);
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let configured_before = s.media.configured.lock().unwrap().len();
+
+    let hold = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=sendonly");
+    let out = s.h.send_flows(
+        s.caller.flow,
+        s.caller
+            .in_dialog_with("UPDATE", &ok, Some(("application/sdp", &hold))),
+    );
+    // UPDATE is not INVITE: no 100, and it goes on as an UPDATE.
+    assert!(statuses_to(&out, s.caller.flow).is_empty(), "{out:?}");
+    assert!(requests_to(&out, s.callee_flow, Method::Invite).is_empty());
+    let updates = requests_to(&out, s.callee_flow, Method::Update);
+    assert_eq!(updates.len(), 1, "{out:?}");
+    let update = &updates[0];
+    assert_eq!(update.call_id(), invite.call_id());
+    assert_eq!(update.to().unwrap().tag(), Some("calleetag"));
+    assert_eq!(
+        update.header(HeaderName::ContentType),
+        Some("application/sdp")
+    );
+    let offer = SessionDescription::parse(update.body()).unwrap();
+    assert_eq!(offer.media_direction(0), Direction::SendOnly);
+
+    // A re-INVITE from the callee meanwhile crosses it: 491.
+    let glare = callee_in_dialog(
+        &invite,
+        s.callee_flow,
+        "INVITE",
+        1,
+        Some(("application/sdp", &sdp_offer("192.168.1.30", 6000))),
+    );
+    let out = s.h.send_flows(s.callee_flow, glare);
+    assert_eq!(
+        answers_to(&out, s.callee_flow),
+        [(491, "Request Pending".to_string(), Method::Invite)]
+    );
+    assert!(requests_to(&out, s.caller.flow, Method::Invite).is_empty());
+
+    let answer = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=recvonly");
+    let mut rb = MessageBuilder::response_to(update, 200, "OK", None);
+    rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
+    let out = s.h.send_flows(
+        s.callee_flow,
+        rb.finish_with_body(Some("application/sdp"), answer.as_bytes()),
+    );
+    assert!(
+        requests_to(&out, s.callee_flow, Method::Ack).is_empty(),
+        "a 2xx to UPDATE is not acknowledged"
+    );
+    let ok2 = caller_ok(&out, s.caller.flow);
+    assert_eq!(ok2.cseq().unwrap().method, Method::Update);
+    let to_caller = SessionDescription::parse(ok2.body()).unwrap();
+    assert_eq!(to_caller.media_direction(0), Direction::RecvOnly);
+    assert_eq!(
+        s.media.configured.lock().unwrap().len(),
+        configured_before + 2
+    );
+    assert_eq!(s.h.core.call_count(), 1);
+}
+
+/// Whether `needle` occurs in `text` as a token of its own, not inside a
+/// longer run of letters and digits (a random tag or branch).
+fn has_token(text: &str, needle: &str) -> bool {
+    text.match_indices(needle).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + needle.len()..].chars().next();
+        !before.is_some_and(|c| c.is_ascii_alphanumeric())
+            && !after.is_some_and(|c| c.is_ascii_alphanumeric())
+    })
+}
+
+#[test]
+fn neither_phone_sees_the_others_address_port_call_id_or_tags() {
+    let mut s = call_setup_at("192.168.1.30:5072");
+    s.caller.extra = vec![(HeaderName::UserAgent, "AliceDesk/3.1".into())];
+    let out = s.dial("102");
+    let invite = invite_to(&out, s.callee_flow);
+    let text = String::from_utf8_lossy(invite.as_bytes()).into_owned();
+    for leak in ["192.168.1.20", "call-1@phone", "caller100", "AliceDesk"] {
+        assert!(!text.contains(leak), "{leak:?} reached the callee:\n{text}");
+    }
+    for port in ["5062", "4000"] {
+        assert!(
+            !has_token(&text, port),
+            "port {port} reached the callee:\n{text}"
+        );
+    }
+
+    let callee_sdp = "v=0\r\no=bobphone 424242 1 IN IP4 192.168.1.30\r\ns=Bob\r\n\
+                      c=IN IP4 192.168.1.30\r\nt=0 0\r\nm=audio 6010 RTP/AVP 0 101\r\n\
+                      a=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
+    let mut b = MessageBuilder::response_to(&invite, 180, "Ringing", Some("bobs-tag-77"));
+    b.header(HeaderName::Contact, "<sip:102@192.168.1.30:5072>");
+    b.header(HeaderName::Server, "BobPhone/9");
+    let out = s.h.send_flows(s.callee_flow, b.finish_with_body(None, b""));
+    let mut to_caller: Vec<Message> = out
+        .into_iter()
+        .filter(|(f, _)| *f == s.caller.flow)
+        .map(|(_, m)| m)
+        .collect();
+    let mut b = MessageBuilder::response_to(&invite, 200, "OK", Some("bobs-tag-77"));
+    b.header(HeaderName::Contact, "<sip:102@192.168.1.30:5072>");
+    b.header(HeaderName::Server, "BobPhone/9");
+    let out = s.h.send_flows(
+        s.callee_flow,
+        b.finish_with_body(Some("application/sdp"), callee_sdp.as_bytes()),
+    );
+    let ok = caller_ok(&out, s.caller.flow);
+    to_caller.push(ok.clone());
+    assert_eq!(
+        to_caller
+            .iter()
+            .filter_map(|m| m.status())
+            .collect::<Vec<_>>(),
+        [180, 200]
+    );
+    let callee_call_id = invite.call_id().unwrap();
+    let parley_tag_to_callee = invite.from().unwrap().tag().unwrap();
+    for m in &to_caller {
+        let text = String::from_utf8_lossy(m.as_bytes());
+        for leak in [
+            "192.168.1.30",
+            callee_call_id,
+            parley_tag_to_callee,
+            "bobs-tag-77",
+            "BobPhone",
+            "bobphone",
+            "424242",
+            "Bob",
+        ] {
+            assert!(!text.contains(leak), "{leak:?} reached the caller:\n{text}");
+        }
+        for port in ["5072", "6010"] {
+            assert!(
+                !has_token(&text, port),
+                "port {port} reached the caller:\n{text}"
+            );
+        }
+    }
+    // Each side's own identifiers are all it sees (and the scan finds them).
+    assert_eq!(ok.call_id(), Some("call-1@phone"));
+    assert_eq!(ok.from().unwrap().tag(), Some("caller100"));
+    let own = String::from_utf8_lossy(ok.as_bytes());
+    assert!(own.contains("192.168.1.20") && has_token(&own, "5062"));
+    assert!(has_token(&text, "5072") && text.contains(callee_call_id));
+}
+
+/// An SDES offer (RTP/SAVP with a key) from `ip`.
+fn srtp_offer(ip: &str, port: u16) -> String {
+    sdp_offer(ip, port).replace("RTP/AVP", "RTP/SAVP").replace(
+        "a=sendrecv\r\n",
+        "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB\r\na=sendrecv\r\n",
+    )
+}
+
+#[test]
+fn each_fork_gets_the_media_protection_of_its_own_transport_and_place() {
+    for (policy, tls_proto) in [
+        (EncryptionPolicy::RequiredRemote, "RTP/SAVP"),
+        // Best effort: keys offered in RTP/AVP, plain RTP accepted.
+        (EncryptionPolicy::Preferred, "RTP/AVP"),
+    ] {
+        let mut h = Harness::new(cfg());
+        let now = h.now;
+        h.core.set_directory(
+            now,
+            Directory::new([
+                ext("100", "pw100", policy),
+                ext("101", "pw101", EncryptionPolicy::Required),
+            ]),
+        );
+        let media = FakeMedia::default();
+        h.core.set_media(Box::new(media.clone()));
+        // 100 has a desk phone on the LAN over UDP and a softphone on the
+        // internet over TLS.
+        let desk = udp_from("192.168.1.20:5062");
+        let soft = tls_from("203.0.113.7:40001", 8);
+        for flow in [desk, soft] {
+            let mut ua = phone("100", "pw100", flow);
+            assert!(matches!(
+                h.register(&mut ua, flow).0,
+                RegisterOutcome::Registered { .. }
+            ));
+        }
+        // 101 calls over TLS with SRTP.
+        let caller_flow = tls_from("198.51.100.9:40000", 7);
+        let mut s = CallSetup {
+            h,
+            media,
+            caller: Caller {
+                user: "101",
+                password: "pw101",
+                flow: caller_flow,
+                cseq: 0,
+                challenge: None,
+                nc: 0,
+                extra: vec![],
+                offer: Some(srtp_offer("198.51.100.9", 4000)),
+            },
+            callee_flow: desk,
+        };
+        let out = s.dial("100");
+        assert_eq!(statuses_to(&out, caller_flow), [100], "{policy}: {out:?}");
+
+        let plain = invite_to(&out, desk);
+        let sdp = SessionDescription::parse(plain.body()).unwrap();
+        assert_eq!(sdp.media[0].proto, "RTP/AVP", "{policy}");
+        assert!(sdp.media[0].attribute("crypto").is_none(), "{policy}");
+        assert!(
+            plain
+                .top_via()
+                .unwrap()
+                .sent_by
+                .starts_with("127.0.0.1:5060")
+        );
+
+        let protected = invite_to(&out, soft);
+        let sdp = SessionDescription::parse(protected.body()).unwrap();
+        assert_eq!(sdp.media[0].proto, tls_proto, "{policy}");
+        let crypto: Vec<_> = sdp.media[0].crypto().collect();
+        assert_eq!(crypto.len(), 1, "{policy}");
+        assert_eq!(
+            crypto[0].suite,
+            Some(crate::srtp::Suite::AesCm128HmacSha1_80)
+        );
+        let text = String::from_utf8_lossy(protected.as_bytes());
+        assert!(
+            !text.contains("QUFBQUFB"),
+            "the caller's key leaked:\n{text}"
+        );
+        assert!(text.contains("SIP/2.0/TLS "));
+        assert!(
+            protected
+                .header(HeaderName::Contact)
+                .unwrap()
+                .contains("transport=tls")
+        );
+        // Only legs certain to stay SRTP share the media port.
+        let opened: Vec<String> = media_log(&s)
+            .into_iter()
+            .filter(|l| l.starts_with("open"))
+            .collect();
+        let shared = opened.iter().filter(|l| l.ends_with("Shared")).count();
+        let expected_shared = if policy == EncryptionPolicy::RequiredRemote {
+            2
+        } else {
+            1
+        };
+        assert_eq!((opened.len(), shared), (3, expected_shared), "{opened:?}");
+
+        // The desk phone answers with plain RTP: the caller still gets
+        // SRTP, with Parley's key under its own tag.
+        let out = s.h.send_flows(
+            desk,
+            reply(&plain, 200, "OK", Some(&sdp_offer("192.168.1.20", 6000))),
+        );
+        let ok = caller_ok(&out, caller_flow);
+        let answer = SessionDescription::parse(ok.body()).unwrap();
+        assert_eq!(answer.media[0].proto, "RTP/SAVP");
+        let crypto: Vec<_> = answer.media[0].crypto().collect();
+        assert_eq!(crypto.len(), 1);
+        assert_eq!(crypto[0].tag, 1);
+        assert!(!String::from_utf8_lossy(ok.body()).contains("QUFBQUFB"));
+        assert_eq!(requests_to(&out, soft, Method::Cancel).len(), 1);
+        let configured = s.media.configured.lock().unwrap().clone();
+        let keyed: Vec<bool> = configured.iter().map(|(_, m)| m.keys.is_some()).collect();
+        assert_eq!(keyed, [true, false], "caller leg SRTP, desk leg plain");
+    }
 }
