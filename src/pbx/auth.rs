@@ -464,25 +464,33 @@ mod tests {
         ));
     }
 
+    /// Extension 100 answers challenge `c` with nonce count `nc`.
+    fn register_as_100(
+        a: &mut Authenticator,
+        c: &Challenge,
+        nc: u32,
+        dir: &Directory,
+    ) -> AuthResult {
+        let h = c
+            .answer("REGISTER", "sip:parley.test", "100", "pw100", "cn", nc)
+            .to_header();
+        a.check(
+            100,
+            SRC,
+            &register(Some(&h)),
+            HeaderName::Authorization,
+            "100",
+            dir,
+        )
+    }
+
     #[test]
     fn nonce_count_must_grow() {
         let mut a = authenticator();
         let ch = a.challenges(100, SRC, false, None).to_strings();
         let c = Challenge::parse(&ch[1]).unwrap();
         let dir = directory();
-        let send = |a: &mut Authenticator, nc| {
-            let h = c
-                .answer("REGISTER", "sip:parley.test", "100", "pw100", "cn", nc)
-                .to_header();
-            a.check(
-                100,
-                SRC,
-                &register(Some(&h)),
-                HeaderName::Authorization,
-                "100",
-                &dir,
-            )
-        };
+        let send = |a: &mut Authenticator, nc| register_as_100(a, &c, nc, &dir);
         assert!(matches!(send(&mut a, 1), AuthResult::Authenticated(_)));
         assert!(
             matches!(send(&mut a, 1), AuthResult::Stale),
@@ -500,19 +508,7 @@ mod tests {
             let ch = a.challenges(100, SRC, false, None).to_strings();
             Challenge::parse(&ch[1]).unwrap()
         };
-        let send = |a: &mut Authenticator, c: &Challenge, nc| {
-            let h = c
-                .answer("REGISTER", "sip:parley.test", "100", "pw100", "cn", nc)
-                .to_header();
-            a.check(
-                100,
-                SRC,
-                &register(Some(&h)),
-                HeaderName::Authorization,
-                "100",
-                &dir,
-            )
-        };
+        let send = |a: &mut Authenticator, c: &Challenge, nc| register_as_100(a, c, nc, &dir);
         // A nonce issued before the others but first used after them.
         let late = nonce(&mut a);
         let first = nonce(&mut a);

@@ -717,26 +717,7 @@ impl Caller {
         for (name, value) in &self.extra {
             b.header(*name, value);
         }
-        b.header_fmt(
-            HeaderName::Via,
-            format_args!(
-                "SIP/2.0/{} {};branch=z9hG4bKinv{}",
-                self.flow.transport.via_token(),
-                self.flow.remote,
-                self.cseq
-            ),
-        );
-        b.header(HeaderName::MaxForwards, "70");
-        b.header_fmt(
-            HeaderName::From,
-            format_args!(
-                "\"Desk {u}\" <sip:{u}@{REALM}>;tag=caller{u}",
-                u = self.user
-            ),
-        );
-        b.header_fmt(HeaderName::To, format_args!("<sip:{to}@{REALM}>"));
-        b.header(HeaderName::CallId, "call-1@phone");
-        b.header_fmt(HeaderName::CSeq, format_args!("{} INVITE", self.cseq));
+        self.transaction_headers(&mut b, to, "INVITE");
         b.header_fmt(
             HeaderName::Contact,
             format_args!("<sip:{}@{}>", self.user, self.flow.remote),
@@ -764,6 +745,13 @@ impl Caller {
     /// Request-URI, top Via, Call-ID, From, To and CSeq number).
     fn cancel(&self, to: &str) -> Bytes {
         let mut b = MessageBuilder::request("CANCEL", &format!("sip:{to}@{REALM}"));
+        self.transaction_headers(&mut b, to, "CANCEL");
+        b.finish_with_body(None, b"")
+    }
+
+    /// Via, Max-Forwards, From, To, Call-ID and CSeq of the current INVITE
+    /// transaction (a CANCEL repeats them with its own method).
+    fn transaction_headers(&self, b: &mut MessageBuilder, to: &str, method: &str) {
         b.header_fmt(
             HeaderName::Via,
             format_args!(
@@ -783,8 +771,7 @@ impl Caller {
         );
         b.header_fmt(HeaderName::To, format_args!("<sip:{to}@{REALM}>"));
         b.header(HeaderName::CallId, "call-1@phone");
-        b.header_fmt(HeaderName::CSeq, format_args!("{} CANCEL", self.cseq));
-        b.finish_with_body(None, b"")
+        b.header_fmt(HeaderName::CSeq, format_args!("{} {method}", self.cseq));
     }
 
     fn in_dialog(&mut self, method: &str, ok: &Message) -> Bytes {
