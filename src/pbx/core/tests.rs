@@ -810,6 +810,11 @@ impl Caller {
 }
 
 /// A callee device's answer to what Parley sent it.
+/// The challenge a 407 carries (the last Proxy-Authenticate, MD5).
+fn proxy_challenge(msg: &Message) -> Challenge {
+    Challenge::parse(msg.headers(HeaderName::ProxyAuthenticate).last().unwrap()).unwrap()
+}
+
 fn reply(req: &Message, status: u16, reason: &str, sdp: Option<&str>) -> Bytes {
     reply_as(
         req,
@@ -894,15 +899,7 @@ impl CallSetup {
         let challenge = &first[0].1;
         assert_eq!(challenge.status(), Some(407));
         self.caller.nc = 0;
-        self.caller.challenge = Some(
-            Challenge::parse(
-                challenge
-                    .headers(HeaderName::ProxyAuthenticate)
-                    .last()
-                    .unwrap(),
-            )
-            .unwrap(),
-        );
+        self.caller.challenge = Some(proxy_challenge(&challenge));
         self.h.send_flows(self.caller.flow, self.caller.invite(to))
     }
 }
@@ -2249,16 +2246,7 @@ fn invite_with_a_stale_nonce_is_rechallenged_with_stale_true() {
     let mut s = call_setup();
     let first = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
     assert_eq!(first[0].1.status(), Some(407));
-    s.caller.challenge = Some(
-        Challenge::parse(
-            first[0]
-                .1
-                .headers(HeaderName::ProxyAuthenticate)
-                .last()
-                .unwrap(),
-        )
-        .unwrap(),
-    );
+    s.caller.challenge = Some(proxy_challenge(&first[0].1));
     s.h.advance(Duration::from_secs(301));
     let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
     assert_eq!(out.len(), 1, "{out:?}");
@@ -2287,16 +2275,7 @@ fn repeated_wrong_passwords_on_invite_lock_the_caller_out() {
     let mut s = call_setup();
     s.caller.password = "old-password";
     let first = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
-    s.caller.challenge = Some(
-        Challenge::parse(
-            first[0]
-                .1
-                .headers(HeaderName::ProxyAuthenticate)
-                .last()
-                .unwrap(),
-        )
-        .unwrap(),
-    );
+    s.caller.challenge = Some(proxy_challenge(&first[0].1));
     for _ in 0..3 {
         let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
         assert_eq!(statuses_to(&out, s.caller.flow), [407]);
@@ -2351,16 +2330,7 @@ fn repeated_wrong_passwords_on_invite_lock_the_caller_out() {
 fn a_successful_invite_clears_earlier_failures_as_a_registration_does() {
     let mut s = call_setup();
     let first = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
-    s.caller.challenge = Some(
-        Challenge::parse(
-            first[0]
-                .1
-                .headers(HeaderName::ProxyAuthenticate)
-                .last()
-                .unwrap(),
-        )
-        .unwrap(),
-    );
+    s.caller.challenge = Some(proxy_challenge(&first[0].1));
     let attempt = |s: &mut CallSetup, password: &'static str| {
         s.caller.password = password;
         s.h.send_flows(s.caller.flow, s.caller.invite("102"))
@@ -2390,16 +2360,7 @@ fn invite_policy_refuses_plain_signaling_from_outside_the_lan_after_credentials(
     s.caller.flow = udp_from("198.51.100.9:5060");
     s.caller.password = "guess";
     let first = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
-    s.caller.challenge = Some(
-        Challenge::parse(
-            first[0]
-                .1
-                .headers(HeaderName::ProxyAuthenticate)
-                .last()
-                .unwrap(),
-        )
-        .unwrap(),
-    );
+    s.caller.challenge = Some(proxy_challenge(&first[0].1));
     // A wrong password learns nothing about the policy.
     let out = s.h.send_flows(s.caller.flow, s.caller.invite("102"));
     assert_eq!(statuses_to(&out, s.caller.flow), [407]);
