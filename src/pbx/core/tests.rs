@@ -899,7 +899,7 @@ impl CallSetup {
         let challenge = &first[0].1;
         assert_eq!(challenge.status(), Some(407));
         self.caller.nc = 0;
-        self.caller.challenge = Some(proxy_challenge(&challenge));
+        self.caller.challenge = Some(proxy_challenge(challenge));
         self.h.send_flows(self.caller.flow, self.caller.invite(to))
     }
 }
