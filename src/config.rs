@@ -98,6 +98,7 @@ pub struct MediaSection {
     pub rtp_ports: Option<String>,
     pub ring_timeout_secs: Option<u64>,
     pub media_timeout_secs: Option<u64>,
+    pub hold_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +154,8 @@ pub struct Config {
     pub ring_timeout: Duration,
     /// A call whose media stops this long is hung up.
     pub media_timeout: Duration,
+    /// A call on hold whose media stops this long is hung up; `None`: never.
+    pub hold_timeout: Option<Duration>,
     pub md5_only_user_agents: Vec<String>,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
@@ -364,6 +367,18 @@ impl Config {
             "media.media_timeout_secs",
             f.media.media_timeout_secs.unwrap_or(60),
         )?);
+        // Phones on hold may send nothing, so a held call gets far longer;
+        // the limit only frees calls whose phones vanished while held.
+        let hold_timeout = match f.media.hold_timeout_secs.unwrap_or(3600) {
+            0 => None,
+            s if s < media_timeout.as_secs() => {
+                return Err(ConfigError::new(
+                    "media.hold_timeout_secs",
+                    "must be 0 (never) or at least media.media_timeout_secs",
+                ));
+            }
+            s => Some(Duration::from_secs(s)),
+        };
         let log_level = f.log.level.unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(ConfigError::new(
@@ -389,6 +404,7 @@ impl Config {
             nonce_lifetime_secs,
             ring_timeout,
             media_timeout,
+            hold_timeout,
             md5_only_user_agents,
             cert_file,
             key_file,
@@ -410,6 +426,7 @@ impl Config {
         c.md5_only_user_agents = self.md5_only_user_agents.clone();
         c.advertise = self.advertise;
         c.ring_timeout = self.ring_timeout;
+        c.hold_timeout = self.hold_timeout;
         c.keepalive = Some(self.keepalive);
         c
     }
@@ -550,6 +567,9 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./parley-data"));
         assert_eq!(c.cert_file, PathBuf::from("./parley-data/certs/server.crt"));
         assert_eq!(c.registrar, RegistrarConfig::default());
+        assert_eq!(c.hold_timeout, Some(Duration::from_secs(3600)));
+        let never = resolve("[media]\nhold_timeout_secs = 0\n").unwrap();
+        assert_eq!(never.hold_timeout, None);
     }
 
     #[test]
@@ -584,6 +604,10 @@ mod tests {
             ("[sip]\nadvertise = \"0.0.0.0\"\n", "sip.advertise"),
             ("[media]\nrtp_ports = \"30000-20000\"\n", "media.rtp_ports"),
             ("[sip]\nkeepalive_secs = 2\n", "sip.keepalive_secs"),
+            (
+                "[media]\nmedia_timeout_secs = 120\nhold_timeout_secs = 60\n",
+                "media.hold_timeout_secs",
+            ),
             (
                 "[security]\nlan_networks = [\"10.0.0.0/33\"]\n",
                 "security.lan_networks",

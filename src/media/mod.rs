@@ -47,8 +47,11 @@ pub struct MediaConfig {
 /// What the data plane reports to signaling.
 #[derive(Debug, Clone)]
 pub enum MediaEvent {
-    /// A bridged leg received nothing for the configured time.
+    /// A bridged leg received nothing for the configured time. Reported
+    /// once per quiet spell, and not again after the leg is configured anew.
     Inactive { id: LegId, idle: Duration },
+    /// A leg reported inactive received media again.
+    Active { id: LegId },
     /// A leg was closed; its final statistics.
     Closed { report: LegReport },
 }

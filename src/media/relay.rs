@@ -550,11 +550,15 @@ impl Relay {
         }
     }
 
-    /// Reports bridged legs whose phone went quiet.
+    /// Reports bridged legs whose phone went quiet, and quiet legs whose
+    /// phone was heard again (checked here, off the packet path).
     fn tick(&mut self, now: Instant) {
         for (_, s) in self.slots.iter_mut() {
             let leg = &mut s.leg;
-            if s.peer.is_some()
+            if leg.inactivity_reported && now.duration_since(leg.last_activity) < self.inactivity {
+                leg.inactivity_reported = false;
+                let _ = self.events.send(MediaEvent::Active { id: leg.id });
+            } else if s.peer.is_some()
                 && leg.is_configured()
                 && !leg.inactivity_reported
                 && now.duration_since(leg.last_activity) >= self.inactivity

@@ -335,6 +335,14 @@ fn bridge_two_srtp_legs(port: LegPort, lo: u16) {
     }
     inactive.sort();
     assert_eq!(inactive, [leg_a.id, leg_b.id]);
+    // Phone A is heard again: reported once.
+    phone_a
+        .send_to(&protect(&mut a_tx, &rtp(51, 0xA, &[2; 160])), to_a)
+        .unwrap();
+    match rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), events.recv()).await }) {
+        Ok(Some(MediaEvent::Active { id })) => assert_eq!(id, leg_a.id),
+        other => panic!("expected activity, got {other:?}"),
+    }
 
     engine.close(leg_a.id).unwrap();
     let report = match rt
@@ -345,7 +353,7 @@ fn bridge_two_srtp_legs(port: LegPort, lo: u16) {
     };
     assert_eq!(report.id, leg_a.id);
     assert_eq!(report.suite, Some(Suite::AesCm128HmacSha1_80));
-    assert_eq!((report.received_packets, report.sent_packets), (51, 50));
+    assert_eq!((report.received_packets, report.sent_packets), (52, 50));
     // On its own port leg A sees both forgeries and counts them; on the
     // shared port the stranger matches no leg, and phone B's packet goes to
     // leg B, whose address it comes from.

@@ -73,6 +73,9 @@ pub struct CoreConfig {
     pub advertise: Option<std::net::IpAddr>,
     /// How long a call rings before the caller gets 480.
     pub ring_timeout: Duration,
+    /// How long a call on hold may go without any media before it is hung
+    /// up (the relay's quiet time does not apply while held); `None`: never.
+    pub hold_timeout: Option<Duration>,
     /// How often remote UDP contacts are pinged to keep their NAT
     /// mappings open; `None` or zero turns the pings off.
     pub keepalive: Option<Duration>,
@@ -93,6 +96,7 @@ impl CoreConfig {
             md5_only_user_agents: vec!["baresip v0.".into(), "baresip v1.".into()],
             advertise: None,
             ring_timeout: Duration::from_secs(30),
+            hold_timeout: Some(Duration::from_secs(3600)),
             keepalive: Some(Duration::from_secs(25)),
         }
     }

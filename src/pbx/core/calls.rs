@@ -42,6 +42,7 @@ use crate::sip::transaction::{ClientTxId, ServerTxId};
 use crate::sip::transport::{Flow, Transport};
 use crate::srtp::MasterKey;
 use in_dialog::{Relayed, SessionTimer, SessionTimerRequest, session_timer_request};
+use smallvec::SmallVec;
 
 /// Most calls up at once; beyond this new INVITEs get 503.
 pub const MAX_CALLS: usize = 10_000;
@@ -169,6 +170,9 @@ struct Call {
     offer_in_ok: Option<Side>,
     /// The device whose early media (18x with SDP) the caller hears.
     early: Option<usize>,
+    /// Legs reported quiet while the call was on hold, with when their
+    /// silence began; a leg leaves when it is heard again or reconfigured.
+    held_quiet: SmallVec<[(LegId, Instant); 2]>,
 }
 
 impl Call {
@@ -200,6 +204,9 @@ pub(crate) struct Calls {
     relayed: HashMap<ClientTxId, Relayed>,
     /// Session timers: (when, call slot, call uid); stale entries skipped.
     session_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// When a quiet leg of a held call may have run out of time: (when,
+    /// call slot, call uid); checked against `held_quiet` when due.
+    hold_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Forks of ended calls whose INVITE may still be answered (a phone
     /// picked up just as the caller hung up): a late 2xx gets ACK and BYE.
     late_forks: HashMap<ClientTxId, LateFork>,
@@ -244,7 +251,12 @@ impl Calls {
         let ring = self.ring_timers.peek().map(|Reverse((t, _, _))| *t);
         let report = self.pending.iter().map(|p| p.deadline).min();
         let session = self.session_timers.peek().map(|Reverse((t, _, _))| *t);
-        ring.into_iter().chain(report).chain(session).min()
+        let hold = self.hold_timers.peek().map(|Reverse((t, _, _))| *t);
+        ring.into_iter()
+            .chain(report)
+            .chain(session)
+            .chain(hold)
+            .min()
     }
 }
 
@@ -684,6 +696,7 @@ impl Core {
             refresh_seq: None,
             offer_in_ok: None,
             early: None,
+            held_quiet: SmallVec::new(),
             reinvite: None,
         });
     }
@@ -1316,7 +1329,37 @@ impl Core {
                 .push_back(super::Output::CallEnded(Box::new(p.record)));
         }
         self.session_timers(now);
+        self.hold_timers(now);
         self.calls.late_forks.retain(|_, l| l.until > now);
+    }
+
+    /// Ends held calls whose quiet leg has stayed quiet for the hold
+    /// timeout: its phone is gone.
+    fn hold_timers(&mut self, now: Instant) {
+        let Some(limit) = self.cfg.hold_timeout else {
+            return;
+        };
+        while let Some(&Reverse((deadline, idx, uid))) = self.calls.hold_timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.calls.hold_timers.pop();
+            let Some(call) = self.calls.calls.get(idx).filter(|c| c.uid == uid) else {
+                continue;
+            };
+            let expired = call.on_hold()
+                && call
+                    .held_quiet
+                    .iter()
+                    .any(|&(_, since)| since + limit <= now);
+            if expired {
+                tracing::warn!(
+                    call_ref = %call.call_ref, quiet_secs = limit.as_secs(),
+                    "no media from a phone on hold; ending the call"
+                );
+                self.end_answered_call(now, idx, "Media Timeout On Hold");
+            }
+        }
     }
 
     /// An answer on a fork of a call that already ended: a 2xx is
@@ -1363,13 +1406,24 @@ impl Core {
                     return;
                 };
                 // A phone on hold may send nothing at all (many stop RTP
-                // and RTCP both); silence then says nothing about the call.
+                // and RTCP both); silence then says little about the call,
+                // which gets the (much longer) hold timeout instead.
                 // Resuming re-configures the legs, which restarts the clock.
-                if self.calls.calls[idx].on_hold() {
+                let call = &mut self.calls.calls[idx];
+                if call.on_hold() {
                     tracing::debug!(
-                        call_ref = %self.calls.calls[idx].call_ref, leg = %id,
+                        call_ref = %call.call_ref, leg = %id,
                         "no media during hold; the call stays up"
                     );
+                    let since = now.checked_sub(idle).unwrap_or(now);
+                    call.held_quiet.retain(|(leg, _)| *leg != id);
+                    call.held_quiet.push((id, since));
+                    if let Some(limit) = self.cfg.hold_timeout {
+                        let uid = call.uid;
+                        self.calls
+                            .hold_timers
+                            .push(Reverse((since + limit, idx, uid)));
+                    }
                     return;
                 }
                 tracing::warn!(
@@ -1377,6 +1431,13 @@ impl Core {
                     "no media from a phone; ending the call"
                 );
                 self.end_answered_call(now, idx, "Media Timeout");
+            }
+            MediaEvent::Active { id } => {
+                if let Some(&idx) = self.calls.by_leg.get(&id) {
+                    self.calls.calls[idx]
+                        .held_quiet
+                        .retain(|(leg, _)| *leg != id);
+                }
             }
             MediaEvent::Closed { report } => self.attach_report(now, report),
         }
@@ -1427,7 +1488,7 @@ fn leg_media(phone: &PhoneMedia, local: &LocalMedia, flow: Flow) -> LegMedia {
         phone_key: key.clone(),
         parley_key: local.key.clone(),
     });
-    let mut trusted = smallvec::SmallVec::new();
+    let mut trusted = SmallVec::new();
     if let Some(rtp) = phone.rtp {
         trusted.push(rtp.ip());
     }
@@ -1635,6 +1696,8 @@ impl Core {
             }
         }
         let timer = (r.from == Side::Caller).then_some(call.session).flatten();
+        // Reconfigured legs start a new quiet clock in the relay.
+        call.held_quiet.clear();
         self.media.configure(x_leg, x_media);
         self.media.configure(y_leg, y_media);
         let contact = self.contact_uri(&r.flow);

@@ -1316,6 +1316,89 @@ fn a_callee_that_cannot_do_its_required_srtp_fails_the_call_with_a_reason() {
     }
 }
 
+/// The caller re-INVITEs with `caller_dir` (hold, resume), the callee
+/// agrees with `callee_dir`; checks what each side sees on the way.
+fn caller_renegotiates(
+    s: &mut CallSetup,
+    invite: &Message,
+    ok: &Message,
+    caller_dir: &str,
+    callee_dir: &str,
+) {
+    s.caller.cseq += 1;
+    let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap())
+        .unwrap()
+        .uri
+        .to_string();
+    let mut b = MessageBuilder::request("INVITE", &contact);
+    b.header_fmt(
+        HeaderName::Via,
+        format_args!(
+            "SIP/2.0/UDP {};branch=z9hG4bKre{}",
+            s.caller.flow.remote, s.caller.cseq
+        ),
+    );
+    b.header(HeaderName::From, ok.header(HeaderName::From).unwrap());
+    b.header(HeaderName::To, ok.header(HeaderName::To).unwrap());
+    b.header(HeaderName::CallId, "call-1@phone");
+    b.header_fmt(HeaderName::CSeq, format_args!("{} INVITE", s.caller.cseq));
+    b.header_fmt(
+        HeaderName::Contact,
+        format_args!("<sip:100@{}>", s.caller.flow.remote),
+    );
+    let body = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", &format!("a={caller_dir}"));
+    let out = s.h.send_flows(
+        s.caller.flow,
+        b.finish_with_body(Some("application/sdp"), body.as_bytes()),
+    );
+    assert!(
+        out.iter()
+            .any(|(f, m)| *f == s.caller.flow && m.status() == Some(100))
+    );
+    let (f, reinvite) = out
+        .iter()
+        .find(|(_, m)| m.method() == Some(Method::Invite))
+        .expect("re-INVITE to the callee");
+    assert_eq!(*f, s.callee_flow);
+    // In the callee's dialog: its Call-ID and tags, the next CSeq.
+    assert_eq!(reinvite.call_id(), invite.call_id());
+    assert_eq!(reinvite.to().unwrap().tag(), Some("calleetag"));
+    let offer = SessionDescription::parse(reinvite.body()).unwrap();
+    assert_eq!(
+        offer.media_direction(0),
+        match caller_dir {
+            "sendonly" => Direction::SendOnly,
+            _ => Direction::SendRecv,
+        }
+    );
+    let first = SessionDescription::parse(invite.body()).unwrap();
+    assert_eq!(
+        offer.media[0].port, first.media[0].port,
+        "same leg, same port"
+    );
+    assert!(offer.origin.session_version > first.origin.session_version);
+
+    // The callee agrees; Parley ACKs it and answers the caller.
+    let answer = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", &format!("a={callee_dir}"));
+    let mut rb = MessageBuilder::response_to(reinvite, 200, "OK", None);
+    rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
+    let out = s.h.send_flows(
+        s.callee_flow,
+        rb.finish_with_body(Some("application/sdp"), answer.as_bytes()),
+    );
+    let ack = out
+        .iter()
+        .find(|(_, m)| m.method() == Some(Method::Ack))
+        .expect("ACK to the callee");
+    assert_eq!(ack.1.cseq().unwrap().seq, reinvite.cseq().unwrap().seq);
+    let (_, ok2) = out
+        .iter()
+        .find(|(f, m)| *f == s.caller.flow && m.status() == Some(200))
+        .expect("200 to the caller");
+    let to_caller = SessionDescription::parse(ok2.body()).unwrap();
+    assert_eq!(to_caller.media_direction(0).name(), callee_dir);
+}
+
 #[test]
 fn hold_and_resume_pass_through_to_the_other_side() {
     let mut s = call_setup();
@@ -1337,81 +1420,7 @@ fn hold_and_resume_pass_through_to_the_other_side() {
     let configured_before = s.media.configured.lock().unwrap().len();
 
     for (caller_dir, callee_dir) in [("sendonly", "recvonly"), ("sendrecv", "sendrecv")] {
-        // The caller re-INVITEs (hold, then resume).
-        s.caller.cseq += 1;
-        let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap())
-            .unwrap()
-            .uri
-            .to_string();
-        let mut b = MessageBuilder::request("INVITE", &contact);
-        b.header_fmt(
-            HeaderName::Via,
-            format_args!(
-                "SIP/2.0/UDP {};branch=z9hG4bKre{}",
-                s.caller.flow.remote, s.caller.cseq
-            ),
-        );
-        b.header(HeaderName::From, ok.header(HeaderName::From).unwrap());
-        b.header(HeaderName::To, ok.header(HeaderName::To).unwrap());
-        b.header(HeaderName::CallId, "call-1@phone");
-        b.header_fmt(HeaderName::CSeq, format_args!("{} INVITE", s.caller.cseq));
-        b.header_fmt(
-            HeaderName::Contact,
-            format_args!("<sip:100@{}>", s.caller.flow.remote),
-        );
-        let body =
-            sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", &format!("a={caller_dir}"));
-        let out = s.h.send_flows(
-            s.caller.flow,
-            b.finish_with_body(Some("application/sdp"), body.as_bytes()),
-        );
-        assert!(
-            out.iter()
-                .any(|(f, m)| *f == s.caller.flow && m.status() == Some(100))
-        );
-        let (f, reinvite) = out
-            .iter()
-            .find(|(_, m)| m.method() == Some(Method::Invite))
-            .expect("re-INVITE to the callee");
-        assert_eq!(*f, s.callee_flow);
-        // In the callee's dialog: its Call-ID and tags, the next CSeq.
-        assert_eq!(reinvite.call_id(), invite.call_id());
-        assert_eq!(reinvite.to().unwrap().tag(), Some("calleetag"));
-        let offer = SessionDescription::parse(reinvite.body()).unwrap();
-        assert_eq!(
-            offer.media_direction(0),
-            match caller_dir {
-                "sendonly" => Direction::SendOnly,
-                _ => Direction::SendRecv,
-            }
-        );
-        let first = SessionDescription::parse(invite.body()).unwrap();
-        assert_eq!(
-            offer.media[0].port, first.media[0].port,
-            "same leg, same port"
-        );
-        assert!(offer.origin.session_version > first.origin.session_version);
-
-        // The callee agrees; Parley ACKs it and answers the caller.
-        let answer =
-            sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", &format!("a={callee_dir}"));
-        let mut rb = MessageBuilder::response_to(reinvite, 200, "OK", None);
-        rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
-        let out = s.h.send_flows(
-            s.callee_flow,
-            rb.finish_with_body(Some("application/sdp"), answer.as_bytes()),
-        );
-        let ack = out
-            .iter()
-            .find(|(_, m)| m.method() == Some(Method::Ack))
-            .expect("ACK to the callee");
-        assert_eq!(ack.1.cseq().unwrap().seq, reinvite.cseq().unwrap().seq);
-        let (_, ok2) = out
-            .iter()
-            .find(|(f, m)| *f == s.caller.flow && m.status() == Some(200))
-            .expect("200 to the caller");
-        let to_caller = SessionDescription::parse(ok2.body()).unwrap();
-        assert_eq!(to_caller.media_direction(0).name(), callee_dir);
+        caller_renegotiates(&mut s, &invite, &ok, caller_dir, callee_dir);
         if caller_dir == "sendonly" {
             // Phones on hold may send nothing: quiet media is no reason to
             // end a held call.
@@ -1453,6 +1462,68 @@ fn hold_and_resume_pass_through_to_the_other_side() {
         .count();
     assert_eq!(byes, 2, "{out:?}");
     assert_eq!(s.h.core.call_count(), 0);
+}
+
+#[test]
+fn a_held_call_whose_phone_vanished_ends_after_the_hold_timeout() {
+    let mut s = call_setup();
+    let (invite, ok) = answered_call_with_invite(&mut s);
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    caller_renegotiates(&mut s, &invite, &ok, "sendonly", "recvonly");
+    let legs = leg_ids(&s);
+    let hold = Duration::from_secs(3600);
+    let quiet = |s: &mut CallSetup, id| {
+        s.h.core.handle_media_event(
+            s.h.now,
+            MediaEvent::Inactive {
+                id,
+                idle: Duration::from_secs(60),
+            },
+        )
+    };
+    // Phones sent a BYE (retransmissions over UDP counted once).
+    let byes = |out: &[(Flow, Message)]| {
+        let mut to: Vec<Flow> = out
+            .iter()
+            .filter(|(_, m)| m.method() == Some(Method::Bye))
+            .map(|(f, _)| *f)
+            .collect();
+        to.dedup();
+        to.sort_by_key(|f| f.remote);
+        to.dedup();
+        to.len()
+    };
+    // Quiet, then heard again (RTCP, say): the clock stops.
+    quiet(&mut s, legs[0]);
+    s.h.core
+        .handle_media_event(s.h.now, MediaEvent::Active { id: legs[0] });
+    let out = s.h.advance(hold);
+    assert_eq!(byes(&out), 0, "{out:?}");
+    // Quiet for good: the call ends once the silence reaches the limit
+    // (it began 60 s before the relay reported it).
+    quiet(&mut s, legs[1]);
+    let out = s.h.advance(hold - Duration::from_secs(61));
+    assert_eq!(byes(&out), 0, "{out:?}");
+    assert_eq!(s.h.core.call_count(), 1);
+    let out = s.h.advance(Duration::from_secs(2));
+    assert_eq!(byes(&out), 2, "{out:?}");
+    assert_eq!(s.h.core.call_count(), 0);
+    s.h.advance(Duration::from_secs(3));
+    let cdr = s.h.calls.last().unwrap();
+    assert_eq!(cdr.sip_reason, "Media Timeout On Hold");
+
+    // A resumed call does not inherit the quiet clock of its hold.
+    let mut s = call_setup();
+    let (invite, ok) = answered_call_with_invite(&mut s);
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    caller_renegotiates(&mut s, &invite, &ok, "sendonly", "recvonly");
+    let first = leg_ids(&s)[0];
+    quiet(&mut s, first);
+    caller_renegotiates(&mut s, &invite, &ok, "sendrecv", "sendrecv");
+    caller_renegotiates(&mut s, &invite, &ok, "sendonly", "recvonly");
+    let out = s.h.advance(hold);
+    assert_eq!(byes(&out), 0, "{out:?}");
+    assert_eq!(s.h.core.call_count(), 1);
 }
 
 /// The media legs configured so far, each once.

@@ -420,6 +420,8 @@ impl Core {
             Side::Caller => call.caller_media = answer,
             Side::Callee => call.callee_media = Some(answer),
         }
+        // The reconfigured leg starts a new quiet clock in the relay.
+        call.held_quiet.retain(|(l, _)| *l != leg);
         self.media.configure(leg, media);
     }
 
