@@ -55,7 +55,9 @@ pub enum AuthResult {
 /// forgotten nonce be replayed.
 #[derive(Default)]
 struct NonceCounts {
-    recent: SmallVec<[(Box<str>, NonceSerial, u32); NONCES_PER_EXTENSION]>,
+    /// (nonce, last count). A nonce that passed its MAC check is known by
+    /// its serial alone: no two nonces of one issuer share one.
+    recent: SmallVec<[(NonceSerial, u32); NONCES_PER_EXTENSION]>,
     forgotten_up_to: Option<NonceSerial>,
 }
 
@@ -216,7 +218,7 @@ impl Authenticator {
         let Some(serial) = fresh else {
             return AuthResult::Stale;
         };
-        if !self.note_nonce_count(&ext.number, &creds.nonce, serial, creds.nc) {
+        if !self.note_nonce_count(&ext.number, serial, creds.nc) {
             tracing::info!(extension = %ext.number, nc = creds.nc, "replayed nonce count refused");
             return AuthResult::Stale;
         }
@@ -230,35 +232,29 @@ impl Authenticator {
 
     /// Records `nc` for this nonce; false if it is not above the last one,
     /// or if the nonce is not remembered and may have been forgotten.
-    fn note_nonce_count(
-        &mut self,
-        extension: &str,
-        nonce: &str,
-        serial: NonceSerial,
-        nc: u32,
-    ) -> bool {
+    fn note_nonce_count(&mut self, extension: &str, serial: NonceSerial, nc: u32) -> bool {
         if !self.seen.contains_key(extension) {
             self.seen.insert(extension.into(), NonceCounts::default());
         }
         let counts = self.seen.get_mut(extension).expect("just inserted");
-        if let Some(entry) = counts.recent.iter_mut().find(|(n, _, _)| &**n == nonce) {
-            if nc <= entry.2 {
+        if let Some(entry) = counts.recent.iter_mut().find(|(s, _)| *s == serial) {
+            if nc <= entry.1 {
                 return false;
             }
-            entry.2 = nc;
+            entry.1 = nc;
             return true;
         }
         if counts.forgotten_up_to.is_some_and(|f| serial <= f) {
             return false;
         }
-        counts.recent.push((nonce.into(), serial, nc));
+        counts.recent.push((serial, nc));
         if counts.recent.len() > NONCES_PER_EXTENSION {
             // The oldest goes, so every nonce still remembered is newer
             // than every one forgotten.
             let oldest = (0..counts.recent.len())
-                .min_by_key(|&i| counts.recent[i].1)
+                .min_by_key(|&i| counts.recent[i].0)
                 .expect("not empty");
-            let (_, gone, _) = counts.recent.remove(oldest);
+            let (gone, _) = counts.recent.remove(oldest);
             counts.forgotten_up_to = Some(counts.forgotten_up_to.map_or(gone, |f| f.max(gone)));
         }
         true
