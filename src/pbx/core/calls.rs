@@ -959,6 +959,7 @@ impl Core {
                     .finish_with_body(None, b"");
                 let _ = self.tx.send_request(now, flow, bye);
                 self.calls.calls[idx].branches[bi].media_refusal = Some(e.to_string());
+                self.watch_refused_fork(now, idx, bi);
                 return self.fork_failed(now, idx, bi, 488);
             }
         };
@@ -972,6 +973,7 @@ impl Core {
                     .finish_with_body(None, b"");
                 let _ = self.tx.send_request(now, flow, bye);
                 self.calls.calls[idx].branches[bi].media_refusal = Some(e.to_string());
+                self.watch_refused_fork(now, idx, bi);
                 return self.fork_failed(
                     now,
                     idx,
@@ -1362,9 +1364,27 @@ impl Core {
         }
     }
 
-    /// An answer on a fork of a call that already ended: a 2xx is
-    /// acknowledged (every retransmission) and hung up (once), so the phone
-    /// does not sit in a call nobody is on.
+    /// A device whose 2xx Parley refused (its media could not be used) was
+    /// sent ACK and BYE; should it repeat the 2xx (the ACK lost), the
+    /// repeats are acknowledged too, with no second BYE.
+    fn watch_refused_fork(&mut self, now: Instant, idx: usize, bi: usize) {
+        let b = &self.calls.calls[idx].branches[bi];
+        if self.calls.late_forks.len() < MAX_LATE_FORKS {
+            self.calls.late_forks.insert(
+                b.tx,
+                LateFork {
+                    request: b.request.clone(),
+                    flow: b.flow,
+                    bye_sent: true,
+                    until: now + self.cfg.timers.t1 * 64,
+                },
+            );
+        }
+    }
+
+    /// An answer on a fork that is over (its call ended, or its media was
+    /// refused): a 2xx is acknowledged (every retransmission) and hung up
+    /// (once), so the phone does not sit in a call nobody is on.
     fn late_fork_response(&mut self, now: Instant, ctx: ClientTxId, msg: &Message) {
         let Some(late) = self.calls.late_forks.get(&ctx) else {
             return;
@@ -1382,7 +1402,7 @@ impl Core {
         let Ok(mut dialog) = Dialog::as_uac(&late.request, msg, &contact) else {
             return;
         };
-        tracing::info!(%flow, "a device answered a call that had already ended; hanging it up");
+        tracing::info!(%flow, "a device answered a fork that is over; hanging it up");
         let ack = dialog.ack(1, &self.via(&flow, &branch_id()), None);
         self.transmit(flow, ack);
         let via = self.via(&flow, &branch_id());

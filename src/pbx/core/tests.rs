@@ -1293,7 +1293,7 @@ fn a_callee_that_cannot_do_its_required_srtp_fails_the_call_with_a_reason() {
                 rb.finish_with_body(Some("application/sdp"), plain.as_bytes())
             }
         };
-        let out = s.h.send_flows(remote, reply_bytes);
+        let out = s.h.send_flows(remote, reply_bytes.clone());
         let (_, refusal) = out
             .iter()
             .find(|(f, m)| *f == s.caller.flow && m.status().is_some_and(|c| c >= 300))
@@ -1311,6 +1311,10 @@ fn a_callee_that_cannot_do_its_required_srtp_fails_the_call_with_a_reason() {
                     .any(|(f, m)| *f == remote && m.method() == Some(Method::Bye)),
                 "{out:?}"
             );
+            // Its 200 again (our ACK lost): acknowledged, not hung up twice.
+            let again = s.h.send_flows(remote, reply_bytes);
+            let methods: Vec<_> = again.iter().filter_map(|(_, m)| m.method()).collect();
+            assert_eq!(methods, [Method::Ack], "{again:?}");
         }
         assert_eq!(s.h.core.call_count(), 0);
     }
