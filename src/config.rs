@@ -7,6 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The longest hold timeout accepted: a week.
+const MAX_HOLD_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -369,12 +372,15 @@ impl Config {
         )?);
         // Phones on hold may send nothing, so a held call gets far longer;
         // the limit only frees calls whose phones vanished while held.
-        let hold_timeout = match f.media.hold_timeout_secs.unwrap_or(3600) {
+        let default_hold = media_timeout.as_secs().max(3600);
+        let hold_timeout = match f.media.hold_timeout_secs.unwrap_or(default_hold) {
             0 => None,
-            s if s < media_timeout.as_secs() => {
+            s if s < media_timeout.as_secs() || s > MAX_HOLD_TIMEOUT_SECS => {
                 return Err(ConfigError::new(
                     "media.hold_timeout_secs",
-                    "must be 0 (never) or at least media.media_timeout_secs",
+                    format!(
+                        "must be 0 (never) or between media.media_timeout_secs and {MAX_HOLD_TIMEOUT_SECS}"
+                    ),
                 ));
             }
             s => Some(Duration::from_secs(s)),
@@ -570,6 +576,9 @@ mod tests {
         assert_eq!(c.hold_timeout, Some(Duration::from_secs(3600)));
         let never = resolve("[media]\nhold_timeout_secs = 0\n").unwrap();
         assert_eq!(never.hold_timeout, None);
+        // A long media timeout raises the default hold timeout with it.
+        let long = resolve("[media]\nmedia_timeout_secs = 7200\n").unwrap();
+        assert_eq!(long.hold_timeout, Some(Duration::from_secs(7200)));
     }
 
     #[test]
@@ -606,6 +615,10 @@ mod tests {
             ("[sip]\nkeepalive_secs = 2\n", "sip.keepalive_secs"),
             (
                 "[media]\nmedia_timeout_secs = 120\nhold_timeout_secs = 60\n",
+                "media.hold_timeout_secs",
+            ),
+            (
+                "[media]\nhold_timeout_secs = 99999999999\n",
                 "media.hold_timeout_secs",
             ),
             (

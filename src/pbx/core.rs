@@ -388,7 +388,7 @@ impl Core {
     fn handle_tu_input(&mut self, now: Instant, input: TuInput) {
         match input {
             TuInput::Request { tx, msg, flow } => self.handle_request(now, tx, msg, flow),
-            TuInput::Ack { msg, .. } => self.call_ack(&msg),
+            TuInput::Ack { msg, .. } => self.call_ack(now, &msg),
             TuInput::Response { tx, msg, .. } if self.keepalive.owns(tx) => {
                 self.keepalive_response(tx, &msg)
             }

@@ -173,6 +173,9 @@ struct Call {
     /// Legs reported quiet while the call was on hold, with when their
     /// silence began; a leg leaves when it is heard again or reconfigured.
     held_quiet: SmallVec<[(LegId, Instant); 2]>,
+    /// When each leg was last configured: the relay restarts a leg's quiet
+    /// clock then, so a quiet report from before that is out of date.
+    configured_at: SmallVec<[(LegId, Instant); 2]>,
 }
 
 impl Call {
@@ -697,6 +700,7 @@ impl Core {
             offer_in_ok: None,
             early: None,
             held_quiet: SmallVec::new(),
+            configured_at: SmallVec::new(),
             reinvite: None,
         });
     }
@@ -772,7 +776,8 @@ impl Core {
             _ => {
                 let branch = &mut self.calls.calls[idx].branches[bi];
                 if status == 488 && branch.security == MediaSecurity::Srtp {
-                    branch.media_refusal = Some("Callee Refused SRTP Required By Policy".into());
+                    branch.media_refusal =
+                        Some("Callee Refused The Media Offer (SRTP Required By Policy)".into());
                 }
                 self.fork_failed(now, idx, bi, status)
             }
@@ -856,9 +861,10 @@ impl Core {
         let caller_media = leg_media(&call.caller_media, &call.caller_local, call.caller_flow);
         let callee_media = leg_media(&answer, &branch.local, branch.flow);
         let (caller_leg, callee_leg) = (call.caller_leg.id, branch.leg.id);
-        self.media.configure(caller_leg, caller_media);
-        self.media.configure(callee_leg, callee_media);
+        self.configure_leg(now, idx, caller_leg, caller_media);
+        self.configure_leg(now, idx, callee_leg, callee_media);
         self.media.bridge(caller_leg, callee_leg);
+        let call = &self.calls.calls[idx];
         let contact = self.contact_uri(&call.caller_flow);
         let mut b = self.response_builder(&call.invite, call.caller_flow, 183, "Session Progress");
         b.header_fmt(HeaderName::Contact, format_args!("<{contact}>"));
@@ -991,8 +997,8 @@ impl Core {
         let caller_media = leg_media(&call.caller_media, &call.caller_local, call.caller_flow);
         let callee_media = leg_media(&answer, &branch.local, flow);
         let (caller_leg, callee_leg) = (call.caller_leg.id, branch.leg.id);
-        self.media.configure(caller_leg, caller_media);
-        self.media.configure(callee_leg, callee_media);
+        self.configure_leg(now, idx, caller_leg, caller_media);
+        self.configure_leg(now, idx, callee_leg, callee_media);
         self.media.bridge(caller_leg, callee_leg);
 
         // The caller's dialog, answered with 200 and Parley's SDP.
@@ -1164,7 +1170,7 @@ impl Core {
     }
 
     /// An ACK for the 200 Parley sent the caller.
-    pub(super) fn call_ack(&mut self, msg: &Message) {
+    pub(super) fn call_ack(&mut self, now: Instant, msg: &Message) {
         let local_tag = msg.to().and_then(|t| t.tag()).unwrap_or("");
         let key = (
             msg.call_id().unwrap_or("").to_string(),
@@ -1172,7 +1178,7 @@ impl Core {
         );
         if let Some(&(idx, side)) = self.calls.by_dialog.get(&key) {
             tracing::debug!(call_ref = %self.calls.calls[idx].call_ref, ?side, "acknowledged");
-            self.answer_in_ack(idx, side, msg);
+            self.answer_in_ack(now, idx, side, msg);
         }
     }
 
@@ -1349,11 +1355,13 @@ impl Core {
             let Some(call) = self.calls.calls.get(idx).filter(|c| c.uid == uid) else {
                 continue;
             };
-            let expired = call.on_hold()
-                && call
-                    .held_quiet
-                    .iter()
-                    .any(|&(_, since)| since + limit <= now);
+            // Off hold again, a leg still quiet since its hold (the other
+            // side resumed, this one was not reconfigured) is held to the
+            // same bound: the relay does not report it twice.
+            let expired = call
+                .held_quiet
+                .iter()
+                .any(|&(_, since)| since + limit <= now);
             if expired {
                 tracing::warn!(
                     call_ref = %call.call_ref, quiet_secs = limit.as_secs(),
@@ -1362,6 +1370,15 @@ impl Core {
                 self.end_answered_call(now, idx, "Media Timeout On Hold");
             }
         }
+    }
+
+    /// Hands a leg its media and notes when, restarting its quiet clock.
+    pub(super) fn configure_leg(&mut self, now: Instant, idx: usize, leg: LegId, media: LegMedia) {
+        let call = &mut self.calls.calls[idx];
+        call.held_quiet.retain(|(l, _)| *l != leg);
+        call.configured_at.retain(|(l, _)| *l != leg);
+        call.configured_at.push((leg, now));
+        self.media.configure(leg, media);
     }
 
     /// A device whose 2xx Parley refused (its media could not be used) was
@@ -1430,12 +1447,20 @@ impl Core {
                 // which gets the (much longer) hold timeout instead.
                 // Resuming re-configures the legs, which restarts the clock.
                 let call = &mut self.calls.calls[idx];
+                let since = now.checked_sub(idle).unwrap_or(now);
+                let reconfigured = call
+                    .configured_at
+                    .iter()
+                    .any(|&(leg, at)| leg == id && since < at);
+                if reconfigured {
+                    // Sent before the relay restarted this leg's clock.
+                    return;
+                }
                 if call.on_hold() {
                     tracing::debug!(
                         call_ref = %call.call_ref, leg = %id,
                         "no media during hold; the call stays up"
                     );
-                    let since = now.checked_sub(idle).unwrap_or(now);
                     call.held_quiet.retain(|(leg, _)| *leg != id);
                     call.held_quiet.push((id, since));
                     if let Some(limit) = self.cfg.hold_timeout {
@@ -1716,10 +1741,8 @@ impl Core {
             }
         }
         let timer = (r.from == Side::Caller).then_some(call.session).flatten();
-        // Reconfigured legs start a new quiet clock in the relay.
-        call.held_quiet.clear();
-        self.media.configure(x_leg, x_media);
-        self.media.configure(y_leg, y_media);
+        self.configure_leg(now, idx, x_leg, x_media);
+        self.configure_leg(now, idx, y_leg, y_media);
         let contact = self.contact_uri(&r.flow);
         let mut b = self.response_builder(&r.request, r.flow, 200, "OK");
         b.header_fmt(HeaderName::Contact, format_args!("<{contact}>"));

@@ -1232,6 +1232,8 @@ fn unanswered_calls_time_out_and_quiet_media_ends_a_call() {
         .iter()
         .map(|(id, _)| *id)
         .collect();
+    // A minute later the relay reports a leg that has been quiet since.
+    s.h.advance(Duration::from_secs(60));
     s.h.core.handle_media_event(
         s.h.now,
         MediaEvent::Inactive {
@@ -1300,7 +1302,7 @@ fn a_callee_that_cannot_do_its_required_srtp_fails_the_call_with_a_reason() {
             .unwrap_or_else(|| panic!("{device_answer}: a final answer to the caller: {out:?}"));
         assert_eq!(refusal.status(), Some(488));
         let expected = match device_answer {
-            488 => "Callee Refused SRTP Required By Policy",
+            488 => "Callee Refused The Media Offer (SRTP Required By Policy)",
             _ => "SRTP Required By Encryption Policy",
         };
         assert_eq!(refusal.reason(), expected);
@@ -1428,6 +1430,7 @@ fn hold_and_resume_pass_through_to_the_other_side() {
         if caller_dir == "sendonly" {
             // Phones on hold may send nothing: quiet media is no reason to
             // end a held call.
+            s.h.advance(Duration::from_secs(120));
             for id in leg_ids(&s) {
                 s.h.core.handle_media_event(
                     s.h.now,
@@ -1451,7 +1454,18 @@ fn hold_and_resume_pass_through_to_the_other_side() {
         configured_before + 4
     );
     assert_eq!(s.h.core.call_count(), 1);
+    // A quiet report the relay sent before the resume reached it (its
+    // silence began before the legs were reconfigured) is out of date.
+    s.h.core.handle_media_event(
+        s.h.now,
+        MediaEvent::Inactive {
+            id: leg_ids(&s)[0],
+            idle: Duration::from_secs(120),
+        },
+    );
+    assert_eq!(s.h.core.call_count(), 1);
     // Resumed, quiet media ends the call again.
+    s.h.advance(Duration::from_secs(60));
     s.h.core.handle_media_event(
         s.h.now,
         MediaEvent::Inactive {
@@ -1498,6 +1512,7 @@ fn a_held_call_whose_phone_vanished_ends_after_the_hold_timeout() {
         to.len()
     };
     // Quiet, then heard again (RTCP, say): the clock stops.
+    s.h.advance(Duration::from_secs(60));
     quiet(&mut s, legs[0]);
     s.h.core
         .handle_media_event(s.h.now, MediaEvent::Active { id: legs[0] });
@@ -1521,6 +1536,7 @@ fn a_held_call_whose_phone_vanished_ends_after_the_hold_timeout() {
     let (invite, ok) = answered_call_with_invite(&mut s);
     s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
     caller_renegotiates(&mut s, &invite, &ok, "sendonly", "recvonly");
+    s.h.advance(Duration::from_secs(60));
     let first = leg_ids(&s)[0];
     quiet(&mut s, first);
     caller_renegotiates(&mut s, &invite, &ok, "sendrecv", "sendrecv");

@@ -374,7 +374,7 @@ impl Core {
 
     /// The ACK that carries a phone's answer to the offer Parley put in a
     /// 200 (offerless re-INVITE): its leg follows the answer.
-    pub(super) fn answer_in_ack(&mut self, idx: usize, side: Side, ack: &Message) {
+    pub(super) fn answer_in_ack(&mut self, now: Instant, idx: usize, side: Side, ack: &Message) {
         let call = &mut self.calls.calls[idx];
         if call.offer_in_ok != Some(side) {
             return;
@@ -420,9 +420,7 @@ impl Core {
             Side::Caller => call.caller_media = answer,
             Side::Callee => call.callee_media = Some(answer),
         }
-        // The reconfigured leg starts a new quiet clock in the relay.
-        call.held_quiet.retain(|(l, _)| *l != leg);
-        self.media.configure(leg, media);
+        self.configure_leg(now, idx, leg, media);
     }
 
     /// The flow of the side opposite `from`, once the call is answered.
