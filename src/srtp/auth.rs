@@ -8,6 +8,8 @@
 use sha1::Digest;
 use sha1::block_api::compress;
 
+use super::wipe;
+
 const BLOCK: usize = 64;
 /// The SHA-1 initial state (FIPS 180-4 §5.3.1).
 const SHA1_INIT: [u32; 5] = [
@@ -103,14 +105,6 @@ fn finish(mut state: [u32; 5], block: &mut [u8; BLOCK], filled: usize, total: u6
         bytes.copy_from_slice(&word.to_be_bytes());
     }
     digest
-}
-
-/// Overwrites key material on the stack.
-fn wipe(block: &mut [u8; BLOCK]) {
-    for b in block.iter_mut() {
-        // SAFETY: a valid, aligned reference to a byte.
-        unsafe { std::ptr::write_volatile(b, 0) };
-    }
 }
 
 #[cfg(test)]

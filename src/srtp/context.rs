@@ -6,7 +6,7 @@ use super::auth::HmacSha1;
 use super::kdf::{Label, derive};
 use super::keystream::AesCm;
 use super::replay::ReplayWindow;
-use super::{MasterKey, SRTCP_INDEX_LEN, SRTCP_TAG_LEN, SrtpError, Suite};
+use super::{MasterKey, SRTCP_INDEX_LEN, SRTCP_TAG_LEN, SrtpError, Suite, wipe};
 
 /// SSRCs one context tracks at once. A phone sends one stream per media
 /// line, but may switch SSRC mid-call (after a re-INVITE, a transfer, a
@@ -47,10 +47,9 @@ impl SessionKeys {
             salt: u128::from_be_bytes(k_s),
             auth: HmacSha1::new(&k_a),
         };
-        for b in k_e.iter_mut().chain(k_a.iter_mut()).chain(k_s.iter_mut()) {
-            // SAFETY: valid, aligned references to bytes on our stack.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
+        wipe(&mut k_e);
+        wipe(&mut k_a);
+        wipe(&mut k_s);
         keys
     }
 

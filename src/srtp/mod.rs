@@ -128,10 +128,15 @@ impl std::fmt::Debug for MasterKey {
 
 impl Drop for MasterKey {
     fn drop(&mut self) {
-        for b in self.material.iter_mut() {
-            // SAFETY: `b` is a valid, aligned reference to a byte we own.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
+        wipe(&mut self.material);
+    }
+}
+
+/// Zeroes key material in a way the compiler may not drop as a dead store.
+pub(crate) fn wipe(bytes: &mut [u8]) {
+    for b in bytes.iter_mut() {
+        // SAFETY: `b` is a valid, aligned reference to a byte.
+        unsafe { std::ptr::write_volatile(b, 0) };
     }
 }
 
