@@ -500,12 +500,7 @@ impl Core {
                 countable,
             } => {
                 tracing::info!(%username, "authentication failed");
-                self.security(SecurityEvent::AuthFailed {
-                    source,
-                    extension: user.clone(),
-                    transport: flow.transport,
-                });
-                self.count_auth_failure(now, source, &user, countable);
+                self.auth_failed(now, flow, &user, countable);
                 return self.challenge(now, tx, msg, flow, false, false);
             }
             AuthResult::WrongUser { username } => {
@@ -575,17 +570,17 @@ impl Core {
         self.report(now, changes);
     }
 
-    /// Counts a failed authentication (REGISTER or INVITE) towards the
-    /// lockout and reports the block it starts. Only a failure with a nonce
-    /// we sent to this address counts (`countable`): a forged UDP source
-    /// never saw our challenge.
-    fn count_auth_failure(
-        &mut self,
-        now: Instant,
-        source: std::net::IpAddr,
-        extension: &str,
-        countable: bool,
-    ) {
+    /// Reports a failed authentication (REGISTER or INVITE), counts it
+    /// towards the lockout and reports the block it starts. Only a failure
+    /// with a nonce we sent to this address counts (`countable`): a forged
+    /// UDP source never saw our challenge.
+    fn auth_failed(&mut self, now: Instant, flow: Flow, extension: &str, countable: bool) {
+        let source = flow.remote.ip();
+        self.security(SecurityEvent::AuthFailed {
+            source,
+            extension: extension.to_string(),
+            transport: flow.transport,
+        });
         if !countable {
             return;
         }

@@ -226,6 +226,28 @@ struct LateFork {
 /// Most forks of ended calls watched for a late answer.
 const MAX_LATE_FORKS: usize = MAX_CALLS;
 
+/// Watches fork `b`, which is over, for a 2xx until `until` (when its
+/// INVITE transaction surely is); `bye_sent` when the device was already
+/// hung up. Beyond [`MAX_LATE_FORKS`] a fork is not watched.
+fn watch_late_fork(
+    late_forks: &mut HashMap<ClientTxId, LateFork>,
+    b: &Branch,
+    bye_sent: bool,
+    until: Instant,
+) {
+    if late_forks.len() < MAX_LATE_FORKS {
+        late_forks.insert(
+            b.tx,
+            LateFork {
+                request: b.request.clone(),
+                flow: b.flow,
+                bye_sent,
+                until,
+            },
+        );
+    }
+}
+
 struct PendingRecord {
     record: CallRecord,
     caller_leg: LegId,
@@ -434,12 +456,7 @@ impl Core {
                 countable,
             } => {
                 tracing::info!(%username, caller = %caller, "call authentication failed");
-                self.security(SecurityEvent::AuthFailed {
-                    source,
-                    extension: caller.clone(),
-                    transport: flow.transport,
-                });
-                self.count_auth_failure(now, source, &caller, countable);
+                self.auth_failed(now, flow, &caller, countable);
                 return self.challenge(now, tx, &msg, flow, false, true);
             }
         };
@@ -878,6 +895,35 @@ impl Core {
         true
     }
 
+    /// A device's 2xx whose media Parley refuses (already acknowledged):
+    /// the device is hung up and its fork fails with `status`; the reason is
+    /// kept for the caller's 488, and should the device repeat its 2xx (the
+    /// ACK lost), the repeats are acknowledged too, with no second BYE.
+    fn refuse_fork_media(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        bi: usize,
+        dialog: &mut Dialog,
+        e: &AnchorError,
+        status: u16,
+    ) {
+        let flow = self.calls.calls[idx].branches[bi].flow;
+        let via = self.via(&flow, &branch_id());
+        let bye = dialog
+            .request("BYE", &via, None)
+            .finish_with_body(None, b"");
+        let _ = self.tx.send_request(now, flow, bye);
+        let until = now + self.cfg.timers.t1 * 64;
+        let Calls {
+            calls, late_forks, ..
+        } = &mut self.calls;
+        let branch = &mut calls[idx].branches[bi];
+        branch.media_refusal = Some(e.to_string());
+        watch_late_fork(late_forks, branch, true, until);
+        self.fork_failed(now, idx, bi, status);
+    }
+
     fn fork_failed(&mut self, now: Instant, idx: usize, bi: usize, status: u16) {
         let call = &mut self.calls.calls[idx];
         let branch = &mut call.branches[bi];
@@ -959,37 +1005,19 @@ impl Core {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "callee's answer refused; hanging up that device");
-                let via = self.via(&flow, &branch_id());
-                let bye = dialog
-                    .request("BYE", &via, None)
-                    .finish_with_body(None, b"");
-                let _ = self.tx.send_request(now, flow, bye);
-                self.calls.calls[idx].branches[bi].media_refusal = Some(e.to_string());
-                self.watch_refused_fork(now, idx, bi);
-                return self.fork_failed(now, idx, bi, 488);
+                return self.refuse_fork_media(now, idx, bi, &mut dialog, &e, 488);
             }
         };
         let caller_answer = match answer_for_caller(&call.caller_media, &answer, &call.caller_local)
         {
             Ok(a) => a,
             Err(e) => {
-                let via = self.via(&flow, &branch_id());
-                let bye = dialog
-                    .request("BYE", &via, None)
-                    .finish_with_body(None, b"");
-                let _ = self.tx.send_request(now, flow, bye);
-                self.calls.calls[idx].branches[bi].media_refusal = Some(e.to_string());
-                self.watch_refused_fork(now, idx, bi);
-                return self.fork_failed(
-                    now,
-                    idx,
-                    bi,
-                    if e == AnchorError::NoCommonCodec {
-                        488
-                    } else {
-                        500
-                    },
-                );
+                let status = if e == AnchorError::NoCommonCodec {
+                    488
+                } else {
+                    500
+                };
+                return self.refuse_fork_media(now, idx, bi, &mut dialog, &e, status);
             }
         };
         // Media: each leg hears its own phone with the phone's key and
@@ -1244,16 +1272,9 @@ impl Core {
             );
             // A fork already hung up still gets its 2xx retransmissions ACKed.
             let hung_up = b.state == BranchState::HungUp;
-            if (open || hung_up) && self.calls.late_forks.len() < MAX_LATE_FORKS {
-                self.calls.late_forks.insert(
-                    b.tx,
-                    LateFork {
-                        request: b.request.clone(),
-                        flow: b.flow,
-                        bye_sent: hung_up,
-                        until: now + self.cfg.timers.t1 * 64,
-                    },
-                );
+            if open || hung_up {
+                let until = now + self.cfg.timers.t1 * 64;
+                watch_late_fork(&mut self.calls.late_forks, b, hung_up, until);
             }
         }
         let unix_ms = |t: Instant| self.clock.unix(t).as_millis() as i64;
@@ -1379,24 +1400,6 @@ impl Core {
         call.configured_at.retain(|(l, _)| *l != leg);
         call.configured_at.push((leg, now));
         self.media.configure(leg, media);
-    }
-
-    /// A device whose 2xx Parley refused (its media could not be used) was
-    /// sent ACK and BYE; should it repeat the 2xx (the ACK lost), the
-    /// repeats are acknowledged too, with no second BYE.
-    fn watch_refused_fork(&mut self, now: Instant, idx: usize, bi: usize) {
-        let b = &self.calls.calls[idx].branches[bi];
-        if self.calls.late_forks.len() < MAX_LATE_FORKS {
-            self.calls.late_forks.insert(
-                b.tx,
-                LateFork {
-                    request: b.request.clone(),
-                    flow: b.flow,
-                    bye_sent: true,
-                    until: now + self.cfg.timers.t1 * 64,
-                },
-            );
-        }
     }
 
     /// An answer on a fork that is over (its call ended, or its media was
