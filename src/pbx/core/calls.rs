@@ -198,18 +198,18 @@ pub(crate) struct Calls {
     by_dialog: HashMap<(String, String), (usize, Side)>,
     /// The two bridged legs of each answered call.
     by_leg: HashMap<LegId, usize>,
-    /// Ring timeouts: (deadline, call slot, call uid).
-    ring_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Ring timeouts.
+    ring_timers: CallTimers,
     /// Records of ended calls waiting for their legs' statistics.
     pending: Vec<PendingRecord>,
     next_ref: u64,
     /// Requests passed to the other side, by the transaction Parley sent.
     relayed: HashMap<ClientTxId, Relayed>,
-    /// Session timers: (when, call slot, call uid); stale entries skipped.
-    session_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    /// When a quiet leg of a held call may have run out of time: (when,
-    /// call slot, call uid); checked against `held_quiet` when due.
-    hold_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Session timers; stale entries skipped.
+    session_timers: CallTimers,
+    /// When a quiet leg of a held call may have run out of time; checked
+    /// against `held_quiet` when due.
+    hold_timers: CallTimers,
     /// Forks of ended calls whose INVITE may still be answered (a phone
     /// picked up just as the caller hung up): a late 2xx gets ACK and BYE.
     late_forks: HashMap<ClientTxId, LateFork>,
@@ -267,16 +267,47 @@ impl PendingRecord {
     }
 }
 
+/// Deadlines for calls: (when, call slot, call uid), earliest first. A
+/// slot may hold a newer call by the time an entry falls due, so the uid
+/// is checked ([`Calls::live`]).
+#[derive(Default)]
+struct CallTimers(BinaryHeap<Reverse<(Instant, usize, u64)>>);
+
+impl CallTimers {
+    fn arm(&mut self, at: Instant, idx: usize, uid: u64) {
+        self.0.push(Reverse((at, idx, uid)));
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.0.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// The earliest entry, taken if it is due by `now`.
+    fn pop_due(&mut self, now: Instant) -> Option<(Instant, usize, u64)> {
+        let &Reverse(entry) = self.0.peek()?;
+        if entry.0 > now {
+            return None;
+        }
+        self.0.pop();
+        Some(entry)
+    }
+}
+
 impl Calls {
     pub(crate) fn len(&self) -> usize {
         self.calls.len()
     }
 
+    /// The call in slot `idx`, if it is still the one with `uid`.
+    fn live(&self, idx: usize, uid: u64) -> Option<&Call> {
+        self.calls.get(idx).filter(|c| c.uid == uid)
+    }
+
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let ring = self.ring_timers.peek().map(|Reverse((t, _, _))| *t);
+        let ring = self.ring_timers.next();
         let report = self.pending.iter().map(|p| p.deadline).min();
-        let session = self.session_timers.peek().map(|Reverse((t, _, _))| *t);
-        let hold = self.hold_timers.peek().map(|Reverse((t, _, _))| *t);
+        let session = self.session_timers.next();
+        let hold = self.hold_timers.next();
         ring.into_iter()
             .chain(report)
             .chain(session)
@@ -689,7 +720,7 @@ impl Core {
         self.calls.by_invite.insert(tx, idx);
         self.calls
             .ring_timers
-            .push(Reverse((now + self.cfg.ring_timeout, idx, uid)));
+            .arm(now + self.cfg.ring_timeout, idx, uid);
         entry.insert(Call {
             uid,
             call_ref,
@@ -1328,16 +1359,11 @@ impl Core {
 
     /// Ring timeouts and overdue call records.
     pub(super) fn call_timers(&mut self, now: Instant) {
-        while let Some(&Reverse((deadline, idx, uid))) = self.calls.ring_timers.peek() {
-            if deadline > now {
-                break;
-            }
-            self.calls.ring_timers.pop();
+        while let Some((_, idx, uid)) = self.calls.ring_timers.pop_due(now) {
             let ringing = self
                 .calls
-                .calls
-                .get(idx)
-                .is_some_and(|c| c.uid == uid && c.state == State::Ringing);
+                .live(idx, uid)
+                .is_some_and(|c| c.state == State::Ringing);
             if !ringing {
                 continue;
             }
@@ -1368,12 +1394,8 @@ impl Core {
         let Some(limit) = self.cfg.hold_timeout else {
             return;
         };
-        while let Some(&Reverse((deadline, idx, uid))) = self.calls.hold_timers.peek() {
-            if deadline > now {
-                break;
-            }
-            self.calls.hold_timers.pop();
-            let Some(call) = self.calls.calls.get(idx).filter(|c| c.uid == uid) else {
+        while let Some((_, idx, uid)) = self.calls.hold_timers.pop_due(now) {
+            let Some(call) = self.calls.live(idx, uid) else {
                 continue;
             };
             // Off hold again, a leg still quiet since its hold (the other
@@ -1468,9 +1490,7 @@ impl Core {
                     call.held_quiet.push((id, since));
                     if let Some(limit) = self.cfg.hold_timeout {
                         let uid = call.uid;
-                        self.calls
-                            .hold_timers
-                            .push(Reverse((since + limit, idx, uid)));
+                        self.calls.hold_timers.arm(since + limit, idx, uid);
                     }
                     return;
                 }

@@ -12,7 +12,6 @@
 //! timer: Parley does not offer `timer` to callees, and the media relay
 //! already ends calls whose audio stops.
 
-use std::cmp::Reverse;
 use std::time::{Duration, Instant};
 
 use super::{RELAYED, SESSION_REFRESH, Side, branch_id};
@@ -123,7 +122,7 @@ impl Core {
         let next = request.next_after(now);
         call.session = Some(SessionTimer { request, next });
         let uid = call.uid;
-        self.calls.session_timers.push(Reverse((next, idx, uid)));
+        self.calls.session_timers.arm(next, idx, uid);
     }
 
     /// A refresh (re-INVITE or UPDATE) from the caller restarts its timer.
@@ -137,18 +136,14 @@ impl Core {
         }
         timer.next = timer.request.next_after(now);
         let (next, uid) = (timer.next, call.uid);
-        self.calls.session_timers.push(Reverse((next, idx, uid)));
+        self.calls.session_timers.arm(next, idx, uid);
     }
 
     /// Session timers that fired: a missed refresh ends the call; Parley's
     /// own refresh goes out.
     pub(super) fn session_timers(&mut self, now: Instant) {
-        while let Some(&Reverse((at, idx, uid))) = self.calls.session_timers.peek() {
-            if at > now {
-                break;
-            }
-            self.calls.session_timers.pop();
-            let Some(call) = self.calls.calls.get(idx).filter(|c| c.uid == uid) else {
+        while let Some((at, idx, uid)) = self.calls.session_timers.pop_due(now) {
+            let Some(call) = self.calls.live(idx, uid) else {
                 continue;
             };
             let Some(timer) = call.session.filter(|t| t.next == at) else {
@@ -163,7 +158,7 @@ impl Core {
                 if let Some(t) = call.session.as_mut() {
                     t.next = t.request.next_after(now);
                     let next = t.next;
-                    self.calls.session_timers.push(Reverse((next, idx, uid)));
+                    self.calls.session_timers.arm(next, idx, uid);
                 }
             }
         }
