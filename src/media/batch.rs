@@ -114,6 +114,21 @@ pub(crate) fn recv_headers<const N: usize>(
     })
 }
 
+/// A `sendmmsg` header for one datagram: the bytes `iov` points at, to
+/// `to`. It points at both: use it before either moves.
+pub(crate) fn send_header(iov: &mut libc::iovec, to: &SockAddr) -> libc::mmsghdr {
+    // SAFETY: an all-zero msghdr is a valid empty message header.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+    hdr.msg_namelen = to.len();
+    hdr.msg_iov = iov;
+    hdr.msg_iovlen = 1;
+    libc::mmsghdr {
+        msg_hdr: hdr,
+        msg_len: 0,
+    }
+}
+
 /// Packets waiting to leave one shared socket: which batch buffer, how
 /// many bytes, to where, and for which leg (to count a failed send).
 pub(crate) struct Outbox {
@@ -157,10 +172,7 @@ impl Outbox {
                 iov_base: bufs[*buf].as_ptr() as *mut libc::c_void,
                 iov_len: *len,
             };
-            msgs[i].msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
-            msgs[i].msg_hdr.msg_namelen = to.len();
-            msgs[i].msg_hdr.msg_iov = &mut iovs[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i] = send_header(&mut iovs[i], to);
         }
         let mut sent = 0;
         while sent < count {

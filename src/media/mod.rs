@@ -25,7 +25,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-pub(crate) use batch::{recv_headers, sender};
+pub(crate) use batch::{recv_headers, send_header, sender};
 pub use leg::{Kind, LegId, LegKeys, LegMedia, demux};
 use relay::{Command, Relay, SharedPort, Sockets, Waker};
 

@@ -11,7 +11,7 @@ use socket2::SockAddr;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::media::{recv_headers, sender};
+use crate::media::{recv_headers, send_header, sender};
 use crate::sip::message::limits::MAX_MESSAGE_BYTES;
 
 /// Most datagrams handed to the kernel in one call.
@@ -58,19 +58,11 @@ fn send_batch(sock: &UdpSocket, items: &[(Bytes, SocketAddr)]) -> io::Result<usi
             iov_len: b.len(),
         })
         .collect();
-    let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(items.len());
-    for (i, addr) in addrs.iter().enumerate() {
-        // SAFETY: an all-zero msghdr is a valid empty message header.
-        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
-        hdr.msg_namelen = addr.len();
-        hdr.msg_iov = &mut iovs[i];
-        hdr.msg_iovlen = 1;
-        msgs.push(libc::mmsghdr {
-            msg_hdr: hdr,
-            msg_len: 0,
-        });
-    }
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .zip(&addrs)
+        .map(|(iov, addr)| send_header(iov, addr))
+        .collect();
     // SAFETY: every pointer in `msgs` refers to `addrs`, `iovs` or the
     // datagrams in `items`, all alive and unmoved for the whole call; the
     // kernel only reads them (and writes `msg_len`).
