@@ -8,10 +8,13 @@
 #   benches/registration.sh [OUT_DIR]
 #
 # Environment: RUNS (default 3), SECS (measured seconds per step, 10),
-# UDP_RATES, TLS_RATES (space-separated), KAM_CHILDREN_LIST (Kamailio
-# worker counts to try, default "1 8"; all of them pinned to CPU 0) with
-# KAM<N>_UDP_RATES and KAM<N>_TLS_RATES for each count N, IDLE_CONNS
-# (5000), SKIP_KAMAILIO=1.
+# UDP_RATES, TLS_RATES (space-separated), KAM_VARIANTS (the Kamailio
+# set-ups to measure, default "8 8:stateless": a worker count, all pinned
+# to CPU 0, and ":stateless" for the lighter configuration without
+# transactions and nonce-count checks, see benches/kamailio/README.md) with
+# KAM<N>_UDP_RATES and KAM<N>_TLS_RATES for each count N, and
+# KAM<N>_SL_UDP_RATES and KAM<N>_SL_TLS_RATES for its stateless variant,
+# IDLE_CONNS (5000), SKIP_KAMAILIO=1.
 # Needs: kamailio, kamailio-sqlite-modules, kamailio-tls-modules, sqlite3,
 # openssl (for the Kamailio side).
 set -euo pipefail
@@ -22,11 +25,11 @@ runs=${RUNS:-3}
 secs=${SECS:-10}
 users=20000
 first=100000
-udp_rates=${UDP_RATES:-"22000 24000 26000 28000"}
-tls_rates=${TLS_RATES:-"10000 11000 12000"}
-kam_children_list=${KAM_CHILDREN_LIST:-"1 8"}
-: "${KAM1_UDP_RATES:=12000 14000 16000 18000}" "${KAM1_TLS_RATES:=4000 5000 6000}"
-: "${KAM8_UDP_RATES:=20000 22000 24000 26000}" "${KAM8_TLS_RATES:=7000 8000 9000}"
+udp_rates=${UDP_RATES:-"40000 44000 48000 52000"}
+tls_rates=${TLS_RATES:-"24000 27000 30000"}
+kam_variants=${KAM_VARIANTS:-"8 8:stateless"}
+: "${KAM8_UDP_RATES:=22000 24000 26000 28000 30000 32000}" "${KAM8_TLS_RATES:=16000 18000 20000}"
+: "${KAM8_SL_UDP_RATES:=36000 40000 44000}" "${KAM8_SL_TLS_RATES:=20000 24000 27000}"
 # Both servers get a 16 MB UDP receive buffer: Kamailio asks for it with
 # maxbuffer (SO_RCVBUF, capped by net.core.rmem_max), Parley with
 # SO_RCVBUFFORCE when root. Raise the cap for the run so they are equal.
@@ -66,14 +69,14 @@ start_parley() {
 
 # ---- Kamailio ------------------------------------------------------------
 kdir=$out/kamailio
-start_kamailio() { # children
+start_kamailio() { # children [-A STATELESS]
     stop_all
     rm -rf "$kdir"
     benches/kamailio/setup.sh "$kdir" $users >/dev/null
     # The command line benches/kamailio/setup.sh prints (see its README).
     (cd "$kdir" && taskset -c 0 kamailio -DD -E -M 64 -x tlsf -X tlsf -f "$root/benches/kamailio/kamailio.cfg" \
         -w "$kdir" -Y "$kdir/run" -A "DBURL=\"sqlite:///$kdir/kamailio.sqlite\"" -A CHILDREN=$1 \
-        -A TCP_CHILDREN=$1 -A UDP_RCVBUF=$udp_buffer -A LOGLEVEL=1 >"$kdir/kamailio.log" 2>&1 &)
+        -A TCP_CHILDREN=$1 -A UDP_RCVBUF=$udp_buffer -A LOGLEVEL=1 ${2:+"$2" "$3"} >"$kdir/kamailio.log" 2>&1 &)
     sleep 4
 }
 
@@ -90,10 +93,13 @@ for run in $(seq 1 "$runs"); do
     for r in $udp_rates; do start_parley; echo "run=$run server=parley $(step parley udp 5260 "$r" "")" | tee -a "$results"; done
     for r in $tls_rates; do start_parley; echo "run=$run server=parley $(step parley tls 5261 "$r" "--conns 200")" | tee -a "$results"; done
     if [ -z "${SKIP_KAMAILIO:-}" ]; then
-        for ch in $kam_children_list; do
-            udp_var=KAM${ch}_UDP_RATES tls_var=KAM${ch}_TLS_RATES
-            for r in ${!udp_var}; do start_kamailio "$ch"; echo "run=$run server=kamailio children=$ch $(step kamailio udp 5070 "$r" "")" | tee -a "$results"; done
-            for r in ${!tls_var}; do start_kamailio "$ch"; echo "run=$run server=kamailio children=$ch $(step kamailio tls 5071 "$r" "--conns 200")" | tee -a "$results"; done
+        for v in $kam_variants; do
+            ch=${v%%:*} mode=stateful define=() rates=KAM${ch}
+            if [ "$v" != "$ch" ]; then mode=${v#*:} define=(-A STATELESS) rates=KAM${ch}_SL; fi
+            udp_var=${rates}_UDP_RATES tls_var=${rates}_TLS_RATES
+            label="server=kamailio children=$ch mode=$mode"
+            for r in ${!udp_var}; do start_kamailio "$ch" "${define[@]}"; echo "run=$run $label $(step kamailio udp 5070 "$r" "")" | tee -a "$results"; done
+            for r in ${!tls_var}; do start_kamailio "$ch" "${define[@]}"; echo "run=$run $label $(step kamailio tls 5071 "$r" "--conns 200")" | tee -a "$results"; done
         done
     fi
 done
