@@ -26,9 +26,9 @@ secs=${SECS:-10}
 users=20000
 first=100000
 udp_rates=${UDP_RATES:-"40000 44000 48000 52000"}
-tls_rates=${TLS_RATES:-"24000 27000 30000"}
+tls_rates=${TLS_RATES:-"16000 20000 24000 27000"}
 kam_variants=${KAM_VARIANTS:-"8 8:stateless"}
-: "${KAM8_UDP_RATES:=24000 26000 28000 30000 32000}" "${KAM8_TLS_RATES:=20000 22000 24000 27000}"
+: "${KAM8_UDP_RATES:=24000 26000 28000 30000 32000}" "${KAM8_TLS_RATES:=16000 20000 22000 24000 27000}"
 : "${KAM8_SL_UDP_RATES:=40000 44000 48000}" "${KAM8_SL_TLS_RATES:=24000 27000 30000}"
 # Both servers get a 16 MB UDP receive buffer: Kamailio asks for it with
 # maxbuffer (SO_RCVBUF, capped by net.core.rmem_max), Parley with
