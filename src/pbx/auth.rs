@@ -323,6 +323,25 @@ mod tests {
             .to_header()
     }
 
+    /// A REGISTER for `aor` with `auth` as its Authorization, checked
+    /// against the test directory.
+    fn check_register(
+        a: &mut Authenticator,
+        now: u64,
+        source: IpAddr,
+        auth: Option<&str>,
+        aor: &str,
+    ) -> AuthResult {
+        a.check(
+            now,
+            source,
+            &register(auth),
+            HeaderName::Authorization,
+            aor,
+            &directory(),
+        )
+    }
+
     fn authenticator() -> Authenticator {
         Authenticator::new(REALM.into(), [1; 32], [2; 32], 300)
     }
@@ -349,14 +368,7 @@ mod tests {
         for idx in [0, 1] {
             let mut a = authenticator();
             let h = answer(&mut a, idx, "100", "pw100", 1);
-            match a.check(
-                100,
-                SRC,
-                &register(Some(&h)),
-                HeaderName::Authorization,
-                "100",
-                &directory(),
-            ) {
+            match check_register(&mut a, 100, SRC, Some(&h), "100") {
                 AuthResult::Authenticated(e) => assert_eq!(e.number, "100"),
                 other => panic!("{other:?}"),
             }
@@ -368,22 +380,8 @@ mod tests {
         let mut a = authenticator();
         let wrong = answer(&mut a, 0, "100", "nope", 1);
         let unknown = answer(&mut a, 0, "555", "nope", 1);
-        let r1 = a.check(
-            100,
-            SRC,
-            &register(Some(&wrong)),
-            HeaderName::Authorization,
-            "100",
-            &directory(),
-        );
-        let r2 = a.check(
-            100,
-            SRC,
-            &register(Some(&unknown)),
-            HeaderName::Authorization,
-            "555",
-            &directory(),
-        );
+        let r1 = check_register(&mut a, 100, SRC, Some(&wrong), "100");
+        let r2 = check_register(&mut a, 100, SRC, Some(&unknown), "555");
         assert!(
             matches!(r1, AuthResult::Failed { ref username, countable: true } if username == "100")
         );
@@ -396,37 +394,16 @@ mod tests {
     fn missing_or_foreign_realm_credentials_get_a_challenge() {
         let mut a = authenticator();
         assert!(matches!(
-            a.check(
-                100,
-                SRC,
-                &register(None),
-                HeaderName::Authorization,
-                "100",
-                &directory()
-            ),
+            check_register(&mut a, 100, SRC, None, "100"),
             AuthResult::Challenge
         ));
         let foreign = answer(&mut a, 1, "100", "pw100", 1).replace(REALM, "elsewhere");
         assert!(matches!(
-            a.check(
-                100,
-                SRC,
-                &register(Some(&foreign)),
-                HeaderName::Authorization,
-                "100",
-                &directory()
-            ),
+            check_register(&mut a, 100, SRC, Some(&foreign), "100"),
             AuthResult::Challenge
         ));
         assert!(matches!(
-            a.check(
-                100,
-                SRC,
-                &register(Some("Digest username=\"100\"")),
-                HeaderName::Authorization,
-                "100",
-                &directory()
-            ),
+            check_register(&mut a, 100, SRC, Some("Digest username=\"100\""), "100"),
             AuthResult::Malformed(_)
         ));
     }
@@ -436,48 +413,22 @@ mod tests {
         let mut a = authenticator();
         let h = answer(&mut a, 0, "100", "pw100", 1);
         assert!(matches!(
-            a.check(
-                100 + 301,
-                SRC,
-                &register(Some(&h)),
-                HeaderName::Authorization,
-                "100",
-                &directory()
-            ),
+            check_register(&mut a, 100 + 301, SRC, Some(&h), "100"),
             AuthResult::Stale
         ));
         let mut restarted = Authenticator::new(REALM.into(), [9; 32], [2; 32], 300);
         assert!(matches!(
-            restarted.check(
-                100,
-                SRC,
-                &register(Some(&h)),
-                HeaderName::Authorization,
-                "100",
-                &directory()
-            ),
+            check_register(&mut restarted, 100, SRC, Some(&h), "100"),
             AuthResult::Stale
         ));
     }
 
     /// Extension 100 answers challenge `c` with nonce count `nc`.
-    fn register_as_100(
-        a: &mut Authenticator,
-        c: &Challenge,
-        nc: u32,
-        dir: &Directory,
-    ) -> AuthResult {
+    fn register_as_100(a: &mut Authenticator, c: &Challenge, nc: u32) -> AuthResult {
         let h = c
             .answer("REGISTER", "sip:parley.test", "100", "pw100", "cn", nc)
             .to_header();
-        a.check(
-            100,
-            SRC,
-            &register(Some(&h)),
-            HeaderName::Authorization,
-            "100",
-            dir,
-        )
+        check_register(a, 100, SRC, Some(&h), "100")
     }
 
     #[test]
@@ -485,8 +436,7 @@ mod tests {
         let mut a = authenticator();
         let ch = a.challenges(100, SRC, false, None).to_strings();
         let c = Challenge::parse(&ch[1]).unwrap();
-        let dir = directory();
-        let send = |a: &mut Authenticator, nc| register_as_100(a, &c, nc, &dir);
+        let send = |a: &mut Authenticator, nc| register_as_100(a, &c, nc);
         assert!(matches!(send(&mut a, 1), AuthResult::Authenticated(_)));
         assert!(
             matches!(send(&mut a, 1), AuthResult::Stale),
@@ -499,12 +449,11 @@ mod tests {
     #[test]
     fn a_forgotten_nonce_cannot_be_replayed() {
         let mut a = authenticator();
-        let dir = directory();
         let nonce = |a: &mut Authenticator| {
             let ch = a.challenges(100, SRC, false, None).to_strings();
             Challenge::parse(&ch[1]).unwrap()
         };
-        let send = |a: &mut Authenticator, c: &Challenge, nc| register_as_100(a, c, nc, &dir);
+        let send = |a: &mut Authenticator, c: &Challenge, nc| register_as_100(a, c, nc);
         // A nonce issued before the others but first used after them.
         let late = nonce(&mut a);
         let first = nonce(&mut a);
@@ -547,14 +496,7 @@ mod tests {
         let elsewhere = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7));
         // A forged source never saw our challenge: answered, not counted.
         assert!(matches!(
-            a.check(
-                100,
-                elsewhere,
-                &register(Some(&wrong)),
-                HeaderName::Authorization,
-                "100",
-                &directory()
-            ),
+            check_register(&mut a, 100, elsewhere, Some(&wrong), "100"),
             AuthResult::Failed {
                 countable: false,
                 ..
@@ -563,14 +505,7 @@ mod tests {
         // The right password from another address is just stale.
         let right = answer(&mut a, 0, "100", "pw100", 1);
         assert!(matches!(
-            a.check(
-                100,
-                elsewhere,
-                &register(Some(&right)),
-                HeaderName::Authorization,
-                "100",
-                &directory()
-            ),
+            check_register(&mut a, 100, elsewhere, Some(&right), "100"),
             AuthResult::Stale
         ));
     }
@@ -580,14 +515,7 @@ mod tests {
         let mut a = authenticator();
         let h = answer(&mut a, 0, "101", "pw101", 1);
         assert!(matches!(
-            a.check(
-                100,
-                SRC,
-                &register(Some(&h)),
-                HeaderName::Authorization,
-                "100",
-                &directory()
-            ),
+            check_register(&mut a, 100, SRC, Some(&h), "100"),
             AuthResult::WrongUser { .. }
         ));
     }
