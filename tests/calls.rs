@@ -109,15 +109,14 @@ fn two_baresips_talk_over_tls_and_srtp_through_the_anchor() {
 
     // Everything that reaches or leaves Parley's media ports.
     let capture = Capture::start(p.data_dir(), "udp portrange 20000-29999");
-    ctl_a.command("dial", &format!("sip:101@{DOMAIN}"));
-    assert!(
-        ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
-        "call not established\n--- parley ---\n{}\n--- a ---\n{}\n--- b ---\n{}",
-        p.log(),
-        a.log(),
-        b.log()
-    );
-    assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    dial_until_answered(&mut ctl_a, &mut ctl_b, "101", || {
+        format!(
+            "--- parley ---\n{}\n--- a ---\n{}\n--- b ---\n{}",
+            p.log(),
+            a.log(),
+            b.log()
+        )
+    });
     // Both legs negotiated SRTP with Parley, each with its own keys.
     assert!(ctl_a.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)));
     assert!(ctl_b.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)));
@@ -173,15 +172,14 @@ fn a_plain_rtp_desk_phone_calls_an_srtp_softphone() {
         soft.wait_log("[1 binding]", Duration::from_secs(15)),
         "201 did not register"
     );
-    ctl_desk.command("dial", &format!("sip:201@{DOMAIN}"));
-    assert!(
-        ctl_desk.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
-        "call not established\n--- parley ---\n{}\n--- desk ---\n{}\n--- soft ---\n{}",
-        p.log(),
-        desk.log(),
-        soft.log()
-    );
-    assert!(ctl_soft.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    dial_until_answered(&mut ctl_desk, &mut ctl_soft, "201", || {
+        format!(
+            "--- parley ---\n{}\n--- desk ---\n{}\n--- soft ---\n{}",
+            p.log(),
+            desk.log(),
+            soft.log()
+        )
+    });
     assert!(
         ctl_soft.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)),
         "the softphone leg is SRTP"
@@ -232,16 +230,11 @@ fn two_lan_desk_phones_talk_plain_rtp_over_udp() {
             "{ext} did not register"
         );
     }
-    ctl_a.command("dial", &format!("sip:211@{DOMAIN}"));
-    assert!(
-        ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
-        "call not established\n--- parley ---\n{}",
-        p.log()
-    );
-    assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    dial_until_answered(&mut ctl_a, &mut ctl_b, "211", || {
+        format!("--- parley ---\n{}", p.log())
+    });
     std::thread::sleep(Duration::from_secs(3));
-    ctl_b.command("hangup", "");
-    assert!(ctl_a.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    hang_up(&mut ctl_b, &mut ctl_a);
     assert_tone(&heard(&b), 500.0);
     assert_tone(&heard(&a), 1500.0);
     for desk in [&a, &b] {
@@ -256,6 +249,29 @@ fn two_lan_desk_phones_talk_plain_rtp_over_udp() {
 
 /// Waits until the call history holds `n` answered calls; returns the
 /// newest `n` rows of `parley calls list`.
+/// `caller` dials `number` and both phones report the call up. `diag`,
+/// called only if the caller's side does not, says what to print.
+fn dial_until_answered(
+    caller: &mut Control,
+    callee: &mut Control,
+    number: &str,
+    diag: impl FnOnce() -> String,
+) {
+    caller.command("dial", &format!("sip:{number}@{DOMAIN}"));
+    assert!(
+        caller.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
+        "call not established\n{}",
+        diag()
+    );
+    assert!(callee.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+}
+
+/// `by` hangs up, and the other phone sees the call end.
+fn hang_up(by: &mut Control, other: &mut Control) {
+    by.command("hangup", "");
+    assert!(other.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+}
+
 fn answered_calls(p: &Parley, n: usize) -> Vec<String> {
     let list = || String::from_utf8_lossy(&p.cli(&["calls", "list"]).stdout).into_owned();
     assert!(
@@ -426,9 +442,7 @@ fn hold_and_resume_cross_the_b2bua() {
     let (b, mut ctl_b) = phone(&p, "b", &account("501", "password501", p.tls), 1000);
     assert!(a.wait_log("[1 binding]", Duration::from_secs(15)));
     assert!(b.wait_log("[1 binding]", Duration::from_secs(15)));
-    ctl_a.command("dial", &format!("sip:501@{DOMAIN}"));
-    assert!(ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)));
-    assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    dial_until_answered(&mut ctl_a, &mut ctl_b, "501", String::new);
     std::thread::sleep(Duration::from_secs(1));
 
     ctl_a.command("hold", "");
@@ -707,18 +721,12 @@ fn an_rtp_only_phone_under_preferred_calls_an_srtp_one() {
     let (b, mut ctl_b) = phone(&p, "srtp", &account("801", "password801", p.tls), 900);
     assert!(a.wait_log("[1 binding]", Duration::from_secs(15)));
     assert!(b.wait_log("[1 binding]", Duration::from_secs(15)));
-    ctl_a.command("dial", &format!("sip:801@{DOMAIN}"));
-    assert!(
-        ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
-        "call not established\n--- parley ---\n{}\n--- a ---\n{}",
-        p.log(),
-        a.log()
-    );
-    assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    dial_until_answered(&mut ctl_a, &mut ctl_b, "801", || {
+        format!("--- parley ---\n{}\n--- a ---\n{}", p.log(), a.log())
+    });
     assert!(ctl_b.wait_event("AES_CM_128_HMAC_SHA1_80", Duration::from_secs(5)));
     std::thread::sleep(Duration::from_secs(3));
-    ctl_a.command("hangup", "");
-    assert!(ctl_b.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    hang_up(&mut ctl_a, &mut ctl_b);
     assert_tone(&heard(&b), 500.0);
     assert_tone(&heard(&a), 900.0);
     let rows = answered_calls(&p, 1);
@@ -817,16 +825,9 @@ fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
     );
     assert!(!p.log().contains(&format!("source={PHONES_IP}")));
 
-    ctl_a.command("dial", &format!("sip:901@{DOMAIN}"));
-    assert!(
-        ctl_a.wait_event("CALL_ESTABLISHED", Duration::from_secs(15)),
-        "call not established\n{}",
-        p.log()
-    );
-    assert!(ctl_b.wait_event("CALL_ESTABLISHED", Duration::from_secs(5)));
+    dial_until_answered(&mut ctl_a, &mut ctl_b, "901", || p.log());
     std::thread::sleep(Duration::from_secs(3));
-    ctl_a.command("hangup", "");
-    assert!(ctl_b.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    hang_up(&mut ctl_a, &mut ctl_b);
     assert_tone(&heard(&b), 440.0);
     assert_tone(&heard(&a), 1000.0);
 
@@ -840,8 +841,7 @@ fn phones_behind_a_nat_call_and_stay_reachable_after_idling() {
         p.log()
     );
     std::thread::sleep(Duration::from_secs(3));
-    ctl_b.command("hangup", "");
-    assert!(ctl_a.wait_event("CALL_CLOSED", Duration::from_secs(10)));
+    hang_up(&mut ctl_b, &mut ctl_a);
     assert_tone(&newest_heard(&a), 1000.0);
     assert_tone(&newest_heard(&b), 440.0);
 }
