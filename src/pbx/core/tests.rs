@@ -1170,6 +1170,14 @@ fn answered_call(s: &mut CallSetup) -> Message {
     answered_call_with_invite(s).1
 }
 
+/// Dials 102, has it answer and the caller acknowledge; returns the INVITE
+/// the callee got and the caller's 200.
+fn established_call(s: &mut CallSetup) -> (Message, Message) {
+    let (invite, ok) = answered_call_with_invite(s);
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    (invite, ok)
+}
+
 /// Dials 102 and has it answer; returns the INVITE the callee got and the
 /// caller's 200.
 fn answered_call_with_invite(s: &mut CallSetup) -> (Message, Message) {
@@ -1485,8 +1493,7 @@ fn hold_and_resume_pass_through_to_the_other_side() {
 #[test]
 fn a_held_call_whose_phone_vanished_ends_after_the_hold_timeout() {
     let mut s = call_setup();
-    let (invite, ok) = answered_call_with_invite(&mut s);
-    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let (invite, ok) = established_call(&mut s);
     caller_renegotiates(&mut s, &invite, &ok, "sendonly", "recvonly");
     let legs = leg_ids(&s);
     let hold = Duration::from_secs(3600);
@@ -1533,8 +1540,7 @@ fn a_held_call_whose_phone_vanished_ends_after_the_hold_timeout() {
 
     // A resumed call does not inherit the quiet clock of its hold.
     let mut s = call_setup();
-    let (invite, ok) = answered_call_with_invite(&mut s);
-    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let (invite, ok) = established_call(&mut s);
     caller_renegotiates(&mut s, &invite, &ok, "sendonly", "recvonly");
     s.h.advance(Duration::from_secs(60));
     let first = leg_ids(&s)[0];
@@ -2537,8 +2543,7 @@ fn caller_answer(req: &Message, status: u16, reason: &str, sdp: Option<&str>) ->
 #[test]
 fn a_reinvite_from_the_callee_is_relayed_to_the_caller_and_answered() {
     let mut s = call_setup();
-    let (invite, ok) = answered_call_with_invite(&mut s);
-    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let (invite, ok) = established_call(&mut s);
     let configured_before = s.media.configured.lock().unwrap().len();
 
     // The callee puts the call on hold, from a new port.
@@ -2615,8 +2620,7 @@ fn a_reinvite_from_the_callee_is_relayed_to_the_caller_and_answered() {
 #[test]
 fn a_reinvite_changing_the_codec_reaches_the_other_side_with_that_codec() {
     let mut s = call_setup();
-    let (_, ok) = answered_call_with_invite(&mut s);
-    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let (_, ok) = established_call(&mut s);
     assert_eq!(
         SessionDescription::parse(ok.body()).unwrap().media[0].formats,
         ["0", "8", "101"]
@@ -2668,8 +2672,7 @@ fn a_reinvite_changing_the_codec_reaches_the_other_side_with_that_codec() {
 #[test]
 fn an_update_with_sdp_is_relayed_as_an_update_and_answered_without_ack() {
     let mut s = call_setup();
-    let (invite, ok) = answered_call_with_invite(&mut s);
-    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let (invite, ok) = established_call(&mut s);
     let configured_before = s.media.configured.lock().unwrap().len();
 
     let hold = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=sendonly");
