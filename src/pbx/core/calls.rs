@@ -945,7 +945,7 @@ impl Core {
             .request("BYE", &via, None)
             .finish_with_body(None, b"");
         let _ = self.tx.send_request(now, flow, bye);
-        let until = now + self.cfg.timers.t1 * 64;
+        let until = now + self.cfg.timers.t1x64();
         let Calls {
             calls, late_forks, ..
         } = &mut self.calls;
@@ -1304,7 +1304,7 @@ impl Core {
             // A fork already hung up still gets its 2xx retransmissions ACKed.
             let hung_up = b.state == BranchState::HungUp;
             if open || hung_up {
-                let until = now + self.cfg.timers.t1 * 64;
+                let until = now + self.cfg.timers.t1x64();
                 watch_late_fork(&mut self.calls.late_forks, b, hung_up, until);
             }
         }
