@@ -469,7 +469,11 @@ impl Parser {
                 self.origin = Some(parse_origin(value, n)?)
             }
             b's' if !in_media && self.session_name.is_none() => {
-                self.session_name = Some(value.to_string())
+                // A blank name ("s=" or "s= ") means no name, which is
+                // written "-": one form for it, so what is parsed is what
+                // would be written.
+                let name = if value.is_empty() { "-" } else { value };
+                self.session_name = Some(name.to_string())
             }
             b't' if !in_media => {
                 if self.timing.is_none() {

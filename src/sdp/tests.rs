@@ -112,6 +112,17 @@ fn serialize_then_parse_is_identity() {
 }
 
 #[test]
+fn a_blank_session_name_reads_as_the_dash_it_is_written_as() {
+    for blank in ["s=", "s= ", "s=\t"] {
+        let text = BARESIP_OFFER.replacen("s=-", blank, 1);
+        assert!(text.contains(blank), "{text}");
+        let sdp = SessionDescription::parse(text.as_bytes()).unwrap();
+        assert_eq!(sdp.session_name, "-", "{blank:?}");
+        assert_eq!(SessionDescription::parse(&sdp.to_bytes()).unwrap(), sdp);
+    }
+}
+
+#[test]
 fn writes_what_phones_expect() {
     let key = crate::srtp::MasterKey::from_bytes(*b"0123456789abcdef0123456789abcd");
     let sdp = SessionDescription {
