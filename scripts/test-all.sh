@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(baresip-core sip-tester python3-pylibsrtp linphone-cli twinkle-console iptables iproute2 tshark)
+packages=(baresip-core sip-tester sipvicious python3-pylibsrtp linphone-cli twinkle-console iptables iproute2 tshark)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
