@@ -133,3 +133,104 @@ async fn junk_on_the_tls_port_fails_the_handshake_only() {
     Phone::tls(p.tls, &p.ca_cert(), DOMAIN, "x", "y").await;
     alive(&p).await;
 }
+
+/// An OPTIONS request numbered `i`, for pipelining on one connection.
+fn options_request(i: usize) -> String {
+    format!(
+        "OPTIONS sip:parley.test SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKpipe{i}\r\n\
+         From: <sip:a@parley.test>;tag=1\r\nTo: <sip:parley.test>\r\nCall-ID: pipe-{i}\r\n\
+         CSeq: {i} OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_many_requests_at_once_gets_every_answer() {
+    // A trunk or a proxy pipelines requests on one connection; the answers
+    // must go out while more requests are still being read, not pile up
+    // until the connection counts as stuck.
+    const REQUESTS: usize = 400;
+    let p = Parley::start("");
+    let mut conn = TcpStream::connect(p.tcp).await.unwrap();
+    let all: String = (0..REQUESTS).map(options_request).collect();
+    let (mut rd, mut wr) = conn.split();
+    let writer = async {
+        for chunk in all.as_bytes().chunks(8192) {
+            wr.write_all(chunk).await.unwrap();
+        }
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while count_answers(&got) < REQUESTS {
+            match tokio::time::timeout_at(deadline, rd.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        count_answers(&got)
+    };
+    let ((), answered) = tokio::join!(writer, reader);
+    assert_eq!(answered, REQUESTS, "answers lost on a busy connection");
+    assert!(!p.log().contains("not reading"), "{}", p.log());
+}
+
+fn count_answers(bytes: &[u8]) -> usize {
+    String::from_utf8_lossy(bytes)
+        .matches("SIP/2.0 200 ")
+        .count()
+}
+
+/// Sends `unit` over and over on a connection whose answers are never read,
+/// until the server stops taking them (its reads stop when its writes
+/// block) or closes the connection; then reads, and reports whether the
+/// stream ended: the server must give up on a peer that does not read (and
+/// free its slot) instead of waiting on the write forever.
+async fn never_reading(p: &Parley, unit: &dyn Fn(usize) -> String) -> bool {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut conn = sock.connect(p.tcp).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(40) {
+        let burst: String = (i..i + 200).map(unit).collect();
+        i += 200;
+        match tokio::time::timeout(Duration::from_secs(2), conn.write_all(burst.as_bytes())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    // Not reading for longer than the server's write timeout (10 s)...
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    // ...then reading: the stream must end (EOF or reset) once drained.
+    let mut buf = vec![0u8; 65536];
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    ended.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_is_disconnected() {
+    let p = Parley::start("");
+    let ping = |_| "\r\n\r\n".to_string();
+    let (pings, requests) = tokio::join!(
+        never_reading(&p, &ping),
+        never_reading(&p, &options_request)
+    );
+    assert!(
+        pings,
+        "the server kept a connection that sends keep-alive pings and never reads the pongs"
+    );
+    assert!(
+        requests,
+        "the server kept a connection that sends requests and never reads the answers"
+    );
+    alive(&p).await;
+}

@@ -171,7 +171,12 @@ impl Driver {
                     },
                 );
             }
-            Inbound::Message { flow, bytes } => self.core.handle_message(now, flow, bytes),
+            Inbound::Message { flow, bytes } => {
+                if let Some(c) = conns.get(&flow.conn) {
+                    c.handle.handled();
+                }
+                self.core.handle_message(now, flow, bytes)
+            }
             Inbound::FramingError { flow, head, error } => {
                 self.core.handle_stream_error(flow, &head, error)
             }

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,6 +30,11 @@ use crate::sip::transport::{Flow, Transport};
 
 /// Outbound messages queued per connection before it counts as stuck.
 pub const OUTBOUND_QUEUE: usize = 64;
+/// Requests a connection may have handed to the driver and not yet seen
+/// handled. A peer that pipelines (a trunk, a proxy carrying many phones)
+/// is read no further until the driver catches up, so its answers never
+/// pile up past [`OUTBOUND_QUEUE`] while it is still sending.
+const MAX_IN_FLIGHT: usize = 16;
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one write may block before the connection is dropped.
@@ -48,6 +53,8 @@ pub struct ConnShared {
     closed: AtomicBool,
     /// Last time the connection received anything, in `uptime_millis`.
     activity: AtomicU64,
+    /// Messages handed to the driver and not yet handled by it.
+    in_flight: AtomicUsize,
 }
 
 impl ConnShared {
@@ -57,6 +64,7 @@ impl ConnShared {
             notify: Notify::new(),
             closed: AtomicBool::new(false),
             activity: AtomicU64::new(uptime_millis()),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -72,6 +80,14 @@ impl ConnShared {
         true
     }
 
+    /// The driver has handled one message from this connection.
+    pub fn handled(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == MAX_IN_FLIGHT {
+            // The connection task may be waiting to hand over the next one.
+            self.notify.notify_one();
+        }
+    }
+
     /// Asks the connection task to close the connection.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
@@ -80,6 +96,10 @@ impl ConnShared {
 
     pub fn last_activity(&self) -> u64 {
         self.activity.load(Ordering::Relaxed)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.lock().expect("queue lock").is_empty()
     }
 
     fn pop(&self) -> Option<Bytes> {
@@ -290,40 +310,44 @@ async fn run<C: Conn>(
     }
     let mut framer = StreamFramer::new();
     let mut pending = BytesMut::new();
-    let reason = 'conn: loop {
+    let reason = loop {
         // Whatever is readable now (a TLS layer may hold decrypted bytes
         // the socket no longer shows), then the frames in it.
-        match read_available(&mut conn, &mut pending) {
+        let read = match read_available(&mut conn, &mut pending) {
             Ok(ReadOutcome::Data) => {
                 shared.activity.store(uptime_millis(), Ordering::Relaxed);
-                if let Err(why) =
-                    drain_frames(&mut framer, &mut pending, flow, &inbound, &mut conn).await
+                if let Err(why) = drain_frames(
+                    &mut framer,
+                    &mut pending,
+                    flow,
+                    &inbound,
+                    &shared,
+                    &mut conn,
+                )
+                .await
                 {
                     break why;
                 }
-                if pending.is_empty() {
-                    // Release the buffer; an idle connection holds none.
-                    pending = BytesMut::new();
-                }
-                continue;
+                true
             }
             Ok(ReadOutcome::Closed) => break "closed by peer",
             Err(_) => break "read error",
-            Ok(ReadOutcome::Empty) => {}
-        }
-        // Send what the driver queued.
-        while let Some(bytes) = shared.pop() {
-            match tokio::time::timeout(WRITE_TIMEOUT, conn.write_all(&bytes)).await {
-                Ok(Ok(())) => {}
-                _ => break 'conn "write failed",
-            }
-            let _ = conn.flush().await;
+            Ok(ReadOutcome::Empty) => false,
+        };
+        // Send what the driver queued, after every read too: a peer that
+        // pipelines requests must get answers while it is still sending.
+        if let Err(why) = send_queued(&shared, &mut conn).await {
+            break why;
         }
         if shared.closed.load(Ordering::Acquire) {
             break "closed by server";
         }
         if pending.is_empty() {
+            // Release the buffer; an idle connection holds none.
             pending = BytesMut::new();
+        }
+        if read {
+            continue;
         }
         tokio::select! {
             r = conn.tcp().readable() => {
@@ -336,39 +360,72 @@ async fn run<C: Conn>(
     };
     tracing::debug!(%flow, reason, "connection ended");
     if reason == UNFRAMEABLE {
-        // Give the driver a moment to send its 400 before closing.
-        let _ = tokio::time::timeout(Duration::from_millis(500), shared.notify.notified()).await;
-        while let Some(bytes) = shared.pop() {
-            if conn.write_all(&bytes).await.is_err() {
-                break;
+        // Give the driver a moment to queue its 400 before closing (a
+        // wake-up left over from an earlier message does not count).
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while shared.is_empty() {
+                shared.notify.notified().await;
             }
-            let _ = conn.flush().await;
-        }
+        })
+        .await;
+        let _ = send_queued(&shared, &mut conn).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.shutdown()).await;
     let _ = inbound.send(Inbound::Closed { flow }).await;
 }
 
-async fn drain_frames<W: AsyncWrite + Unpin>(
+/// Writes out everything queued for the connection.
+async fn send_queued<C: Conn>(shared: &ConnShared, conn: &mut C) -> Result<(), &'static str> {
+    while let Some(bytes) = shared.pop() {
+        write_timed(conn, &bytes).await?;
+    }
+    Ok(())
+}
+
+/// Writes and flushes `bytes`, or fails when the peer has not taken them
+/// within [`WRITE_TIMEOUT`]: a peer that stops reading must not hold its
+/// connection (and the slot it takes) forever. Both steps are timed
+/// because over TLS the write only hands the bytes to the TLS layer, and
+/// the flush is what waits for the socket.
+async fn write_timed<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> Result<(), &'static str> {
+    let write = async {
+        wr.write_all(bytes).await?;
+        wr.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err("write failed"),
+    }
+}
+
+async fn drain_frames<C: Conn>(
     framer: &mut StreamFramer,
     pending: &mut BytesMut,
     flow: Flow,
     inbound: &mpsc::Sender<Inbound>,
-    wr: &mut W,
+    shared: &ConnShared,
+    conn: &mut C,
 ) -> Result<(), &'static str> {
     loop {
         match framer.next_frame(pending) {
             Ok(Some(Frame::Message(bytes))) => {
+                while shared.in_flight.load(Ordering::Acquire) >= MAX_IN_FLIGHT {
+                    send_queued(shared, conn).await?;
+                    if shared.closed.load(Ordering::Acquire) {
+                        return Err("closed by server");
+                    }
+                    shared.notify.notified().await;
+                }
+                shared.in_flight.fetch_add(1, Ordering::AcqRel);
                 inbound
                     .send(Inbound::Message { flow, bytes })
                     .await
                     .map_err(|_| "server stopping")?;
+                // Answers to earlier requests go out between requests.
+                send_queued(shared, conn).await?;
             }
             // RFC 5626 §3.5.1: a double CRLF gets a single CRLF back.
-            Ok(Some(Frame::Ping)) => {
-                wr.write_all(b"\r\n").await.map_err(|_| "write failed")?;
-                let _ = wr.flush().await;
-            }
+            Ok(Some(Frame::Ping)) => write_timed(conn, b"\r\n").await?,
             Ok(Some(Frame::Pong)) => {}
             Ok(None) => return Ok(()),
             Err(e) => {

@@ -35,6 +35,11 @@ pub struct StreamFramer {
     /// How many bytes at the front of the buffer are known to hold no
     /// end of headers yet.
     scanned: usize,
+    /// The length of the message at the front, once its header section is
+    /// complete and only body bytes are missing (0: not known yet). Kept so
+    /// that a body arriving in small pieces does not get its header section
+    /// parsed again for every piece.
+    expected: usize,
 }
 
 impl StreamFramer {
@@ -44,6 +49,13 @@ impl StreamFramer {
 
     /// Takes the next frame off the front of `buf`, if it is all there.
     pub fn next_frame(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if self.expected > 0 {
+            if buf.len() < self.expected {
+                return Ok(None);
+            }
+            let total = std::mem::take(&mut self.expected);
+            return Ok(Some(Frame::Message(buf.split_to(total).freeze())));
+        }
         if self.scanned == 0 {
             if buf.starts_with(b"\r\n\r\n") {
                 let _ = buf.split_to(4);
@@ -72,13 +84,14 @@ impl StreamFramer {
             Ok(n) => n,
             Err(kind) => return Err(self.fail(kind, buf)),
         };
-        let total = body_start + content_length;
+        let total = body_start.saturating_add(content_length);
         if total > MAX_MESSAGE_BYTES {
             return Err(self.fail(ParseError::TooLarge, buf));
         }
         if buf.len() < total {
-            // Headers complete, body not yet: remember where the body starts.
-            self.scanned = body_start.saturating_sub(3);
+            // Headers complete, body not yet: remember how long it will be.
+            self.scanned = 0;
+            self.expected = total;
             return Ok(None);
         }
         self.scanned = 0;
@@ -103,6 +116,7 @@ impl StreamFramer {
 
     fn fail(&mut self, kind: ParseError, buf: &mut BytesMut) -> FrameError {
         self.scanned = 0;
+        self.expected = 0;
         let head_len = buf.len().min(MAX_HEAD_BYTES);
         FrameError {
             kind,
@@ -175,6 +189,30 @@ mod tests {
                 ))
             );
         }
+    }
+
+    #[test]
+    fn a_body_in_pieces_is_waited_for_without_reading_the_header_again() {
+        let head = b"MESSAGE sip:h SIP/2.0\r\nContent-Length: 10\r\n\r\n";
+        let mut framer = StreamFramer::new();
+        let mut buf = BytesMut::from(&head[..]);
+        assert_eq!(framer.next_frame(&mut buf).unwrap(), None);
+        assert_eq!(framer.expected, head.len() + 10);
+        // The remembered length decides: the header section is not parsed
+        // again for each piece (a peer dripping a body byte by byte would
+        // otherwise cost a header parse per byte).
+        for b in b"0123456789"[..9].iter() {
+            buf.extend_from_slice(&[*b]);
+            assert_eq!(framer.next_frame(&mut buf).unwrap(), None);
+        }
+        buf.extend_from_slice(b"9\r\n\r\n");
+        let Some(Frame::Message(m)) = framer.next_frame(&mut buf).unwrap() else {
+            panic!("no message");
+        };
+        assert!(m.ends_with(b"\r\n\r\n0123456789"));
+        // What follows is framed afresh: a keep-alive ping here.
+        assert_eq!(framer.next_frame(&mut buf).unwrap(), Some(Frame::Ping));
+        assert!(buf.is_empty());
     }
 
     #[test]
