@@ -35,14 +35,15 @@ pub enum AuthResult {
     Authenticated(Arc<Extension>),
     /// No credentials for our realm: send a challenge.
     Challenge,
-    /// Right password, but the nonce is too old, not ours (a restart), or
-    /// was already used with this count: challenge with `stale=true`.
+    /// A nonce not ours (a restart, or forged), whatever the password; or
+    /// the right password with a nonce too old or already used with this
+    /// count: challenge with `stale=true`.
     Stale,
-    /// Wrong password or unknown user. `countable` when the nonce was one
-    /// we issued to this source address: only then does the failure count
-    /// toward a lockout, so forged UDP sources cannot lock out an office.
-    Failed { username: String, countable: bool },
-    /// Valid credentials of one extension used for another's address.
+    /// Wrong password or unknown user, with a nonce we issued to this
+    /// source address: the failure counts toward a lockout.
+    Failed { username: String },
+    /// Credentials that name another user than the extension the request
+    /// is for (refused without checking the password).
     WrongUser { username: String },
     /// Credentials that do not parse.
     Malformed(DigestError),
@@ -189,6 +190,28 @@ impl Authenticator {
                 None => AuthResult::Challenge,
             };
         };
+        // Credentials must name the extension they are for. Decided before
+        // any check of the password, so the answer says nothing about it.
+        if creds.username != aor_user {
+            return AuthResult::WrongUser {
+                username: creds.username.into_owned(),
+            };
+        }
+        let fresh = match self
+            .nonces
+            .check(&creds.nonce, now_secs, &peer_bytes(source))
+        {
+            NonceStatus::Fresh(serial) => Some(serial),
+            NonceStatus::Expired => None,
+            // Not a nonce we issued to this address: from before a restart,
+            // or forged. A fresh challenge with `stale=true` lets a phone
+            // retry without asking its user, whatever the password was:
+            // answering by the password here would let anyone test
+            // passwords with made-up nonces, unseen by the lockout (such
+            // failures cannot count, since a forged UDP source must not
+            // lock out the address it claims).
+            NonceStatus::Unknown => return AuthResult::Stale,
+        };
         let method = msg.method_str();
         let ext = directory
             .get(&creds.username)
@@ -202,17 +225,11 @@ impl Authenticator {
                 false
             }
         };
-        let fresh = match self
-            .nonces
-            .check(&creds.nonce, now_secs, &peer_bytes(source))
-        {
-            NonceStatus::Fresh(serial) => Some(serial),
-            NonceStatus::Expired | NonceStatus::Unknown => None,
-        };
         let Some(ext) = ext.filter(|_| ok) else {
+            // The nonce was issued to this address (fresh or expired), so
+            // the sender can receive there: the failure counts.
             return AuthResult::Failed {
                 username: creds.username.into_owned(),
-                countable: fresh.is_some(),
             };
         };
         let Some(serial) = fresh else {
@@ -221,11 +238,6 @@ impl Authenticator {
         if !self.note_nonce_count(&ext.number, serial, creds.nc) {
             tracing::info!(extension = %ext.number, nc = creds.nc, "replayed nonce count refused");
             return AuthResult::Stale;
-        }
-        if creds.username != aor_user {
-            return AuthResult::WrongUser {
-                username: creds.username.into_owned(),
-            };
         }
         AuthResult::Authenticated(ext.clone())
     }
@@ -382,12 +394,8 @@ mod tests {
         let unknown = answer(&mut a, 0, "555", "nope", 1);
         let r1 = check_register(&mut a, 100, SRC, Some(&wrong), "100");
         let r2 = check_register(&mut a, 100, SRC, Some(&unknown), "555");
-        assert!(
-            matches!(r1, AuthResult::Failed { ref username, countable: true } if username == "100")
-        );
-        assert!(
-            matches!(r2, AuthResult::Failed { ref username, countable: true } if username == "555")
-        );
+        assert!(matches!(r1, AuthResult::Failed { ref username } if username == "100"));
+        assert!(matches!(r2, AuthResult::Failed { ref username } if username == "555"));
     }
 
     #[test]
@@ -490,22 +498,43 @@ mod tests {
     }
 
     #[test]
-    fn failures_count_only_with_a_nonce_issued_to_that_source() {
+    fn a_nonce_not_issued_to_the_source_says_nothing_about_the_password() {
+        let mut a = authenticator();
+        let elsewhere = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7));
+        let wrong = answer(&mut a, 0, "100", "nope", 1);
+        let right = answer(&mut a, 0, "100", "pw100", 1);
+        // Nonces of another issuer (as before a restart: a new key).
+        let mut other = Authenticator::new(REALM.into(), [9; 32], [2; 32], 300);
+        let foreign_right = answer(&mut other, 0, "100", "pw100", 1);
+        let foreign_wrong = answer(&mut other, 0, "100", "nope", 1);
+        // From another address, or with a nonce we never issued, right and
+        // wrong passwords get the same fresh challenge: no password oracle,
+        // and nothing counted against the address a forger claims.
+        for (source, h) in [
+            (elsewhere, &wrong),
+            (elsewhere, &right),
+            (SRC, &foreign_right),
+            (SRC, &foreign_wrong),
+        ] {
+            assert!(matches!(
+                check_register(&mut a, 100, source, Some(h), "100"),
+                AuthResult::Stale
+            ));
+        }
+    }
+
+    #[test]
+    fn an_expired_nonce_issued_to_the_source_counts_a_wrong_password() {
         let mut a = authenticator();
         let wrong = answer(&mut a, 0, "100", "nope", 1);
-        let elsewhere = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7));
-        // A forged source never saw our challenge: answered, not counted.
+        let later = 100 + 301;
         assert!(matches!(
-            check_register(&mut a, 100, elsewhere, Some(&wrong), "100"),
-            AuthResult::Failed {
-                countable: false,
-                ..
-            }
+            check_register(&mut a, later, SRC, Some(&wrong), "100"),
+            AuthResult::Failed { .. }
         ));
-        // The right password from another address is just stale.
-        let right = answer(&mut a, 0, "100", "pw100", 1);
+        let right = answer(&mut a, 0, "100", "pw100", 2);
         assert!(matches!(
-            check_register(&mut a, 100, elsewhere, Some(&right), "100"),
+            check_register(&mut a, later + 1, SRC, Some(&right), "100"),
             AuthResult::Stale
         ));
     }
@@ -513,10 +542,14 @@ mod tests {
     #[test]
     fn credentials_of_one_extension_cannot_register_another() {
         let mut a = authenticator();
-        let h = answer(&mut a, 0, "101", "pw101", 1);
-        assert!(matches!(
-            check_register(&mut a, 100, SRC, Some(&h), "100"),
-            AuthResult::WrongUser { .. }
-        ));
+        // Right or wrong, another user's credentials get the same answer,
+        // so a request for one extension cannot test another's password.
+        for pw in ["pw101", "nope"] {
+            let h = answer(&mut a, 0, "101", pw, 1);
+            assert!(matches!(
+                check_register(&mut a, 100, SRC, Some(&h), "100"),
+                AuthResult::WrongUser { .. }
+            ));
+        }
     }
 }

@@ -495,12 +495,9 @@ impl Core {
                 self.respond(now, tx, 400, b.finish());
                 return;
             }
-            AuthResult::Failed {
-                username,
-                countable,
-            } => {
+            AuthResult::Failed { username } => {
                 tracing::info!(%username, "authentication failed");
-                self.auth_failed(now, flow, &user, countable);
+                self.auth_failed(now, flow, &user);
                 return self.challenge(now, tx, msg, flow, false, false);
             }
             AuthResult::WrongUser { username } => {
@@ -571,19 +568,17 @@ impl Core {
     }
 
     /// Reports a failed authentication (REGISTER or INVITE), counts it
-    /// towards the lockout and reports the block it starts. Only a failure
-    /// with a nonce we sent to this address counts (`countable`): a forged
-    /// UDP source never saw our challenge.
-    fn auth_failed(&mut self, now: Instant, flow: Flow, extension: &str, countable: bool) {
+    /// towards the lockout and reports the block it starts. Only a check
+    /// with a nonce we sent to this address gets here (the authenticator
+    /// answers any other with a fresh challenge): a forged UDP source never
+    /// saw our challenge, so it cannot lock out the address it claims.
+    fn auth_failed(&mut self, now: Instant, flow: Flow, extension: &str) {
         let source = flow.remote.ip();
         self.security(SecurityEvent::AuthFailed {
             source,
             extension: extension.to_string(),
             transport: flow.transport,
         });
-        if !countable {
-            return;
-        }
         let Some(block) = self.lockout.record_failure(now, source, extension) else {
             return;
         };

@@ -482,12 +482,9 @@ impl Core {
                     "Credentials Do Not Match The Calling Extension",
                 );
             }
-            AuthResult::Failed {
-                username,
-                countable,
-            } => {
+            AuthResult::Failed { username } => {
                 tracing::info!(%username, caller = %caller, "call authentication failed");
-                self.auth_failed(now, flow, &caller, countable);
+                self.auth_failed(now, flow, &caller);
                 return self.challenge(now, tx, &msg, flow, false, true);
             }
         };
