@@ -396,7 +396,7 @@ impl Core {
             TuInput::StrayResponse { .. } => {}
             TuInput::ClientTimeout { tx } if self.keepalive.owns(tx) => self.keepalive_timeout(tx),
             TuInput::ClientTimeout { tx } => self.call_client_timeout(now, tx),
-            TuInput::ServerNoAck { .. } => {}
+            TuInput::ServerNoAck { tx } => self.call_not_acknowledged(now, tx),
         }
     }
 

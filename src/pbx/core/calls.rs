@@ -1238,6 +1238,21 @@ impl Core {
         }
     }
 
+    /// The caller never acknowledged the answer, though it was sent again
+    /// for 64·T1: RFC 3261 §13.3.1.4 has the session end with a BYE.
+    pub(super) fn call_not_acknowledged(&mut self, now: Instant, tx: ServerTxId) {
+        let Some((idx, _)) = self
+            .calls
+            .calls
+            .iter()
+            .find(|(_, c)| c.invite_tx == tx && c.caller_dialog.is_some())
+        else {
+            return;
+        };
+        tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, "the caller never acknowledged the answer; ending the call");
+        self.end_answered_call(now, idx, "No ACK For The Answer");
+    }
+
     fn hang_up_other_side(&mut self, now: Instant, idx: usize, ended: Side) {
         let call = &self.calls.calls[idx];
         let flow = match ended {

@@ -1231,7 +1231,7 @@ fn unanswered_calls_time_out_and_quiet_media_ends_a_call() {
 
     // An answered call whose media goes quiet is hung up on both sides.
     s.caller.challenge = None;
-    answered_call(&mut s);
+    established_call(&mut s);
     let legs: Vec<LegId> = s
         .media
         .configured
@@ -2941,4 +2941,37 @@ fn each_fork_gets_the_media_protection_of_its_own_transport_and_place() {
         let keyed: Vec<bool> = configured.iter().map(|(_, m)| m.keys.is_some()).collect();
         assert_eq!(keyed, [true, false], "caller leg SRTP, desk leg plain");
     }
+}
+
+#[test]
+fn an_answer_the_caller_never_acknowledges_is_repeated_then_the_call_ends() {
+    let mut s = call_setup();
+    let (_invite, ok) = answered_call_with_invite(&mut s);
+    // No ACK: the 200 goes out again over UDP (T1, 2·T1, ... capped at T2).
+    let out = s.h.advance(Duration::from_secs(4));
+    let repeats = out
+        .iter()
+        .filter(|(f, m)| {
+            *f == s.caller.flow && m.status() == Some(200) && m.call_id() == ok.call_id()
+        })
+        .count();
+    assert_eq!(repeats, 3, "200 retransmissions in the first 4 s");
+    // After 64·T1 without an ACK, RFC 3261 §13.3.1.4: BYE, both sides.
+    let out = s.h.advance(Duration::from_secs(30));
+    assert_eq!(requests_to(&out, s.caller.flow, Method::Bye).len(), 1);
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Bye).len(), 1);
+    assert_eq!(s.h.calls.len(), 1);
+    assert_eq!(s.h.calls[0].ended_by, Some(EndedBy::Parley));
+}
+
+#[test]
+fn an_acknowledged_answer_is_not_repeated() {
+    let mut s = call_setup();
+    established_call(&mut s);
+    let out = s.h.advance(Duration::from_secs(40));
+    assert!(
+        out.iter().all(|(_, m)| m.status() != Some(200)),
+        "the 200 was sent again after its ACK"
+    );
+    assert!(s.h.calls.is_empty(), "the call ended");
 }

@@ -123,6 +123,10 @@ struct ServerTx {
     generations: [u32; 2],
     /// Timer G's current interval.
     interval: Duration,
+    /// An INVITE's dialog-level key (Call-ID, CSeq number, From tag), which
+    /// the ACK of a 2xx shares (it has a branch of its own). Taken out once
+    /// that ACK arrived.
+    ack_key: Option<TxKey>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,8 +160,11 @@ pub struct TransactionLayer {
     /// needs no heap. May hold ids already gone.
     completed_non_invite: VecDeque<(usize, u64, Instant)>,
     /// Completed INVITE transactions (their timers are in the heap), the
-    /// second choice for eviction.
+    /// second choice for eviction. May hold ids already gone, but not many.
     completed_invite: VecDeque<(usize, u64)>,
+    /// INVITE transactions that sent a 2xx and wait for its ACK, by
+    /// `ack_key`.
+    awaiting_ack: HashMap<TxKey, usize>,
     client: Slab<ClientTx>,
     client_index: HashMap<TxKey, usize>,
     timers: TimerHeap,
@@ -182,6 +189,7 @@ impl TransactionLayer {
             keys: KeyMaker::default(),
             completed_non_invite: VecDeque::new(),
             completed_invite: VecDeque::new(),
+            awaiting_ack: HashMap::new(),
             client: Slab::new(),
             client_index: HashMap::new(),
             timers: TimerHeap::default(),
@@ -271,6 +279,11 @@ impl TransactionLayer {
         }
         let uid = self.uid();
         let invite = method == Method::Invite;
+        let ack_key = if invite {
+            self.keys.ack_key(&msg)
+        } else {
+            None
+        };
         let idx = self.server.insert(ServerTx {
             uid,
             key,
@@ -284,6 +297,7 @@ impl TransactionLayer {
             last_response: None,
             generations: [0; 2],
             interval: self.config.t1,
+            ack_key,
         });
         self.server_index.insert(key, idx);
         Ok(Some(TuInput::Request {
@@ -301,10 +315,15 @@ impl TransactionLayer {
         flow: Flow,
     ) -> Option<TuInput> {
         let Some(&idx) = self.server_index.get(&key) else {
+            self.note_2xx_ack(&msg);
             return Some(TuInput::Ack { msg, flow });
         };
         let tx = &mut self.server[idx];
         match tx.state {
+            ServerState::Accepted => {
+                self.note_2xx_ack(&msg);
+                Some(TuInput::Ack { msg, flow })
+            }
             ServerState::Completed => {
                 tx.state = ServerState::Confirmed;
                 // Timer G stops; Timer I replaces Timer H.
@@ -320,6 +339,21 @@ impl TransactionLayer {
             ServerState::Confirmed => None,
             _ => Some(TuInput::Ack { msg, flow }),
         }
+    }
+
+    /// The ACK of a 2xx ends that 2xx's retransmissions (RFC 3261
+    /// §13.3.1.4).
+    fn note_2xx_ack(&mut self, ack: &Message) {
+        let Some(key) = self.keys.ack_key(ack) else {
+            return;
+        };
+        let Some(idx) = self.awaiting_ack.remove(&key) else {
+            return;
+        };
+        let tx = &mut self.server[idx];
+        tx.ack_key = None;
+        // Stops the retransmission timer (slot 0).
+        tx.generations[0] += 1;
     }
 
     /// Sends a final response and forgets the transaction at once, as a
@@ -379,6 +413,13 @@ impl TransactionLayer {
                 let h = self.config.t1x64();
                 self.arm(now, Side::Server, id.idx, TimerKind::H, h);
                 self.completed_invite.push_back((id.idx, id.uid));
+                // Entries outlive their transactions (Timers H and I end
+                // them); drop the dead ones before they pile up.
+                if self.completed_invite.len() > 2 * self.server.len() + 64 {
+                    let server = &self.server;
+                    self.completed_invite
+                        .retain(|&(idx, uid)| server.get(idx).is_some_and(|t| t.uid == uid));
+                }
             }
             ServerState::Completed => {
                 if reliable {
@@ -390,6 +431,17 @@ impl TransactionLayer {
                 }
             }
             ServerState::Accepted => {
+                // The UAS core's job in RFC 3261 §13.3.1.4, done here where
+                // the timers are: the 2xx goes out again at T1, 2·T1, ...
+                // up to T2 over UDP until its ACK arrives; with no ACK by
+                // 64·T1 the TU hears of it (and hangs up).
+                if !reliable {
+                    let t1 = self.config.t1;
+                    self.arm(now, Side::Server, id.idx, TimerKind::G, t1);
+                }
+                if let Some(key) = self.server[id.idx].ack_key {
+                    self.awaiting_ack.insert(key, id.idx);
+                }
                 let l = self.config.t1x64();
                 self.arm(now, Side::Server, id.idx, TimerKind::L, l);
             }
@@ -456,6 +508,11 @@ impl TransactionLayer {
     fn remove_server(&mut self, idx: usize) {
         let tx = self.server.remove(idx);
         self.server_index.remove(&tx.key);
+        if let Some(key) = tx.ack_key
+            && self.awaiting_ack.get(&key) == Some(&idx)
+        {
+            self.awaiting_ack.remove(&key);
+        }
     }
 
     // ---- client side ------------------------------------------------------
@@ -696,6 +753,14 @@ impl TransactionLayer {
                 self.remove_server(e.idx);
                 self.inputs.push_back(TuInput::ServerNoAck { tx: id });
             }
+            TimerKind::L => {
+                let tx = &self.server[e.idx];
+                let unacknowledged = tx.state == ServerState::Accepted && tx.ack_key.is_some();
+                self.remove_server(e.idx);
+                if unacknowledged {
+                    self.inputs.push_back(TuInput::ServerNoAck { tx: id });
+                }
+            }
             _ => self.remove_server(e.idx),
         }
     }
@@ -799,6 +864,17 @@ impl KeyMaker {
             h.field(&cseq.seq.to_be_bytes());
             h.field(msg.header_values(HeaderName::Via).next()?.as_bytes());
         }
+        Some(h.finish())
+    }
+
+    /// What an INVITE and the ACK of its 2xx share (RFC 3261 §13.2.2.4,
+    /// §17.1.1.3): Call-ID, CSeq number and From tag.
+    fn ack_key(&self, msg: &Message) -> Option<TxKey> {
+        let mut h = self.hasher();
+        h.field(b"2xx-ack");
+        h.field(msg.call_id()?.as_bytes());
+        h.field(&msg.cseq()?.seq.to_be_bytes());
+        h.field(msg.from()?.tag().unwrap_or("").as_bytes());
         Some(h.finish())
     }
 

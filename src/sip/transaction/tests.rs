@@ -482,3 +482,74 @@ fn reliable_client_never_retransmits_and_fails_with_its_flow() {
     assert!(matches!(layer.poll_input(), Some(TuInput::ClientTimeout { tx: id }) if id == tx));
     assert!(run_until(&mut layer, t0, Duration::from_secs(60)).is_empty());
 }
+
+#[test]
+fn completed_invite_queue_stays_bounded_when_transactions_end_by_timer() {
+    let t0 = Instant::now();
+    let mut layer = TransactionLayer::new(TimerConfig::default());
+    let mut now = t0;
+    for i in 0..20_000 {
+        let req = request("INVITE", &format!("z9hG4bKr{i}"));
+        let tx = new_server_tx(&mut layer, now, req.clone(), tls());
+        layer.respond(now, tx, 481, response_bytes(&req, 481));
+        drain(&mut layer);
+        // Acknowledged at once; Timer I (zero over TLS) ends it.
+        let ack = request("ACK", &format!("z9hG4bKr{i}"));
+        let _ = layer.handle_request(now, ack, tls());
+        now += Duration::from_millis(1);
+        layer.handle_timeout(now);
+    }
+    assert_eq!(layer.server_count(), 0);
+    assert!(
+        layer.completed_invite.len() <= 64,
+        "{} dead entries kept",
+        layer.completed_invite.len()
+    );
+}
+
+#[test]
+fn a_2xx_is_sent_again_over_udp_until_its_ack_arrives() {
+    let t0 = Instant::now();
+    let mut layer = TransactionLayer::new(TimerConfig::default());
+    let req = request("INVITE", "z9hG4bKs");
+    let tx = new_server_tx(&mut layer, t0, req.clone(), udp());
+    layer.respond(t0, tx, 200, response_bytes(&req, 200));
+    assert_eq!(drain(&mut layer).len(), 1);
+    // RFC 3261 §13.3.1.4: T1, 2·T1, 4·T1 ... apart.
+    let sent = run_until(&mut layer, t0, Duration::from_millis(4_000));
+    let times: Vec<u64> = sent.iter().map(|(t, _)| t.as_millis() as u64).collect();
+    assert_eq!(times, vec![500, 1500, 3500]);
+    assert!(
+        sent.iter()
+            .all(|(_, tr)| tr.bytes.starts_with(b"SIP/2.0 200"))
+    );
+    // The ACK (a branch of its own) stops them and still reaches the TU.
+    let ack = request("ACK", "z9hG4bKs-ack");
+    let t_ack = t0 + Duration::from_millis(4_000);
+    assert!(matches!(
+        layer.handle_request(t_ack, ack, udp()).unwrap(),
+        Some(TuInput::Ack { .. })
+    ));
+    let sent = run_until(&mut layer, t0, Duration::from_secs(60));
+    assert!(sent.is_empty(), "sent after the ACK: {}", sent.len());
+    assert_eq!(layer.server_count(), 0);
+    assert!(layer.poll_input().is_none(), "an acknowledged 2xx reported");
+}
+
+#[test]
+fn a_2xx_never_acknowledged_is_reported_after_64_t1() {
+    for (flow, resends) in [(udp(), 10), (tls(), 0)] {
+        let t0 = Instant::now();
+        let mut layer = TransactionLayer::new(TimerConfig::default());
+        let req = request("INVITE", "z9hG4bKt");
+        let tx = new_server_tx(&mut layer, t0, req.clone(), flow);
+        layer.respond(t0, tx, 200, response_bytes(&req, 200));
+        drain(&mut layer);
+        // Capped at T2 (4 s) over UDP; never repeated over TLS.
+        let sent = run_until(&mut layer, t0, Duration::from_secs(40));
+        assert_eq!(sent.len(), resends, "{:?}", flow.transport);
+        assert!(sent.iter().all(|(t, _)| *t < Duration::from_secs(32)));
+        assert!(matches!(layer.poll_input(), Some(TuInput::ServerNoAck { tx: id }) if id == tx));
+        assert_eq!(layer.server_count(), 0);
+    }
+}
