@@ -238,14 +238,27 @@ impl SrtpContext {
                     .unwrap_or(0)
             });
         if let Some(old) = self.streams[slot].take() {
-            self.retired[self.next_retired] = Some(Retired {
+            let record = Retired {
                 ssrc: old.ssrc,
                 roc: old.roc,
                 highest_seq: old.highest_seq,
                 rtcp_top: old.rtcp_window.top(),
                 rtcp_next: old.rtcp_next,
-            });
-            self.next_retired = (self.next_retired + 1) % MAX_RETIRED;
+            };
+            // One record per SSRC, the newest: an SSRC pushed out twice
+            // must not come back with the state of its first exit (an old
+            // rollover counter would reuse keystream and fail every tag).
+            let same = self
+                .retired
+                .iter()
+                .position(|r| r.is_some_and(|r| r.ssrc == old.ssrc));
+            match same {
+                Some(i) => self.retired[i] = Some(record),
+                None => {
+                    self.retired[self.next_retired] = Some(record);
+                    self.next_retired = (self.next_retired + 1) % MAX_RETIRED;
+                }
+            }
         }
         self.streams[slot] = Some(stream);
         slot

@@ -415,6 +415,32 @@ fn a_returning_ssrc_resumes_instead_of_starting_over() {
     assert_eq!(tx.protect_rtp(&mut dup, len), Err(SrtpError::Replayed));
 }
 
+#[test]
+fn an_ssrc_pushed_out_twice_comes_back_with_its_latest_state() {
+    let key = MasterKey::generate();
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let mut send = |tx: &mut SrtpContext, rx: &mut SrtpContext, seq: u16, ssrc: u32| {
+        let p = protect(tx, &rtp_packet(seq, ssrc, &[0; 8]));
+        unprotect(rx, &p).unwrap().1.index
+    };
+    send(&mut tx, &mut rx, 100, 1);
+    // Pushed out once, with rollover counter 0.
+    for ssrc in 10..15u32 {
+        send(&mut tx, &mut rx, 1, ssrc);
+    }
+    // Back, and on across a wrap: rollover counter 1.
+    for seq in [101, 30_000, 60_000, 65_535, 3] {
+        send(&mut tx, &mut rx, seq, 1);
+    }
+    // Pushed out again.
+    for ssrc in 20..25u32 {
+        send(&mut tx, &mut rx, 1, ssrc);
+    }
+    // It returns where it left off, not where it first left.
+    assert_eq!(send(&mut tx, &mut rx, 4, 1), (1 << 16) | 4);
+}
+
 proptest::proptest! {
     /// The AES-NI keystream is the `aes` crate's, for any key, counter and
     /// length (including lengths that end inside a block or a lane group).
