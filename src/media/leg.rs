@@ -3,12 +3,16 @@
 //! latches, counts, and prepares what goes out. No allocation per packet.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 
 use super::stats::{Receiving, RemoteReport, Sending, parse_report_block};
 use crate::srtp::{MasterKey, SrtpContext, SrtpError, Suite, rtp_header_len};
+
+/// How long the source a plain leg is latched to must be quiet before
+/// another port of a trusted address may take over.
+const RELATCH_AFTER: Duration = Duration::from_secs(2);
 
 /// Identifies a leg across the control and data planes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -222,8 +226,21 @@ impl Leg {
             (Some(ctx), Kind::Rtp) => ctx.unprotect_rtp(buf).map(|u| (u.len, Some(u.index))),
             (Some(ctx), Kind::Rtcp) => ctx.unprotect_rtcp(buf).map(|len| (len, None)),
             (None, _) => {
-                // Plain media is only as good as where it comes from.
-                if latched != Some(src) && !media.trusted_ips.contains(&src.ip().to_canonical()) {
+                // Plain media is only as good as where it comes from: the
+                // phone's address, and once latched the port it sends from,
+                // left only when that has gone quiet (a NAT rebinding).
+                // Sooner, any host behind the same NAT address could take
+                // the stream.
+                let trusted = media.trusted_ips.contains(&src.ip().to_canonical());
+                let allowed = match latched {
+                    Some(at) if at == src => true,
+                    Some(_) => {
+                        trusted
+                            && now.saturating_duration_since(self.last_activity) >= RELATCH_AFTER
+                    }
+                    None => trusted,
+                };
+                if !allowed {
                     self.receiving.wrong_source += 1;
                     return Err(Drop::WrongSource);
                 }

@@ -135,6 +135,49 @@ fn plain_leg_accepts_only_trusted_sources() {
 }
 
 #[test]
+fn a_plain_leg_keeps_its_latch_while_the_phone_sends() {
+    let t0 = Instant::now();
+    let mut leg = Leg::new(LegId(4), t0);
+    // A remote phone behind a NAT: its public address is trusted.
+    let phone: SocketAddr = "203.0.113.5:40000".parse().unwrap();
+    leg.configure(
+        LegMedia {
+            remote_rtp: Some(phone),
+            remote_rtcp: None,
+            rtcp_mux: true,
+            keys: None,
+            trusted_ips: smallvec![phone.ip()],
+            clock_rate: 8000,
+        },
+        t0,
+    );
+    let mut p = rtp(1, 1, &[0; 160]);
+    assert_eq!(leg.receive(Kind::Rtp, phone, &mut p, t0), Ok(172));
+    // Another host behind the same NAT address cannot take the stream
+    // while the phone is sending.
+    let neighbour: SocketAddr = "203.0.113.5:51000".parse().unwrap();
+    let at = t0 + Duration::from_millis(20);
+    let mut q = rtp(9, 7, &[0; 160]);
+    assert_eq!(
+        leg.receive(Kind::Rtp, neighbour, &mut q, at),
+        Err(Drop::WrongSource)
+    );
+    assert_eq!(leg.receive(Kind::Rtp, phone, &mut p, at), Ok(172));
+    let mut out = rtp(5, 5, &[0; 160]);
+    out.resize(out.len() + 16, 0);
+    assert_eq!(leg.prepare_send(Kind::Rtp, &mut out, 172).unwrap().0, phone);
+    // The NAT rebinds: the phone's old port goes quiet, and its packets
+    // come from a new one, which the leg then follows.
+    let later = at + Duration::from_secs(3);
+    let mut r = rtp(2, 1, &[0; 160]);
+    assert_eq!(leg.receive(Kind::Rtp, neighbour, &mut r, later), Ok(172));
+    assert_eq!(
+        leg.prepare_send(Kind::Rtp, &mut out, 172).unwrap().0,
+        neighbour
+    );
+}
+
+#[test]
 fn loss_and_jitter_are_counted_across_sequence_wrap() {
     let t0 = Instant::now();
     let mut leg = Leg::new(LegId(3), t0);

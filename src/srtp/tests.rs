@@ -420,7 +420,7 @@ fn an_ssrc_pushed_out_twice_comes_back_with_its_latest_state() {
     let key = MasterKey::generate();
     let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
     let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
-    let mut send = |tx: &mut SrtpContext, rx: &mut SrtpContext, seq: u16, ssrc: u32| {
+    let send = |tx: &mut SrtpContext, rx: &mut SrtpContext, seq: u16, ssrc: u32| {
         let p = protect(tx, &rtp_packet(seq, ssrc, &[0; 8]));
         unprotect(rx, &p).unwrap().1.index
     };
