@@ -173,8 +173,13 @@ impl Core {
             cfg.nonce_lifetime_secs,
         );
         auth.set_md5_only_agents(cfg.md5_only_user_agents.clone());
+        // A ringing branch must outlast the ring timeout and its CANCEL.
+        let mut timers = cfg.timers;
+        timers.proceeding_limit = timers
+            .proceeding_limit
+            .max(cfg.ring_timeout + timers.t1x64());
         let mut core = Core {
-            tx: TransactionLayer::new(cfg.timers),
+            tx: TransactionLayer::new(timers),
             lockout: Lockout::new(cfg.lockout),
             registrar: Registrar::new(cfg.registrar),
             auth,

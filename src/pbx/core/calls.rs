@@ -1131,9 +1131,11 @@ impl Core {
             let cancel = b.finish_with_body(None, b"");
             let flow = branch.flow;
             let leg = branch.leg.id;
+            let invite_tx = branch.tx;
             if let Ok(c) = self.tx.send_request(now, flow, cancel) {
                 self.calls.by_branch.insert(c, (idx, bi));
             }
+            self.tx.cancelling(now, invite_tx);
             self.calls.calls[idx].branches[bi].state = BranchState::Cancelled;
             self.media.close(leg);
         }

@@ -2975,3 +2975,23 @@ fn an_acknowledged_answer_is_not_repeated() {
     );
     assert!(s.h.calls.is_empty(), "the call ended");
 }
+
+#[test]
+fn a_ringing_branch_that_vanishes_after_the_cancel_is_forgotten() {
+    let mut s = call_setup();
+    let out = s.dial("102");
+    let invite = out
+        .into_iter()
+        .find(|(_, m)| m.method() == Some(Method::Invite))
+        .unwrap()
+        .1;
+    s.h.send_flows(s.callee_flow, reply(&invite, 180, "Ringing", None));
+    // The ring timeout CANCELs the branch; the phone never answers again
+    // (it dropped off its network).
+    let out = s.h.advance(Duration::from_secs(30));
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Cancel).len(), 1);
+    assert!(s.h.core.tx.client_count() > 0);
+    // 64·T1 after the CANCEL the INVITE transaction is given up too.
+    s.h.advance(Duration::from_secs(33));
+    assert_eq!(s.h.core.tx.client_count(), 0);
+}

@@ -149,6 +149,8 @@ struct ClientTx {
     ack: Option<Bytes>,
     generations: [u32; 2],
     interval: Duration,
+    /// A CANCEL for it went out: it ends 64·T1 later at most.
+    cancelled: bool,
 }
 
 pub struct TransactionLayer {
@@ -544,6 +546,7 @@ impl TransactionLayer {
             ack: None,
             generations: [0; 2],
             interval: self.config.t1,
+            cancelled: false,
         });
         self.client_index.insert(key, idx);
         self.transmits.push_back(Transmit { flow, bytes });
@@ -576,11 +579,16 @@ impl TransactionLayer {
         let reliable = tx.flow.transport.is_reliable();
         match (tx.invite, tx.state, status) {
             (_, ClientState::Trying | ClientState::Proceeding, 100..=199) => {
-                if tx.invite {
-                    // Proceeding stops retransmissions and Timer B (§17.1.1.2).
-                    tx.generations = [tx.generations[0] + 1, tx.generations[1] + 1];
-                }
+                let first = tx.state == ClientState::Trying;
                 tx.state = ClientState::Proceeding;
+                if tx.invite && (first || !tx.cancelled) {
+                    // Proceeding stops retransmissions (§17.1.1.2), and
+                    // Timer C replaces Timer B (armed again by each
+                    // provisional response until a CANCEL went out).
+                    tx.generations[0] += 1;
+                    let c = self.config.proceeding_limit;
+                    self.arm(now, Side::Client, idx, TimerKind::C, c);
+                }
             }
             (true, ClientState::Trying | ClientState::Proceeding, 200..=299) => {
                 tx.state = ClientState::Accepted;
@@ -632,6 +640,22 @@ impl TransactionLayer {
             _ => return None,
         }
         Some(TuInput::Response { tx: id, msg, flow })
+    }
+
+    /// The TU sent a CANCEL for INVITE transaction `id`: without a final
+    /// response within 64·T1 it ends (RFC 3261 §9.1), reported as a
+    /// timeout.
+    pub fn cancelling(&mut self, now: Instant, id: ClientTxId) {
+        let Some(tx) = self.client.get_mut(id.idx).filter(|t| t.uid == id.uid) else {
+            return;
+        };
+        if !tx.invite || tx.cancelled || tx.state != ClientState::Proceeding {
+            // In Trying, Timer B already ends it within 64·T1.
+            return;
+        }
+        tx.cancelled = true;
+        let limit = self.config.t1x64();
+        self.arm(now, Side::Client, id.idx, TimerKind::C, limit);
     }
 
     /// The request a client transaction sent, to build a CANCEL or
@@ -787,7 +811,7 @@ impl TransactionLayer {
                 let next = tx.interval;
                 self.arm(now, Side::Client, e.idx, e.kind, next);
             }
-            TimerKind::B | TimerKind::F => {
+            TimerKind::B | TimerKind::C | TimerKind::F => {
                 self.remove_client(e.idx);
                 self.inputs.push_back(TuInput::ClientTimeout { tx: id });
             }

@@ -553,3 +553,71 @@ fn a_2xx_never_acknowledged_is_reported_after_64_t1() {
         assert_eq!(layer.server_count(), 0);
     }
 }
+
+/// Feeds a response to `req` into the layer at `at`.
+fn answer_at(layer: &mut TransactionLayer, at: Instant, req: &Message, status: u16) {
+    let _ = layer.handle_response(at, response(req, status), udp());
+}
+
+/// Fires timers up to `t0 + until`; the time of the first client timeout.
+fn timeout_within(layer: &mut TransactionLayer, t0: Instant, until: Duration) -> Option<Duration> {
+    while let Some(t) = layer.poll_timeout().filter(|t| *t <= t0 + until) {
+        layer.handle_timeout(t);
+        drain(layer);
+        while let Some(input) = layer.poll_input() {
+            if matches!(input, TuInput::ClientTimeout { .. }) {
+                return Some(t - t0);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn invite_client_in_proceeding_gives_up_at_timer_c_after_the_last_provisional() {
+    let t0 = Instant::now();
+    let mut layer = TransactionLayer::new(TimerConfig::default());
+    let req = request("INVITE", "z9hG4bKclientC");
+    layer
+        .send_request(t0, udp(), req.as_bytes().clone())
+        .unwrap();
+    drain(&mut layer);
+    answer_at(&mut layer, t0, &req, 180);
+    while layer.poll_input().is_some() {}
+    // Another provisional response at 100 s starts Timer C again.
+    assert_eq!(
+        timeout_within(&mut layer, t0, Duration::from_secs(100)),
+        None
+    );
+    answer_at(&mut layer, t0 + Duration::from_secs(100), &req, 183);
+    while layer.poll_input().is_some() {}
+    let limit = TimerConfig::default().proceeding_limit;
+    assert_eq!(
+        timeout_within(&mut layer, t0, Duration::from_secs(400)),
+        Some(Duration::from_secs(100) + limit)
+    );
+    assert_eq!(layer.client_count(), 0);
+}
+
+#[test]
+fn a_cancelled_invite_without_a_final_response_ends_64_t1_after_the_cancel() {
+    let t0 = Instant::now();
+    let mut layer = TransactionLayer::new(TimerConfig::default());
+    let req = request("INVITE", "z9hG4bKclientX");
+    let tx = layer
+        .send_request(t0, udp(), req.as_bytes().clone())
+        .unwrap();
+    drain(&mut layer);
+    answer_at(&mut layer, t0, &req, 180);
+    while layer.poll_input().is_some() {}
+    let cancel_at = t0 + Duration::from_secs(30);
+    layer.cancelling(cancel_at, tx);
+    // A late provisional response does not keep it alive.
+    answer_at(&mut layer, cancel_at + Duration::from_secs(10), &req, 180);
+    while layer.poll_input().is_some() {}
+    assert_eq!(
+        timeout_within(&mut layer, t0, Duration::from_secs(400)),
+        Some(Duration::from_secs(30 + 32))
+    );
+    assert_eq!(layer.client_count(), 0);
+}

@@ -18,6 +18,12 @@ pub struct TimerConfig {
     pub t2: Duration,
     /// How long a message may stay in the network.
     pub t4: Duration,
+    /// Timer C: how long an INVITE client transaction may stay in
+    /// Proceeding after its last provisional response before it is given up
+    /// (RFC 3261 §16.6 asks more than 3 minutes of proxies; a UAC needs a
+    /// bound too, or a phone that answers 180 and then vanishes holds the
+    /// transaction forever).
+    pub proceeding_limit: Duration,
 }
 
 impl Default for TimerConfig {
@@ -26,6 +32,7 @@ impl Default for TimerConfig {
             t1: Duration::from_millis(500),
             t2: Duration::from_secs(4),
             t4: Duration::from_secs(5),
+            proceeding_limit: Duration::from_secs(181),
         }
     }
 }
@@ -45,6 +52,9 @@ pub enum TimerKind {
     A,
     /// INVITE client: give up waiting for any response.
     B,
+    /// INVITE client: give up waiting for a final response in Proceeding,
+    /// or 64·T1 after CANCEL.
+    C,
     /// INVITE client: absorb final-response retransmissions after ACK.
     D,
     /// Non-INVITE client: retransmit the request.
