@@ -1295,15 +1295,30 @@ impl Core {
         if !self.calls.calls.contains(idx) {
             return;
         }
-        let call = self.calls.calls.remove(idx);
+        let mut call = self.calls.calls.remove(idx);
         self.calls.by_invite.remove(&call.invite_tx);
         let relayed = &mut self.calls.relayed;
+        let mut unanswered: Vec<(ServerTxId, Message, Flow)> = Vec::new();
         self.calls.by_branch.retain(|ctx, (i, _)| {
-            if *i == idx {
-                relayed.remove(ctx);
+            if *i == idx
+                && let Some(r) = relayed.remove(ctx)
+            {
+                unanswered.push((r.tx, r.request, r.flow));
             }
             *i != idx
         });
+        if let Some(r) = call.reinvite.take() {
+            unanswered.push((r.tx, r.request, r.flow));
+        }
+        // Requests still waiting on the other side (a re-INVITE, an INFO)
+        // when a BYE crossed them get their final answer (RFC 3261
+        // §15.1.2), so no transaction is left open.
+        for (tx, request, flow) in unanswered {
+            if self.tx.server_is_pending(tx) {
+                let b = self.response_builder(&request, flow, 487, "Request Terminated");
+                self.respond(now, tx, 487, b.finish());
+            }
+        }
         self.calls.by_dialog.retain(|_, (i, _)| *i != idx);
         self.calls.by_leg.retain(|_, i| *i != idx);
         self.media.close(call.caller_leg.id);

@@ -1332,13 +1332,9 @@ fn a_callee_that_cannot_do_its_required_srtp_fails_the_call_with_a_reason() {
 
 /// The caller re-INVITEs with `caller_dir` (hold, resume), the callee
 /// agrees with `callee_dir`; checks what each side sees on the way.
-fn caller_renegotiates(
-    s: &mut CallSetup,
-    invite: &Message,
-    ok: &Message,
-    caller_dir: &str,
-    callee_dir: &str,
-) {
+/// The caller re-INVITEs with `caller_dir`; returns the re-INVITE Parley
+/// relayed to the callee.
+fn caller_sends_reinvite(s: &mut CallSetup, ok: &Message, caller_dir: &str) -> Message {
     s.caller.cseq += 1;
     let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap())
         .unwrap()
@@ -1370,10 +1366,21 @@ fn caller_renegotiates(
             .any(|(f, m)| *f == s.caller.flow && m.status() == Some(100))
     );
     let (f, reinvite) = out
-        .iter()
+        .into_iter()
         .find(|(_, m)| m.method() == Some(Method::Invite))
         .expect("re-INVITE to the callee");
-    assert_eq!(*f, s.callee_flow);
+    assert_eq!(f, s.callee_flow);
+    reinvite
+}
+
+fn caller_renegotiates(
+    s: &mut CallSetup,
+    invite: &Message,
+    ok: &Message,
+    caller_dir: &str,
+    callee_dir: &str,
+) {
+    let reinvite = &caller_sends_reinvite(s, ok, caller_dir);
     // In the callee's dialog: its Call-ID and tags, the next CSeq.
     assert_eq!(reinvite.call_id(), invite.call_id());
     assert_eq!(reinvite.to().unwrap().tag(), Some("calleetag"));
@@ -2994,4 +3001,34 @@ fn a_ringing_branch_that_vanishes_after_the_cancel_is_forgotten() {
     // 64·T1 after the CANCEL the INVITE transaction is given up too.
     s.h.advance(Duration::from_secs(33));
     assert_eq!(s.h.core.tx.client_count(), 0);
+}
+
+#[test]
+fn a_bye_crossing_a_pending_reinvite_answers_it() {
+    let mut s = call_setup();
+    let (_, ok) = established_call(&mut s);
+    // The caller puts the call on hold; before the callee answers the
+    // relayed re-INVITE, the caller hangs up.
+    caller_sends_reinvite(&mut s, &ok, "sendonly");
+    let bye = s.caller.in_dialog("BYE", &ok);
+    let out = s.h.send_flows(s.caller.flow, bye);
+    let to_caller: Vec<(u16, String)> = out
+        .iter()
+        .filter(|(f, m)| *f == s.caller.flow && m.status().is_some())
+        .map(|(_, m)| {
+            (
+                m.status().unwrap(),
+                m.cseq().unwrap().method_str.to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        to_caller.contains(&(487, "INVITE".to_string())),
+        "the re-INVITE must get its final answer: {to_caller:?}"
+    );
+    assert!(
+        to_caller.contains(&(200, "BYE".to_string())),
+        "{to_caller:?}"
+    );
+    assert_eq!(s.h.core.call_count(), 0);
 }
