@@ -213,6 +213,10 @@ pub(crate) struct Calls {
     /// Forks of ended calls whose INVITE may still be answered (a phone
     /// picked up just as the caller hung up): a late 2xx gets ACK and BYE.
     late_forks: HashMap<ClientTxId, LateFork>,
+    /// ACKs Parley sent for 2xx answers to its own re-INVITEs, kept 64·T1:
+    /// a repeated 2xx (the ACK was lost) gets the ACK again, or the phone
+    /// would hang up (RFC 3261 §13.2.2.4).
+    sent_acks: HashMap<ClientTxId, (Flow, Bytes, Instant)>,
 }
 
 struct LateFork {
@@ -1457,6 +1461,12 @@ impl Core {
     /// refused): a 2xx is acknowledged (every retransmission) and hung up
     /// (once), so the phone does not sit in a call nobody is on.
     fn late_fork_response(&mut self, now: Instant, ctx: ClientTxId, msg: &Message) {
+        if let Some((flow, ack, _)) = self.calls.sent_acks.get(&ctx)
+            && msg.status().is_some_and(|s| (200..300).contains(&s))
+        {
+            let (flow, ack) = (*flow, ack.clone());
+            return self.transmit(flow, ack);
+        }
         let Some(late) = self.calls.late_forks.get(&ctx) else {
             return;
         };
@@ -1557,6 +1567,14 @@ impl Core {
         if p.complete() {
             self.call_timers(now);
         }
+    }
+
+    /// Keeps the ACK of a 2xx to Parley's re-INVITE `ctx` for 64·T1.
+    pub(super) fn remember_ack(&mut self, now: Instant, ctx: ClientTxId, flow: Flow, ack: Bytes) {
+        let keep = self.cfg.timers.t1x64();
+        let acks = &mut self.calls.sent_acks;
+        acks.retain(|_, (_, _, at)| now.saturating_duration_since(*at) < keep);
+        acks.insert(ctx, (flow, ack, now));
     }
 
     fn transmit(&mut self, flow: Flow, bytes: Bytes) {
@@ -1727,6 +1745,7 @@ impl Core {
         y_dialog.refresh_target(&msg);
         if r.method == Method::Invite {
             let ack = y_dialog.ack(r.sent_seq, &via, None);
+            self.remember_ack(now, ctx, y_flow, ack.clone());
             self.transmit(y_flow, ack);
         }
 

@@ -3032,3 +3032,27 @@ fn a_bye_crossing_a_pending_reinvite_answers_it() {
     );
     assert_eq!(s.h.core.call_count(), 0);
 }
+
+#[test]
+fn a_repeated_answer_to_parleys_reinvite_is_acknowledged_again() {
+    let mut s = call_setup();
+    let (_, ok) = established_call(&mut s);
+    let reinvite = caller_sends_reinvite(&mut s, &ok, "sendonly");
+    let answer = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=recvonly");
+    let mut rb = MessageBuilder::response_to(&reinvite, 200, "OK", None);
+    rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
+    let answer = rb.finish_with_body(Some("application/sdp"), answer.as_bytes());
+    let acks = |out: &[(Flow, Message)]| {
+        out.iter()
+            .filter(|(f, m)| *f == s.callee_flow && m.method() == Some(Method::Ack))
+            .count()
+    };
+    let out = s.h.send_flows(s.callee_flow, answer.clone());
+    assert_eq!(acks(&out), 1);
+    // The ACK was lost: the phone sends its 200 again (RFC 3261 §13.3.1.4)
+    // and must get the ACK again, or it hangs up.
+    s.h.advance(Duration::from_millis(500));
+    let out = s.h.send_flows(s.callee_flow, answer);
+    assert_eq!(acks(&out), 1, "{out:?}");
+    assert_eq!(s.h.core.call_count(), 1);
+}

@@ -241,6 +241,7 @@ impl Core {
             let call = &mut self.calls.calls[idx];
             if let (Some(seq), Some(d)) = (call.refresh_seq.take(), call.caller_dialog.as_mut()) {
                 let ack = d.ack(seq, &via, None);
+                self.remember_ack(now, ctx, flow, ack.clone());
                 self.transmit(flow, ack);
             }
         } else if status == 408 || status == 481 {
