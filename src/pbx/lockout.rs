@@ -4,7 +4,9 @@
 //! password behind an office NAT does not lock out everyone behind that
 //! address; and per source address alone, at a higher threshold, which is
 //! what stops a scanner trying many extensions. Failures count within a
-//! window; a block lasts a fixed time. Both tables are bounded.
+//! window; a block lasts a fixed time. Both tables are bounded. An IPv6
+//! source counts by its /64, the unit one site or one subscriber gets (a
+//! host holding a /64 has 2^64 addresses to move through).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,6 +18,10 @@ pub const MAX_TRACKED: usize = 100_000;
 const MAX_KEY_CHARS: usize = 64;
 /// How many entries are looked at to pick one to forget when a table is full.
 const EVICTION_SAMPLE: usize = 16;
+/// A full table frees this share of its room at once (1/64), so that the
+/// sweep over all entries that comes first runs once per many insertions,
+/// not at each one.
+const ROOM_DIVISOR: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LockoutConfig {
@@ -116,6 +122,7 @@ impl Lockout {
 
     /// Whether requests from `source` for `extension` are refused right now.
     pub fn blocked(&self, now: Instant, source: IpAddr, extension: &str) -> Option<BlockScope> {
+        let source = source_key(source);
         if self.sources.is_empty() {
             // Nothing failed recently from anywhere: the common case.
             return None;
@@ -137,6 +144,7 @@ impl Lockout {
         source: IpAddr,
         extension: &str,
     ) -> Option<BlockStarted> {
+        let source = source_key(source);
         let cfg = self.cfg;
         let mut started = None;
         let key = (source, key_name(extension));
@@ -172,7 +180,8 @@ impl Lockout {
     /// stays, or a scanner could reset it with one account it knows.
     pub fn record_success(&mut self, source: IpAddr, extension: &str) {
         if !self.pairs.is_empty() {
-            self.pairs.remove(&(source, key_name(extension)));
+            self.pairs
+                .remove(&(source_key(source), key_name(extension)));
         }
     }
 
@@ -188,6 +197,17 @@ impl Lockout {
     }
 }
 
+/// What a source is counted by: an IPv4 address, or an IPv6 /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
 fn key_name(extension: &str) -> Box<str> {
     match extension.char_indices().nth(MAX_KEY_CHARS) {
         Some((i, _)) => extension[..i].into(),
@@ -196,7 +216,8 @@ fn key_name(extension: &str) -> Box<str> {
 }
 
 /// Keeps a table under its bound: drop expired entries; if it is still
-/// full, forget the stalest unblocked entry among a sample.
+/// full, forget the stalest unblocked entries among samples until a
+/// 1/[`ROOM_DIVISOR`] of the room is free.
 fn make_room<K: Clone + Eq + std::hash::Hash>(
     map: &mut HashMap<K, Counter>,
     now: Instant,
@@ -207,24 +228,24 @@ fn make_room<K: Clone + Eq + std::hash::Hash>(
         return;
     }
     map.retain(|_, c| !c.expired(now, cfg));
-    if map.len() < max {
-        return;
-    }
-    let victim = map
-        .iter()
-        .take(EVICTION_SAMPLE)
-        .filter(|(_, c)| !c.blocked(now))
-        .min_by_key(|(_, c)| c.window_start)
-        .map(|(k, _)| k.clone());
-    match victim {
-        Some(k) => {
-            map.remove(&k);
-        }
-        None => {
-            // Every sampled entry is blocked: drop the first one rather than
-            // grow without bound.
-            if let Some(k) = map.keys().next().cloned() {
+    let target = max.saturating_sub(max / ROOM_DIVISOR + 1);
+    while map.len() > target {
+        let victim = map
+            .iter()
+            .take(EVICTION_SAMPLE)
+            .filter(|(_, c)| !c.blocked(now))
+            .min_by_key(|(_, c)| c.window_start)
+            .map(|(k, _)| k.clone());
+        match victim {
+            Some(k) => {
                 map.remove(&k);
+            }
+            None => {
+                // Every sampled entry is blocked: drop the first one rather
+                // than grow without bound.
+                if let Some(k) = map.keys().next().cloned() {
+                    map.remove(&k);
+                }
             }
         }
     }
@@ -295,6 +316,31 @@ mod tests {
         l.record_success(ip, "100");
         l.record_failure(later, ip, "100");
         assert_eq!(l.record_failure(later, ip, "100"), None);
+    }
+
+    #[test]
+    fn an_ipv6_source_counts_by_its_64() {
+        let t0 = Instant::now();
+        let mut l = Lockout::new(cfg());
+        // A host moving through its /64 is still one source: blocked after
+        // the per-source threshold (5), every address of the /64 with it.
+        let mut started = None;
+        for i in 0..5u32 {
+            let ip: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            started = l.record_failure(t0, ip, &format!("ext{i}"));
+        }
+        assert_eq!(started.map(|b| b.scope), Some(BlockScope::Source));
+        let other_host: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(l.blocked(t0, other_host, "100"), Some(BlockScope::Source));
+        // The next /64 is another site.
+        let next_site: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(l.blocked(t0, next_site, "100"), None);
+        // IPv4, plain or mapped into IPv6, counts by its own address.
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        l.record_failure(t0, mapped, "100");
+        l.record_failure(t0, v4, "100");
+        assert_eq!(l.sources.len(), 2);
     }
 
     #[test]
