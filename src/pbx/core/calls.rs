@@ -442,6 +442,13 @@ impl Core {
         let Some(caller) = from_user else {
             return self.reject(now, tx, &msg, flow, 400, "From URI Must Name An Extension");
         };
+        // The caller's dialog is formed only when the call is answered, and
+        // by then the callee has been connected: what would keep it from
+        // forming (no Contact, no From tag, too long a route) is refused now.
+        if let Err(e) = Dialog::as_uas(&msg, "-", "<sip:check.invalid>", 1) {
+            let reason = format!("Cannot Form A Dialog ({e})");
+            return self.reject(now, tx, &msg, flow, 400, &reason);
+        }
         let source = flow.remote.ip();
         if self.lockout.blocked(now, source, &caller).is_some() {
             let b = self.response_builder(&msg, flow, 403, "Too Many Failed Attempts");

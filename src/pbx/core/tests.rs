@@ -487,7 +487,16 @@ fn bad_and_unsupported_requests_get_clear_errors() {
     let cases: Vec<(Bytes, u16, &str)> = vec![
         (request("FOO", ""), 501, "Not Implemented"),
         (request("SUBSCRIBE", ""), 405, "Method Not Allowed"),
-        (request("INVITE", ""), 407, "Proxy Authentication Required"),
+        (
+            request("INVITE", "Contact: <sip:x@192.0.2.1>\r\n"),
+            407,
+            "Proxy Authentication Required",
+        ),
+        (
+            request("INVITE", ""),
+            400,
+            "Cannot Form A Dialog (missing or malformed Contact header)",
+        ),
         (request("OPTIONS", "Require: 100rel, timer\r\n"), 420, "Bad Extension"),
         (request("CANCEL", ""), 481, "Call/Transaction Does Not Exist"),
         (
@@ -3055,4 +3064,26 @@ fn a_repeated_answer_to_parleys_reinvite_is_acknowledged_again() {
     let out = s.h.send_flows(s.callee_flow, answer);
     assert_eq!(acks(&out), 1, "{out:?}");
     assert_eq!(s.h.core.call_count(), 1);
+}
+
+#[test]
+fn an_invite_that_cannot_form_a_dialog_is_refused_before_anyone_rings() {
+    let mut s = call_setup();
+    let invite = s.caller.invite("102");
+    let text = String::from_utf8_lossy(&invite).into_owned();
+    let without_contact: String = text
+        .split_inclusive("\r\n")
+        .filter(|l| !l.starts_with("Contact:") && !l.starts_with("m:"))
+        .collect();
+    assert_ne!(without_contact, text, "the INVITE had a Contact");
+    let out = s.h.send_flows(s.caller.flow, Bytes::from(without_contact));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].0, s.caller.flow);
+    assert_eq!(out[0].1.status(), Some(400));
+    assert!(
+        out[0].1.reason().contains("Contact"),
+        "{}",
+        out[0].1.reason()
+    );
+    assert_eq!(s.h.core.call_count(), 0);
 }
