@@ -103,6 +103,18 @@ fn srtp_leg_latches_only_after_authentication() {
     );
 }
 
+/// A plain RTP leg with rtcp-mux, trusting `phone`'s address.
+fn plain_muxed(phone: Option<SocketAddr>) -> LegMedia {
+    LegMedia {
+        remote_rtp: phone,
+        remote_rtcp: None,
+        rtcp_mux: true,
+        keys: None,
+        trusted_ips: phone.map(|p| p.ip()).into_iter().collect(),
+        clock_rate: 8000,
+    }
+}
+
 #[test]
 fn plain_leg_accepts_only_trusted_sources() {
     let now = Instant::now();
@@ -140,17 +152,7 @@ fn a_plain_leg_keeps_its_latch_while_the_phone_sends() {
     let mut leg = Leg::new(LegId(4), t0);
     // A remote phone behind a NAT: its public address is trusted.
     let phone: SocketAddr = "203.0.113.5:40000".parse().unwrap();
-    leg.configure(
-        LegMedia {
-            remote_rtp: Some(phone),
-            remote_rtcp: None,
-            rtcp_mux: true,
-            keys: None,
-            trusted_ips: smallvec![phone.ip()],
-            clock_rate: 8000,
-        },
-        t0,
-    );
+    leg.configure(plain_muxed(Some(phone)), t0);
     let mut p = rtp(1, 1, &[0; 160]);
     assert_eq!(leg.receive(Kind::Rtp, phone, &mut p, t0), Ok(172));
     // Another host behind the same NAT address cannot take the stream
@@ -182,17 +184,7 @@ fn loss_and_jitter_are_counted_across_sequence_wrap() {
     let t0 = Instant::now();
     let mut leg = Leg::new(LegId(3), t0);
     let desk: SocketAddr = "10.0.0.23:11780".parse().unwrap();
-    leg.configure(
-        LegMedia {
-            remote_rtp: Some(desk),
-            remote_rtcp: None,
-            rtcp_mux: true,
-            keys: None,
-            trusted_ips: smallvec![desk.ip()],
-            clock_rate: 8000,
-        },
-        t0,
-    );
+    leg.configure(plain_muxed(Some(desk)), t0);
     // 200 packets across the wrap, every 10th lost, arriving on a steady
     // 20 ms clock: 20 lost, no jitter.
     for n in 0..200u32 {

@@ -911,6 +911,15 @@ impl CallSetup {
         self.caller.challenge = Some(proxy_challenge(challenge));
         self.h.send_flows(self.caller.flow, self.caller.invite(to))
     }
+
+    /// Dials `to`; returns the INVITE Parley sent the callee.
+    fn dial_invite(&mut self, to: &str) -> Message {
+        self.dial(to)
+            .into_iter()
+            .find(|(_, m)| m.method() == Some(Method::Invite))
+            .expect("an INVITE to the callee")
+            .1
+    }
 }
 
 #[test]
@@ -1075,12 +1084,7 @@ fn unknown_unregistered_and_unauthenticated_calls_get_their_codes() {
 #[test]
 fn busy_callee_and_caller_cancel_end_the_call_with_a_record() {
     let mut s = call_setup();
-    let out = s.dial("102");
-    let invite = out
-        .into_iter()
-        .find(|(_, m)| m.method() == Some(Method::Invite))
-        .unwrap()
-        .1;
+    let invite = s.dial_invite("102");
     let out =
         s.h.send_flows(s.callee_flow, reply(&invite, 486, "Busy Here", None));
     assert!(
@@ -1092,12 +1096,7 @@ fn busy_callee_and_caller_cancel_end_the_call_with_a_record() {
 
     // Again, and this time the caller gives up while it rings.
     s.caller.challenge = None;
-    let out = s.dial("102");
-    let invite = out
-        .into_iter()
-        .find(|(_, m)| m.method() == Some(Method::Invite))
-        .unwrap()
-        .1;
+    let invite = s.dial_invite("102");
     s.h.send_flows(s.callee_flow, reply(&invite, 180, "Ringing", None));
     let mut b = MessageBuilder::request("CANCEL", "sip:102@parley.test");
     b.header_fmt(
@@ -1190,12 +1189,7 @@ fn established_call(s: &mut CallSetup) -> (Message, Message) {
 /// Dials 102 and has it answer; returns the INVITE the callee got and the
 /// caller's 200.
 fn answered_call_with_invite(s: &mut CallSetup) -> (Message, Message) {
-    let out = s.dial("102");
-    let invite = out
-        .into_iter()
-        .find(|(_, m)| m.method() == Some(Method::Invite))
-        .unwrap()
-        .1;
+    let invite = s.dial_invite("102");
     let answer = sdp_offer("192.168.1.30", 6000);
     let out =
         s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&answer)));
@@ -1210,12 +1204,7 @@ fn answered_call_with_invite(s: &mut CallSetup) -> (Message, Message) {
 #[test]
 fn unanswered_calls_time_out_and_quiet_media_ends_a_call() {
     let mut s = call_setup();
-    let out = s.dial("102");
-    let invite = out
-        .into_iter()
-        .find(|(_, m)| m.method() == Some(Method::Invite))
-        .unwrap()
-        .1;
+    let invite = s.dial_invite("102");
     s.h.send_flows(s.callee_flow, reply(&invite, 180, "Ringing", None));
     // Nobody picks up: at the ring timeout the caller gets 480 and the
     // device a CANCEL.
@@ -1432,12 +1421,7 @@ fn caller_renegotiates(
 #[test]
 fn hold_and_resume_pass_through_to_the_other_side() {
     let mut s = call_setup();
-    let out = s.dial("102");
-    let invite = out
-        .into_iter()
-        .find(|(_, m)| m.method() == Some(Method::Invite))
-        .unwrap()
-        .1;
+    let invite = s.dial_invite("102");
     let answer = sdp_offer("192.168.1.30", 6000);
     let out =
         s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&answer)));
@@ -2006,12 +1990,7 @@ fn parley_refreshes_when_the_caller_asks_it_to() {
 #[test]
 fn early_media_reaches_the_caller_before_the_answer() {
     let mut s = call_setup();
-    let out = s.dial("102");
-    let invite = out
-        .into_iter()
-        .find(|(_, m)| m.method() == Some(Method::Invite))
-        .unwrap()
-        .1;
+    let invite = s.dial_invite("102");
     let callee_sdp = sdp_offer("192.168.1.30", 6000);
     let out = s.h.send_flows(
         s.callee_flow,
@@ -2995,12 +2974,7 @@ fn an_acknowledged_answer_is_not_repeated() {
 #[test]
 fn a_ringing_branch_that_vanishes_after_the_cancel_is_forgotten() {
     let mut s = call_setup();
-    let out = s.dial("102");
-    let invite = out
-        .into_iter()
-        .find(|(_, m)| m.method() == Some(Method::Invite))
-        .unwrap()
-        .1;
+    let invite = s.dial_invite("102");
     s.h.send_flows(s.callee_flow, reply(&invite, 180, "Ringing", None));
     // The ring timeout CANCELs the branch; the phone never answers again
     // (it dropped off its network).
