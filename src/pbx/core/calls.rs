@@ -1154,10 +1154,13 @@ impl Core {
 
     /// CANCEL from the caller while it rings.
     pub(super) fn call_cancel(&mut self, now: Instant, tx: ServerTxId, msg: Message, flow: Flow) {
-        let invite = self.tx.find_invite_for_cancel(&msg);
-        let idx = invite.and_then(|i| self.calls.by_invite.get(&i).copied());
-        let Some(idx) = idx else {
+        let Some(invite) = self.tx.find_invite_for_cancel(&msg) else {
             return self.reject(now, tx, &msg, flow, 481, "Call/Transaction Does Not Exist");
+        };
+        let Some(&idx) = self.calls.by_invite.get(&invite) else {
+            // The INVITE already has its final answer: the CANCEL changes
+            // nothing, but is answered (RFC 3261 §9.2).
+            return self.reject(now, tx, &msg, flow, 200, "OK");
         };
         self.reject(now, tx, &msg, flow, 200, "OK");
         let call = &self.calls.calls[idx];
@@ -1731,6 +1734,11 @@ impl Core {
             let reason = msg.reason().to_string();
             let b = self.response_builder(&r.request, r.flow, status, &reason);
             self.respond(now, r.tx, status, b.finish());
+            if status == 408 || status == 481 {
+                // Its dialog is gone (RFC 3261 §12.2.1.2): so is the call.
+                tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, status, "the other side lost the dialog; ending the call");
+                self.end_answered_call(now, idx, "Dialog Gone");
+            }
             return;
         }
         let Some(w) = self.calls.calls[idx].winner else {

@@ -3061,3 +3061,36 @@ fn an_invite_that_cannot_form_a_dialog_is_refused_before_anyone_rings() {
     );
     assert_eq!(s.h.core.call_count(), 0);
 }
+
+#[test]
+fn a_cancel_after_the_answer_gets_200_and_changes_nothing() {
+    let mut s = call_setup();
+    // The caller's CANCEL crosses Parley's 200 (before its ACK).
+    answered_call(&mut s);
+    let cancel = s.caller.cancel("102");
+    let out = s.h.send_flows(s.caller.flow, cancel);
+    let statuses: Vec<_> = out
+        .iter()
+        .filter(|(f, _)| *f == s.caller.flow)
+        .filter_map(|(_, m)| m.status())
+        .collect();
+    assert_eq!(statuses, [200], "RFC 3261 §9.2");
+    assert!(requests_to(&out, s.callee_flow, Method::Cancel).is_empty());
+    assert_eq!(s.h.core.call_count(), 1);
+}
+
+#[test]
+fn a_reinvite_answered_481_by_the_other_side_ends_the_call() {
+    let mut s = call_setup();
+    let (_, ok) = established_call(&mut s);
+    let reinvite = caller_sends_reinvite(&mut s, &ok, "sendonly");
+    let gone = reply(&reinvite, 481, "Call/Transaction Does Not Exist", None);
+    let out = s.h.send_flows(s.callee_flow, gone);
+    assert!(
+        out.iter()
+            .any(|(f, m)| *f == s.caller.flow && m.status() == Some(481))
+    );
+    // The callee's dialog is gone (RFC 3261 §12.2.1.2), so is the call.
+    assert_eq!(requests_to(&out, s.caller.flow, Method::Bye).len(), 1);
+    assert_eq!(s.h.core.call_count(), 0);
+}
