@@ -1399,12 +1399,8 @@ fn caller_renegotiates(
 
     // The callee agrees; Parley ACKs it and answers the caller.
     let answer = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", &format!("a={callee_dir}"));
-    let mut rb = MessageBuilder::response_to(reinvite, 200, "OK", None);
-    rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
-    let out = s.h.send_flows(
-        s.callee_flow,
-        rb.finish_with_body(Some("application/sdp"), answer.as_bytes()),
-    );
+    let out =
+        s.h.send_flows(s.callee_flow, reply(reinvite, 200, "OK", Some(&answer)));
     let ack = out
         .iter()
         .find(|(_, m)| m.method() == Some(Method::Ack))
@@ -2646,12 +2642,8 @@ fn a_reinvite_changing_the_codec_reaches_the_other_side_with_that_codec() {
     let answer = sdp_offer("192.168.1.30", 6000)
         .replace("RTP/AVP 0 8 101", "RTP/AVP 8 101")
         .replace("a=rtpmap:0 PCMU/8000\r\n", "");
-    let mut rb = MessageBuilder::response_to(&reinvite[0], 200, "OK", None);
-    rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
-    let out = s.h.send_flows(
-        s.callee_flow,
-        rb.finish_with_body(Some("application/sdp"), answer.as_bytes()),
-    );
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&reinvite[0], 200, "OK", Some(&answer)));
     assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
     let ok2 = caller_ok(&out, s.caller.flow);
     let to_caller = SessionDescription::parse(ok2.body()).unwrap();
@@ -2707,12 +2699,8 @@ fn an_update_with_sdp_is_relayed_as_an_update_and_answered_without_ack() {
     assert!(requests_to(&out, s.caller.flow, Method::Invite).is_empty());
 
     let answer = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=recvonly");
-    let mut rb = MessageBuilder::response_to(update, 200, "OK", None);
-    rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
-    let out = s.h.send_flows(
-        s.callee_flow,
-        rb.finish_with_body(Some("application/sdp"), answer.as_bytes()),
-    );
+    let out =
+        s.h.send_flows(s.callee_flow, reply(update, 200, "OK", Some(&answer)));
     assert!(
         requests_to(&out, s.callee_flow, Method::Ack).is_empty(),
         "a 2xx to UPDATE is not acknowledged"
@@ -3022,9 +3010,7 @@ fn a_repeated_answer_to_parleys_reinvite_is_acknowledged_again() {
     let (_, ok) = established_call(&mut s);
     let reinvite = caller_sends_reinvite(&mut s, &ok, "sendonly");
     let answer = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=recvonly");
-    let mut rb = MessageBuilder::response_to(&reinvite, 200, "OK", None);
-    rb.header(HeaderName::Contact, "<sip:102@192.168.1.30:5062>");
-    let answer = rb.finish_with_body(Some("application/sdp"), answer.as_bytes());
+    let answer = reply(&reinvite, 200, "OK", Some(&answer));
     let acks = |out: &[(Flow, Message)]| {
         out.iter()
             .filter(|(f, m)| *f == s.callee_flow && m.method() == Some(Method::Ack))
