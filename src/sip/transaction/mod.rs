@@ -579,9 +579,9 @@ impl TransactionLayer {
         let reliable = tx.flow.transport.is_reliable();
         match (tx.invite, tx.state, status) {
             (_, ClientState::Trying | ClientState::Proceeding, 100..=199) => {
-                let first = tx.state == ClientState::Trying;
                 tx.state = ClientState::Proceeding;
-                if tx.invite && (first || !tx.cancelled) {
+                // (Only a transaction in Proceeding can have been cancelled.)
+                if tx.invite && !tx.cancelled {
                     // Proceeding stops retransmissions (§17.1.1.2), and
                     // Timer C replaces Timer B (armed again by each
                     // provisional response until a CANCEL went out).
