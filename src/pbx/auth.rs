@@ -22,7 +22,7 @@ use crate::sip::digest::{
     Algorithm, ChallengeHeader, Credentials, DigestError, Nonce, NonceIssuer, NonceSerial,
     NonceStatus,
 };
-use crate::sip::message::{HeaderName, Message};
+use crate::sip::message::{HeaderName, Message, Uri};
 
 /// Nonces remembered per extension for nonce-count checks. A phone that
 /// comes back with a nonce forgotten here, or with any nonce issued before
@@ -67,6 +67,15 @@ fn peer_bytes(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Whether the digest `uri` names the Request-URI: equal as SIP URIs
+/// (RFC 3261 §19.1.4), or as text for other schemes.
+fn digest_uri_matches(digest_uri: &str, request_uri: &str) -> bool {
+    match (Uri::parse(digest_uri), Uri::parse(request_uri)) {
+        (Ok(d), Ok(r)) => d.equivalent(&r),
+        _ => digest_uri == request_uri,
     }
 }
 
@@ -190,6 +199,12 @@ impl Authenticator {
                 None => AuthResult::Challenge,
             };
         };
+        // The response was computed over `uri`: it must name the resource
+        // asked for (RFC 3261 §22.4, RFC 7616 §3.4.6), or an answer for one
+        // request could be offered for another.
+        if !digest_uri_matches(&creds.uri, msg.request_uri()) {
+            return AuthResult::Malformed(DigestError::UriMismatch);
+        }
         // Credentials must name the extension they are for. Decided before
         // any check of the password, so the answer says nothing about it.
         if creds.username != aor_user {
@@ -414,6 +429,35 @@ mod tests {
             check_register(&mut a, 100, SRC, Some("Digest username=\"100\""), "100"),
             AuthResult::Malformed(_)
         ));
+    }
+
+    /// The digest uri must name the Request-URI (`sip:parley.test`), as a
+    /// SIP URI: spelling differences that RFC 3261 ignores are accepted.
+    #[test]
+    fn digest_uri_must_match_the_request_uri() {
+        let mut a = authenticator();
+        let ch = a.challenges(100, SRC, false, None).to_strings();
+        let c = Challenge::parse(&ch[1]).unwrap();
+        for (nc, uri, ok) in [
+            (1, "sip:PARLEY.test", true),
+            (2, "sip:parley.test;ob", true),
+            (3, "sip:elsewhere.test", false),
+            (4, "sip:parley.test:5060", false),
+            (5, "sip:100@parley.test", false),
+        ] {
+            let h = c
+                .answer("REGISTER", uri, "100", "pw100", "cn", nc)
+                .to_header();
+            let r = check_register(&mut a, 100, SRC, Some(&h), "100");
+            if ok {
+                assert!(matches!(r, AuthResult::Authenticated(_)), "{uri}: {r:?}");
+            } else {
+                assert!(
+                    matches!(r, AuthResult::Malformed(DigestError::UriMismatch)),
+                    "{uri}: {r:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -194,6 +194,34 @@ pub enum RegisterError {
     MissingHeaders,
 }
 
+/// Whether two contacts are one binding: the same instance, or (without
+/// one) Contact URIs equal as RFC 3261 §19.1.4 compares them. The key of a
+/// URI leaves out the parameters that comparison may ignore, so equal keys
+/// are checked once more on the URIs themselves.
+fn same_binding(a: (&str, &str, bool), b: (&str, &str, bool)) -> bool {
+    let ((key_a, contact_a, instance_a), (key_b, contact_b, instance_b)) = (a, b);
+    if key_a != key_b || instance_a != instance_b {
+        return false;
+    }
+    instance_a
+        || match (Uri::parse(contact_a), Uri::parse(contact_b)) {
+            (Ok(a), Ok(b)) => a.equivalent(&b),
+            _ => contact_a == contact_b,
+        }
+}
+
+impl Binding {
+    fn identity(&self) -> (&str, &str, bool) {
+        (&self.key, &self.contact, self.instance.is_some())
+    }
+}
+
+impl Requested<'_> {
+    fn identity(&self) -> (&str, &str, bool) {
+        (&self.key, self.contact, self.instance.is_some())
+    }
+}
+
 /// A Contact of the request, checked but not yet applied; borrowed from
 /// the request.
 struct Requested<'a> {
@@ -290,13 +318,13 @@ impl Registrar {
                     min_expires: self.cfg.min_expires,
                 });
             }
-            if let Some(existing) = self.find(aor, &r.key)
+            if let Some(existing) = self.find(aor, r.identity())
                 && *existing.call_id == *call_id
                 && cseq <= existing.cseq
             {
                 return Err(RegisterError::OutOfOrder);
             }
-            requested.retain(|earlier| earlier.key != r.key);
+            requested.retain(|earlier| !same_binding(earlier.identity(), r.identity()));
             requested.push(r);
         }
 
@@ -313,7 +341,7 @@ impl Registrar {
         default_expires: u32,
     ) -> Result<Requested<'a>, RegisterError> {
         let na = NameAddr::parse(value).ok_or(RegisterError::MalformedContact)?;
-        Uri::parse(na.uri).map_err(|_| RegisterError::UnsupportedContact)?;
+        let uri = Uri::parse(na.uri).map_err(|_| RegisterError::UnsupportedContact)?;
         // A malformed expires parameter falls back to the default (§10.3).
         let expires = match na.param("expires") {
             Some(Some(e)) => parse_decimal_u32(e, MAX_NUMBER_DIGITS).unwrap_or(default_expires),
@@ -332,7 +360,7 @@ impl Registrar {
         let key = match (&instance, reg_id) {
             (Some(i), Some(r)) => Cow::Owned(format!("{i};reg-id={r}")),
             (Some(i), None) => i.clone(),
-            (None, _) => Cow::Borrowed(na.uri),
+            (None, _) => Cow::Owned(uri.identity_key()),
         };
         Ok(Requested {
             key,
@@ -355,10 +383,10 @@ impl Registrar {
         user_agent: Option<&str>,
         changes: &mut Vec<BindingChange>,
     ) {
-        let existing = self
-            .by_aor
-            .get(aor)
-            .and_then(|list| list.iter().position(|b| *b.key == *r.key));
+        let existing = self.by_aor.get(aor).and_then(|list| {
+            list.iter()
+                .position(|b| same_binding(b.identity(), r.identity()))
+        });
         if r.expires == 0 {
             if let Some(pos) = existing {
                 let b = self.take(aor, pos);
@@ -476,7 +504,17 @@ impl Registrar {
         flow: Flow,
         user_agent: Option<String>,
     ) {
-        if self.find(aor, key).is_some() || self.bindings(aor).len() >= self.cfg.max_contacts {
+        // Saved by an older version, a binding without an instance may be
+        // keyed by its Contact text as it was sent.
+        let key = match &instance {
+            None => Uri::parse(contact).map_or_else(|_| key.to_owned(), |u| u.identity_key()),
+            Some(_) => key.to_owned(),
+        };
+        if self
+            .find(aor, (&key, contact, instance.is_some()))
+            .is_some()
+            || self.bindings(aor).len() >= self.cfg.max_contacts
+        {
             return;
         }
         self.next_uid += 1;
@@ -561,8 +599,10 @@ impl Registrar {
         changes
     }
 
-    fn find(&self, aor: &str, key: &str) -> Option<&Binding> {
-        self.bindings(aor).iter().find(|b| *b.key == *key)
+    fn find(&self, aor: &str, identity: (&str, &str, bool)) -> Option<&Binding> {
+        self.bindings(aor)
+            .iter()
+            .find(|b| same_binding(b.identity(), identity))
     }
 
     fn insert(&mut self, b: Binding) {

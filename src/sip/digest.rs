@@ -171,6 +171,8 @@ pub enum DigestError {
     UnsupportedAlgorithm,
     #[error("unsupported qop")]
     UnsupportedQop,
+    #[error("uri does not match the Request-URI")]
+    UriMismatch,
 }
 
 /// Parsed `Authorization` / `Proxy-Authorization` Digest credentials,

@@ -559,3 +559,65 @@ fn refreshes_are_stored_only_when_the_stored_expiry_runs_low() {
         .unwrap();
     assert!(c[0].store, "a removal is stored");
 }
+
+/// Without `+sip.instance`, a binding is found by comparing Contact URIs as
+/// RFC 3261 §19.1.4 does: a phone that writes its Contact differently when
+/// it refreshes or unregisters still reaches its binding (escapes, case,
+/// parameters only one spelling has), while a transport named in one only
+/// tells two contacts apart.
+#[test]
+fn contacts_without_instance_are_compared_as_uris() {
+    let t0 = Instant::now();
+    let mut r = reg();
+    let first = "<sip:%31%30%30@Phone.Example:5062;transport=TCP;line=a1>";
+    r.register(
+        t0,
+        "100",
+        &register("x", 1, &[first], None),
+        udp(5060),
+        None,
+    )
+    .unwrap();
+    let refresh = "<sip:100@phone.example:5062;Transport=tcp;ob>";
+    let c = r
+        .register(
+            t0,
+            "100",
+            &register("x", 2, &[refresh], None),
+            udp(5060),
+            None,
+        )
+        .unwrap();
+    assert_eq!(kinds(&c), vec![Change::Refreshed]);
+    assert_eq!(r.bindings("100").len(), 1);
+    assert_eq!(
+        &*r.bindings("100")[0].contact,
+        "sip:100@phone.example:5062;Transport=tcp;ob"
+    );
+
+    let other_line = "<sip:100@phone.example:5062;transport=tcp;line=b2>";
+    let no_transport = "<sip:100@phone.example:5062>";
+    let c = r
+        .register(
+            t0,
+            "100",
+            &register("x", 3, &[other_line, no_transport], None),
+            udp(5060),
+            None,
+        )
+        .unwrap();
+    assert_eq!(kinds(&c), vec![Change::Refreshed, Change::Added]);
+    assert_eq!(r.bindings("100").len(), 2);
+
+    let c = r
+        .register(
+            t0,
+            "100",
+            &register("x", 4, &["<sip:100@PHONE.example:5062>;expires=0"], None),
+            udp(5060),
+            None,
+        )
+        .unwrap();
+    assert_eq!(kinds(&c), vec![Change::Removed]);
+    assert_eq!(r.bindings("100").len(), 1);
+}

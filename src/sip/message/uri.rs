@@ -1,7 +1,10 @@
 //! SIP and SIPS URIs (RFC 3261 §19.1), parsed as borrowed views.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use smallvec::SmallVec;
 
 use super::grammar;
 use super::limits::MAX_URI_BYTES;
@@ -158,6 +161,74 @@ impl<'a> Uri<'a> {
             None => false,
         }
     }
+
+    /// URI equality of RFC 3261 §19.1.4: user and password compared
+    /// byte for byte after unescaping, host and parameters without regard
+    /// to case, a port or a `transport`, `user`, `ttl`, `method` or `maddr`
+    /// parameter in one URI only never matching, other parameters that
+    /// appear in one URI only ignored, headers compared as a whole.
+    pub fn equivalent(&self, other: &Uri<'_>) -> bool {
+        self.scheme == other.scheme
+            && opt_eq(self.user, other.user, |a, b| decode(a) == decode(b))
+            && opt_eq(self.password, other.password, |a, b| decode(a) == decode(b))
+            && host_eq(&self.host, &other.host)
+            && self.port == other.port
+            && params_match(self.params, other.params)
+            && params_match(other.params, self.params)
+            && header_set(self.headers) == header_set(other.headers)
+    }
+
+    /// A text that is the same for any two [`equivalent`](Uri::equivalent)
+    /// URIs: everything but the parameters that comparison may ignore, in
+    /// one spelling. Two URIs with the same key can still differ in a
+    /// parameter both carry, so a match on the key is checked with
+    /// `equivalent`.
+    pub fn identity_key(&self) -> String {
+        let mut key = String::with_capacity(64);
+        key.push_str(self.scheme.as_str());
+        key.push(':');
+        if let Some(u) = self.user {
+            push_escaped(&mut key, &decode(u));
+            if let Some(p) = self.password {
+                key.push(':');
+                push_escaped(&mut key, &decode(p));
+            }
+            key.push('@');
+        }
+        match self.host {
+            Host::Name(n) => key.extend(n.chars().map(|c| c.to_ascii_lowercase())),
+            h => key.push_str(&h.to_string()),
+        }
+        if let Some(p) = self.port {
+            key.push_str(&format!(":{p}"));
+        }
+        let mut significant: SmallVec<[(String, Option<Vec<u8>>); 2]> =
+            grammar::params(self.params)
+                .filter(|p| is_significant_param(p.name))
+                .map(|p| {
+                    (
+                        p.name.to_ascii_lowercase(),
+                        p.value.map(|v| decode(v).to_ascii_lowercase()),
+                    )
+                })
+                .collect();
+        significant.sort();
+        for (name, value) in significant {
+            key.push(';');
+            key.push_str(&name);
+            if let Some(v) = value {
+                key.push('=');
+                push_escaped(&mut key, &v);
+            }
+        }
+        for (i, (name, value)) in header_set(self.headers).into_iter().enumerate() {
+            key.push(if i == 0 { '?' } else { '&' });
+            push_escaped(&mut key, &name);
+            key.push('=');
+            push_escaped(&mut key, &value);
+        }
+        key
+    }
 }
 
 impl fmt::Display for Uri<'_> {
@@ -216,6 +287,93 @@ pub fn parse_port(p: &str) -> Option<u16> {
 
 fn is_user_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-_.!~*'()%&=+$,;?/".contains(&b)
+}
+
+/// URI parameters that, present in one URI only, make two URIs differ
+/// (RFC 3261 §19.1.4); any other parameter is compared only when both
+/// URIs carry it.
+const SIGNIFICANT_PARAMS: [&str; 5] = ["transport", "user", "ttl", "method", "maddr"];
+
+fn is_significant_param(name: &str) -> bool {
+    SIGNIFICANT_PARAMS
+        .iter()
+        .any(|s| s.eq_ignore_ascii_case(name))
+}
+
+fn opt_eq(a: Option<&str>, b: Option<&str>, eq: impl Fn(&str, &str) -> bool) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => eq(a, b),
+        _ => false,
+    }
+}
+
+fn host_eq(a: &Host<'_>, b: &Host<'_>) -> bool {
+    match (a, b) {
+        (Host::Name(a), Host::Name(b)) => a.eq_ignore_ascii_case(b),
+        (a, b) => a == b,
+    }
+}
+
+/// Every parameter of `a` either absent from `b` (and not significant) or
+/// present there with the same value, compared without regard to case.
+fn params_match(a: &str, b: &str) -> bool {
+    grammar::params(a).all(|pa| match grammar::param(b, pa.name) {
+        None => !is_significant_param(pa.name),
+        Some(vb) => opt_eq(pa.value, vb, |x, y| {
+            decode(x).eq_ignore_ascii_case(&decode(y))
+        }),
+    })
+}
+
+/// The `?name=value&...` headers of a URI as a sorted set, names in lower
+/// case, both unescaped.
+fn header_set(headers: &str) -> SmallVec<[(Vec<u8>, Vec<u8>); 1]> {
+    let mut set: SmallVec<[(Vec<u8>, Vec<u8>); 1]> = headers
+        .split('&')
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            let (n, v) = h.split_once('=').unwrap_or((h, ""));
+            (decode(n).to_ascii_lowercase(), decode(v).into_owned())
+        })
+        .collect();
+    set.sort();
+    set
+}
+
+/// Undoes `%XX` escapes; an escape that is not one stays as it is.
+fn decode(s: &str) -> Cow<'_, [u8]> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s.as_bytes());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes.get(i + 1..i + 3) {
+            Some(&[h, l]) if bytes[i] == b'%' && h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
+                out.push((hex_value(h) << 4) | hex_value(l));
+                i += 3;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Writes bytes with everything but unreserved characters escaped, so one
+/// value has one spelling.
+fn push_escaped(out: &mut String, bytes: &[u8]) {
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || b"-_.!~*'()".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
 }
 
 fn percent_decoded_eq(encoded: &str, plain: &str) -> bool {
@@ -281,6 +439,71 @@ mod tests {
         let u = Uri::parse("sip:[::1]").unwrap();
         assert_eq!(u.host, Host::V6(Ipv6Addr::LOCALHOST));
         assert_eq!(u.port, None);
+    }
+
+    /// The examples of RFC 3261 §19.1.4, and its note that equality is
+    /// not transitive.
+    #[test]
+    fn compares_uris_as_rfc_3261_does() {
+        let same = [
+            (
+                "sip:%61lice@atlanta.com;transport=TCP",
+                "sip:alice@AtLanTa.CoM;Transport=tcp",
+            ),
+            ("sip:carol@chicago.com", "sip:carol@chicago.com;newparam=5"),
+            ("sip:carol@chicago.com", "sip:carol@chicago.com;security=on"),
+            (
+                "sip:carol@chicago.com;newparam=5",
+                "sip:carol@chicago.com;security=on",
+            ),
+            (
+                "sip:biloxi.com;transport=tcp;method=REGISTER?to=sip:bob%40biloxi.com",
+                "sip:biloxi.com;method=REGISTER;transport=tcp?to=sip:bob%40biloxi.com",
+            ),
+            (
+                "sip:alice@atlanta.com?subject=project%20x&priority=urgent",
+                "sip:alice@atlanta.com?priority=urgent&subject=project%20x",
+            ),
+            ("sip:100@[2001:db8::1]:5070", "sip:100@[2001:DB8:0::1]:5070"),
+        ];
+        for (a, b) in same {
+            let (ua, ub) = (Uri::parse(a).unwrap(), Uri::parse(b).unwrap());
+            assert!(ua.equivalent(&ub) && ub.equivalent(&ua), "{a} = {b}");
+            assert_eq!(ua.identity_key(), ub.identity_key(), "{a} = {b}");
+        }
+        let different = [
+            (
+                "SIP:ALICE@AtLanTa.CoM;Transport=udp",
+                "sip:alice@AtLanTa.CoM;Transport=UDP",
+            ),
+            ("sip:bob@biloxi.com", "sip:bob@biloxi.com:5060"),
+            ("sip:bob@biloxi.com", "sip:bob@biloxi.com;transport=udp"),
+            (
+                "sip:bob@biloxi.com",
+                "sip:bob@biloxi.com:6000;transport=tcp",
+            ),
+            (
+                "sip:carol@chicago.com",
+                "sip:carol@chicago.com?Subject=next%20meeting",
+            ),
+            ("sip:bob@phone21.boxesbybob.com", "sip:bob@192.0.2.4"),
+            (
+                "sip:carol@chicago.com;security=on",
+                "sip:carol@chicago.com;security=off",
+            ),
+            ("sip:bob@biloxi.com", "sips:bob@biloxi.com"),
+            ("sip:bob:a@biloxi.com", "sip:bob@biloxi.com"),
+        ];
+        for (a, b) in different {
+            let (ua, ub) = (Uri::parse(a).unwrap(), Uri::parse(b).unwrap());
+            assert!(!ua.equivalent(&ub) && !ub.equivalent(&ua), "{a} != {b}");
+        }
+        assert_eq!(
+            Uri::parse("sip:%61lice@AtLanta.com:5061;Transport=TCP;x=1?Subject=a%20b")
+                .unwrap()
+                .identity_key(),
+            "sip:alice@atlanta.com:5061;transport=tcp?subject=a%20b"
+        );
     }
 
     #[test]
