@@ -36,6 +36,8 @@ pub enum AnchorError {
     NoCommonCodec,
     #[error("Answer Does Not Match Offer")]
     AnswerMismatch,
+    #[error("Media Profile Not Supported (SDES-SRTP Or RTP Only)")]
+    UnsupportedProfile,
 }
 
 /// Parley's own side of a leg.
@@ -113,11 +115,27 @@ pub fn read_phone_sdp(
                 .position(|m| m.media == "audio" && m.port != 0)
                 .ok_or(AnchorError::NoCommonCodec)?
         }
-        None => sdp
-            .media
-            .iter()
-            .position(|m| m.media == "audio" && m.port != 0)
-            .ok_or(AnchorError::NoAudio)?,
+        None => {
+            // Audio lines Parley can anchor; over plain signaling a plain
+            // one first, since keys sent there are never used (an offer
+            // may carry one stream twice, with and without SRTP).
+            let live = |m: &&MediaDescription| m.media == "audio" && m.port != 0;
+            let usable = |m: &&MediaDescription| live(m) && m.is_rtp_profile();
+            let pick = |want_plain: bool| {
+                sdp.media
+                    .iter()
+                    .position(|m| usable(&m) && (!want_plain || !m.is_srtp_profile()))
+            };
+            match (!tls).then(|| pick(true)).flatten().or_else(|| pick(false)) {
+                Some(i) => i,
+                // DTLS-SRTP (UDP/TLS/RTP/SAVP) and anything else Parley
+                // cannot carry: refused, not answered as plain RTP.
+                None if sdp.media.iter().any(|m| live(&m)) => {
+                    return Err(AnchorError::UnsupportedProfile);
+                }
+                None => return Err(AnchorError::NoAudio),
+            }
+        }
     };
     let m = &sdp.media[audio];
     let offered_crypto = m.attribute("crypto").is_some();
@@ -236,11 +254,16 @@ fn codec_attributes(from: &MediaDescription, formats: &[String]) -> Vec<Attribut
         .collect()
 }
 
-/// The offer Parley sends one callee branch for the caller's offer.
+/// The offer Parley sends one callee branch for the caller's offer. Keys,
+/// where the leg may have them, are offered under `suite`: a key is only
+/// ever used with one suite, since both suites derive the same session
+/// keys from it and a context started again under the other one would
+/// repeat its keystream.
 pub fn offer_for_branch(
     caller: &PhoneMedia,
     security: MediaSecurity,
     local: &LocalMedia,
+    suite: Suite,
 ) -> SessionDescription {
     let from = caller.audio();
     let formats = from.formats.clone();
@@ -248,7 +271,7 @@ pub fn offer_for_branch(
     if security != MediaSecurity::Plain {
         attributes.push(Attribute::new(
             "crypto",
-            crate::sdp::CryptoAttribute::format(1, OFFERED_SUITE, &local.key),
+            crate::sdp::CryptoAttribute::format(1, suite, &local.key),
         ));
     }
     // Parley handles RTCP either way; offering mux saves the phone a port.
@@ -415,7 +438,7 @@ mod tests {
         assert!(caller.rtcp_mux);
 
         let branch = local(20_000);
-        let to_callee = offer_for_branch(&caller, MediaSecurity::Srtp, &branch);
+        let to_callee = offer_for_branch(&caller, MediaSecurity::Srtp, &branch, OFFERED_SUITE);
         let text = to_callee.to_string();
         assert!(
             !text.contains("203.0.113.5"),
@@ -486,7 +509,7 @@ mod tests {
         assert!(caller.keys_over_plain);
         assert!(caller.crypto.is_none());
         let branch = local(20_000);
-        let to_callee = offer_for_branch(&caller, MediaSecurity::Plain, &branch);
+        let to_callee = offer_for_branch(&caller, MediaSecurity::Plain, &branch, OFFERED_SUITE);
         assert!(to_callee.media[0].attribute("crypto").is_none());
         assert_eq!(to_callee.media[0].proto, "RTP/AVP");
         let answer = "v=0\r\no=- 5 5 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n";
@@ -500,6 +523,52 @@ mod tests {
         let to_caller = answer_for_caller(&caller, &callee, &local(20_002)).unwrap();
         assert_eq!(to_caller.media[0].proto, "RTP/AVP");
         assert!(to_caller.media[0].attribute("crypto").is_none());
+    }
+
+    /// A DTLS-SRTP offer (baresip `dtls_srtp`, Linphone with DTLS) would
+    /// wait for a handshake Parley never starts: refused, whatever the
+    /// leg's policy, not answered as plain RTP.
+    #[test]
+    fn dtls_srtp_offers_are_refused() {
+        for proto in ["UDP/TLS/RTP/SAVP", "UDP/TLS/RTP/SAVPF"] {
+            let offer = caller_offer(proto, "a=fingerprint:sha-256 AB:CD\r\na=setup:actpass\r\n");
+            for tls in [false, true] {
+                for security in [MediaSecurity::Plain, MediaSecurity::SrtpIfAccepted] {
+                    assert_eq!(
+                        read_phone_sdp(offer.as_bytes(), tls, security, None).unwrap_err(),
+                        AnchorError::UnsupportedProfile,
+                        "{proto} tls={tls}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// One stream offered twice, SRTP first and plain RTP second (PJSIP's
+    /// optional-SRTP offer): over plain signaling the plain line is
+    /// answered and the other rejected; over TLS the SRTP one.
+    #[test]
+    fn a_stream_offered_with_and_without_srtp_gets_the_line_the_leg_can_use() {
+        let offer = format!(
+            "v=0\r\no=- 1 1 IN IP4 203.0.113.5\r\ns=-\r\nc=IN IP4 203.0.113.5\r\nt=0 0\r\n\
+             m=audio 4000 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 {KEY_A}\r\n\
+             m=audio 4002 RTP/AVP 0\r\n"
+        );
+        let plain = read_phone_sdp(offer.as_bytes(), false, MediaSecurity::Plain, None).unwrap();
+        assert_eq!((plain.audio, plain.is_srtp()), (1, false));
+        let callee = read_phone_sdp(
+            b"v=0\r\no=- 5 5 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n",
+            false,
+            MediaSecurity::Plain,
+            None,
+        )
+        .unwrap();
+        let answer = answer_for_caller(&plain, &callee, &local(20_000)).unwrap();
+        let ports: Vec<u16> = answer.media.iter().map(|m| m.port).collect();
+        assert_eq!(ports, [0, 20_000]);
+        assert!(answer.media[1].attribute("crypto").is_none());
+        let secure = read_phone_sdp(offer.as_bytes(), true, MediaSecurity::Srtp, None).unwrap();
+        assert_eq!((secure.audio, secure.is_srtp()), (0, true));
     }
 
     #[test]
@@ -540,7 +609,12 @@ mod tests {
 
         // Answers: a codec nobody offered, an unknown crypto tag, no keys
         // where SRTP is mandatory.
-        let to_callee = offer_for_branch(&caller, MediaSecurity::SrtpIfAccepted, &local(20_000));
+        let to_callee = offer_for_branch(
+            &caller,
+            MediaSecurity::SrtpIfAccepted,
+            &local(20_000),
+            OFFERED_SUITE,
+        );
         let answer = |m: &str| {
             format!("v=0\r\no=- 5 5 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\n{m}")
         };
@@ -629,7 +703,8 @@ mod tests {
             Direction::SendOnly,
             "c=0.0.0.0 alone is hold"
         );
-        let to_callee = offer_for_branch(&caller, MediaSecurity::Plain, &local(20_000));
+        let to_callee =
+            offer_for_branch(&caller, MediaSecurity::Plain, &local(20_000), OFFERED_SUITE);
         assert_eq!(to_callee.media_direction(0), Direction::SendOnly);
         let offer = offer.replace("0.0.0.0", "10.0.0.7");
         let caller = read_phone_sdp(offer.as_bytes(), false, MediaSecurity::Plain, None).unwrap();

@@ -287,6 +287,15 @@ impl MediaDescription {
             .filter_map(|v| CryptoAttribute::parse(v).err())
     }
 
+    /// Whether the profile is one Parley carries: RTP or SDES-keyed SRTP,
+    /// with or without feedback (`RTP/AVP`, `RTP/AVPF`, `RTP/SAVP`,
+    /// `RTP/SAVPF`). DTLS-SRTP (`UDP/TLS/RTP/SAVP`) is not among them.
+    pub fn is_rtp_profile(&self) -> bool {
+        ["RTP/AVP", "RTP/AVPF", "RTP/SAVP", "RTP/SAVPF"]
+            .iter()
+            .any(|p| self.proto.eq_ignore_ascii_case(p))
+    }
+
     /// Whether the profile is secure RTP (`RTP/SAVP`, `RTP/SAVPF`).
     pub fn is_srtp_profile(&self) -> bool {
         self.proto.eq_ignore_ascii_case("RTP/SAVP") || self.proto.eq_ignore_ascii_case("RTP/SAVPF")

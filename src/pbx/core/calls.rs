@@ -29,7 +29,8 @@ mod in_dialog;
 use super::Core;
 use crate::media::{LegId, LegKeys, LegMedia, LegPort, LegReport, MediaError, MediaEvent, OpenLeg};
 use crate::pbx::anchor::{
-    AnchorError, LocalMedia, PhoneMedia, answer_for_caller, offer_for_branch, read_phone_sdp,
+    AnchorError, LocalMedia, OFFERED_SUITE, PhoneMedia, answer_for_caller, offer_for_branch,
+    read_phone_sdp,
 };
 use crate::pbx::auth::AuthResult;
 use crate::pbx::cdr::{CallRecord, EndedBy, LegRecord, Outcome};
@@ -660,7 +661,7 @@ impl Core {
                 continue;
             };
             let local = self.new_local_media(&binding_flow, &leg);
-            let sdp = offer_for_branch(&offer, security, &local);
+            let sdp = offer_for_branch(&offer, security, &local, OFFERED_SUITE);
             let target = NameAddr::parse(&contact)
                 .map(|c| c.uri.to_string())
                 .unwrap_or(contact.clone());
@@ -1658,6 +1659,10 @@ impl Core {
             Side::Callee => (call.callee_media.as_ref(), Some(&call.caller_media)),
         };
         let (x_security, y_security) = (kept_security(x_media), kept_security(y_media));
+        // The other side keeps the suite its key is used with.
+        let y_suite = y_media
+            .and_then(|m| m.crypto.as_ref())
+            .map_or(OFFERED_SUITE, |(_, suite, _)| *suite);
         let offer = match read_phone_sdp(
             msg.body(),
             flow.transport == Transport::Tls,
@@ -1667,6 +1672,9 @@ impl Core {
             Ok(o) => o,
             Err(e) => return self.reject(now, tx, msg, flow, 488, &e.to_string()),
         };
+        if offer.keys_over_plain {
+            tracing::warn!(side = ?from, "phone put SRTP keys in a re-offer over plain signaling; they were ignored");
+        }
         let y_flow = match from {
             Side::Caller => self.calls.calls[idx].branches[w].flow,
             Side::Callee => self.calls.calls[idx].caller_flow,
@@ -1681,7 +1689,7 @@ impl Core {
             return;
         };
         y_local.version += 1;
-        let sent = offer_for_branch(&offer, y_security, y_local);
+        let sent = offer_for_branch(&offer, y_security, y_local, y_suite);
         let name = if method == Method::Update {
             "UPDATE"
         } else {
@@ -1784,13 +1792,29 @@ impl Core {
             }
         };
         let call = &mut self.calls.calls[idx];
+        let x_suite = |m: Option<&PhoneMedia>| m.and_then(|m| m.crypto.as_ref()).map(|c| c.1);
+        let x_old_suite = x_suite(match r.from {
+            Side::Caller => Some(&call.caller_media),
+            Side::Callee => call.callee_media.as_ref(),
+        });
         let x_local = match r.from {
             Side::Caller => &mut call.caller_local,
             Side::Callee => &mut call.branches[w].local,
         };
-        x_local.version += 1;
-        let x_answer = match answer_for_caller(&r.offer, &answer, x_local) {
-            Ok(a) => a,
+        let mut x_next = x_local.clone();
+        x_next.version += 1;
+        // A key is used with one suite only (see `offer_for_branch`): a
+        // phone that moves to the other suite gets a new key from Parley.
+        if let (Some(old), Some(new)) = (x_old_suite, x_suite(Some(&r.offer)))
+            && old != new
+        {
+            x_next.key = MasterKey::generate();
+        }
+        let x_answer = match answer_for_caller(&r.offer, &answer, &x_next) {
+            Ok(a) => {
+                *x_local = x_next;
+                a
+            }
             Err(e) => {
                 let b = self.response_builder(&r.request, r.flow, 488, &e.to_string());
                 self.respond(now, r.tx, 488, b.finish());

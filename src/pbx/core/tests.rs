@@ -660,6 +660,7 @@ use crate::pbx::cdr::{EndedBy, Outcome};
 use crate::sdp::{Direction, SessionDescription};
 use crate::sip::digest::Challenge;
 use crate::sip::message::NameAddr;
+use crate::srtp::Suite;
 
 /// Media plane stand-in: hands out ports and records what it was told.
 #[derive(Clone, Default)]
@@ -1333,6 +1334,13 @@ fn a_callee_that_cannot_do_its_required_srtp_fails_the_call_with_a_reason() {
 /// The caller re-INVITEs with `caller_dir`; returns the re-INVITE Parley
 /// relayed to the callee.
 fn caller_sends_reinvite(s: &mut CallSetup, ok: &Message, caller_dir: &str) -> Message {
+    let body = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", &format!("a={caller_dir}"));
+    caller_sends_reinvite_with(s, ok, &body)
+}
+
+/// The caller re-INVITEs with `body` as its offer; returns the re-INVITE
+/// Parley relayed to the callee.
+fn caller_sends_reinvite_with(s: &mut CallSetup, ok: &Message, body: &str) -> Message {
     s.caller.cseq += 1;
     let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap())
         .unwrap()
@@ -1354,7 +1362,6 @@ fn caller_sends_reinvite(s: &mut CallSetup, ok: &Message, caller_dir: &str) -> M
         HeaderName::Contact,
         format_args!("<sip:100@{}>", s.caller.flow.remote),
     );
-    let body = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", &format!("a={caller_dir}"));
     let out = s.h.send_flows(
         s.caller.flow,
         b.finish_with_body(Some("application/sdp"), body.as_bytes()),
@@ -3079,4 +3086,108 @@ fn a_reinvite_answered_481_by_the_other_side_ends_the_call() {
     // The callee's dialog is gone (RFC 3261 §12.2.1.2), so is the call.
     assert_eq!(requests_to(&out, s.caller.flow, Method::Bye).len(), 1);
     assert_eq!(s.h.core.call_count(), 0);
+}
+
+/// Both SRTP suites derive the same session keys from a master key, so a
+/// key Parley used under one suite must never be used under the other: a
+/// new context would start its counters again and repeat keystream. A
+/// caller that moves to the other suite in a re-INVITE gets a new key; the
+/// callee, offered the suite it already uses, keeps its own.
+#[test]
+fn a_phone_that_changes_suite_gets_a_new_key() {
+    let mut h = Harness::new(cfg());
+    let now = h.now;
+    h.core.set_directory(
+        now,
+        Directory::new([
+            ext("100", "pw100", EncryptionPolicy::Required),
+            ext("101", "pw101", EncryptionPolicy::Required),
+        ]),
+    );
+    let media = FakeMedia::default();
+    h.core.set_media(Box::new(media.clone()));
+    let soft = tls_from("203.0.113.7:40001", 8);
+    let mut ua = phone("100", "pw100", soft);
+    assert!(matches!(
+        h.register(&mut ua, soft).0,
+        RegisterOutcome::Registered { .. }
+    ));
+    let caller_flow = tls_from("198.51.100.9:40000", 7);
+    let mut s = CallSetup {
+        h,
+        media,
+        caller: Caller {
+            user: "101",
+            password: "pw101",
+            flow: caller_flow,
+            cseq: 0,
+            challenge: None,
+            nc: 0,
+            extra: vec![],
+            offer: Some(srtp_offer("198.51.100.9", 4000)),
+        },
+        callee_flow: soft,
+    };
+    let invite = s.dial_invite("100");
+    let out = s.h.send_flows(
+        soft,
+        reply(&invite, 200, "OK", Some(&srtp_offer("203.0.113.7", 6000))),
+    );
+    let ok = caller_ok(&out, caller_flow);
+    s.h.send_flows(caller_flow, s.caller.in_dialog("ACK", &ok));
+    let key_of = |sdp: &[u8]| {
+        let sdp = SessionDescription::parse(sdp).unwrap();
+        let c = sdp.media[0].crypto().next().expect("a key");
+        let (suite, key) = c.usable().expect("a usable key");
+        (suite, key.clone())
+    };
+    let (suite, caller_key) = key_of(ok.body());
+    assert_eq!(suite, Suite::AesCm128HmacSha1_80);
+    let (_, callee_key) = key_of(invite.body());
+
+    // The same suite again: nothing changes.
+    let reinvite = caller_sends_reinvite_with(&mut s, &ok, &srtp_offer("198.51.100.9", 4000));
+    assert_eq!(
+        key_of(reinvite.body()),
+        (Suite::AesCm128HmacSha1_80, callee_key.clone())
+    );
+    let out = s.h.send_flows(
+        soft,
+        reply(&reinvite, 200, "OK", Some(&srtp_offer("203.0.113.7", 6000))),
+    );
+    let ok2 = caller_ok(&out, caller_flow);
+    assert_eq!(
+        key_of(ok2.body()),
+        (Suite::AesCm128HmacSha1_80, caller_key.clone())
+    );
+
+    // The caller moves to the 32-bit tag.
+    let short = srtp_offer("198.51.100.9", 4000).replace("SHA1_80", "SHA1_32");
+    let reinvite = caller_sends_reinvite_with(&mut s, &ok, &short);
+    assert_eq!(
+        key_of(reinvite.body()),
+        (Suite::AesCm128HmacSha1_80, callee_key)
+    );
+    let out = s.h.send_flows(
+        soft,
+        reply(&reinvite, 200, "OK", Some(&srtp_offer("203.0.113.7", 6000))),
+    );
+    let ok3 = caller_ok(&out, caller_flow);
+    let (suite, new_key) = key_of(ok3.body());
+    assert_eq!(suite, Suite::AesCm128HmacSha1_32);
+    assert_ne!(
+        new_key, caller_key,
+        "a key used under _80 offered again under _32"
+    );
+    let configured = s.media.configured.lock().unwrap().clone();
+    let (_, last_caller_leg) = configured
+        .iter()
+        .rev()
+        .find(|(_, m)| {
+            m.keys
+                .as_ref()
+                .is_some_and(|k| k.suite == Suite::AesCm128HmacSha1_32)
+        })
+        .expect("the caller's leg now on _32");
+    assert_eq!(last_caller_leg.keys.as_ref().unwrap().parley_key, new_key);
 }
