@@ -513,10 +513,18 @@ fn port_range(key: &str, value: &str) -> Result<(u16, u16), ConfigError> {
             format!("{value:?} must be ascending and above 1023"),
         ));
     }
-    if (hi - lo) < 3 {
+    // RTP on an even port and RTCP on the next odd one (RFC 3550 §11).
+    if lo % 2 == 1 {
         return Err(ConfigError::new(
             key,
-            "must hold at least 4 ports (RTP and RTCP for two legs)",
+            format!("{value:?} must start on an even port (RTP even, RTCP odd)"),
+        ));
+    }
+    if (hi - lo) < 5 {
+        return Err(ConfigError::new(
+            key,
+            "must hold at least 6 ports: the pair all SRTP legs share, and a pair \
+             for each of the two legs of a plain RTP call",
         ));
     }
     Ok((lo, hi))
@@ -612,6 +620,8 @@ mod tests {
             ("[sip]\ndomain = \"bad domain\"\n", "sip.domain"),
             ("[sip]\nadvertise = \"0.0.0.0\"\n", "sip.advertise"),
             ("[media]\nrtp_ports = \"30000-20000\"\n", "media.rtp_ports"),
+            ("[media]\nrtp_ports = \"20001-21000\"\n", "media.rtp_ports"),
+            ("[media]\nrtp_ports = \"20000-20004\"\n", "media.rtp_ports"),
             ("[sip]\nkeepalive_secs = 2\n", "sip.keepalive_secs"),
             (
                 "[media]\nmedia_timeout_secs = 120\nhold_timeout_secs = 60\n",

@@ -65,6 +65,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     raise_file_limit();
     let store = Store::open(&config.data_dir).await?;
     let realm = store.realm(config.realm.as_deref()).await?;
+    // Read before the list: a change the CLI makes while the server starts
+    // is then seen by the watcher, not taken as already loaded.
+    let extensions_revision = store.extensions_revision().await?;
     let extensions = store.list_extensions().await?;
     let purged = store.purge_expired_bindings().await?;
     let saved_bindings = store.load_bindings().await?;
@@ -85,7 +88,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             .flatten()
             .map(|a| a.ip()),
     );
-    crate::tls::ensure_certificates(&cert_paths, &Identity::new(&config.domain, cert_ips))?;
+    let identity = Identity::new(&config.domain, cert_ips);
+    crate::tls::ensure_certificates(&cert_paths, &identity)?;
+    spawn_certificate_renewal(cert_paths.clone(), identity);
     tracing::info!(
         ca = %cert_paths.ca_cert.display(),
         "phones verify Parley with this CA certificate (also served at https://<host>/ca.crt)"
@@ -155,7 +160,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         )?);
         let app = web::app(WebState {
             ca_cert: cert_paths.ca_cert.clone(),
-            domain: config.domain.clone(),
+            // The host part of SIP URIs: an IPv6 literal goes in brackets.
+            domain: match config.domain.parse::<std::net::Ipv6Addr>() {
+                Ok(v6) => format!("[{v6}]"),
+                Err(_) => config.domain.clone(),
+            },
         });
         tokio::spawn(web::serve_https(l, acceptor, app));
     }
@@ -208,7 +217,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let (store_tx, store_rx) = mpsc::channel(STORE_QUEUE);
     let writer = tokio::spawn(store_writer(store.clone(), store_rx));
     let (dir_tx, dir_rx) = watch::channel(Directory::default());
-    tokio::spawn(watch_extensions(store.clone(), dir_tx));
+    tokio::spawn(watch_extensions(store.clone(), dir_tx, extensions_revision));
     let (events_tx, _) = broadcast::channel::<Event>(1024);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -409,8 +418,30 @@ async fn store_writer(store: Store, mut rx: mpsc::Receiver<StoreOp>) {
 
 /// Reloads the extensions whenever the store says they changed, so
 /// command-line edits reach a running server without a restart.
-async fn watch_extensions(store: Store, tx: watch::Sender<Directory>) {
-    let mut seen = store.extensions_revision().await.ok();
+/// How often a running Parley checks whether its own server certificate
+/// is due for renewal; the resolver's watcher then picks the new one up.
+const RENEWAL_CHECK: Duration = Duration::from_secs(12 * 3600);
+
+fn spawn_certificate_renewal(paths: crate::tls::CertPaths, identity: Identity) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RENEWAL_CHECK);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let (p, id) = (paths.clone(), identity.clone());
+            let renewal =
+                tokio::task::spawn_blocking(move || crate::tls::ensure_certificates(&p, &id));
+            if let Ok(Err(e)) = renewal.await {
+                tracing::error!("cannot renew the server certificate: {e}");
+            }
+        }
+    });
+}
+
+/// Sends the directory again whenever the extensions' revision moves past
+/// `loaded`, the one the running directory was read at.
+async fn watch_extensions(store: Store, tx: watch::Sender<Directory>, loaded: i64) {
+    let mut seen = Some(loaded);
     let mut tick = tokio::time::interval(EXTENSION_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

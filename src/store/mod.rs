@@ -66,6 +66,37 @@ pub struct CallRow {
     pub callee_media: Option<String>,
 }
 
+/// Creates the data dir (owner only) and makes the database owner-only
+/// before SQLite opens it: its HA1 values are as good as passwords for
+/// digest authentication. SQLite gives its `-wal` and `-shm` files the
+/// database's permissions.
+fn private_files(data_dir: &Path, db: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(db)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = db.as_os_str().to_owned();
+            path.push(suffix);
+            match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(data_dir)?;
+    Ok(())
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
@@ -74,12 +105,13 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) `DATA_DIR/parley.db` and migrates it.
     pub async fn open(data_dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+        let db = data_dir.join("parley.db");
+        private_files(data_dir, &db).map_err(|source| StoreError::DataDir {
             path: data_dir.to_owned(),
             source,
         })?;
         let opts = SqliteConnectOptions::new()
-            .filename(data_dir.join("parley.db"))
+            .filename(&db)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // WAL with NORMAL survives a crash of the process; only an OS
@@ -488,6 +520,31 @@ mod tests {
             store.remove_extension("100").await,
             Err(StoreError::NoSuchExtension(_))
         ));
+    }
+
+    /// The database holds HA1 values: only its owner may read it, its
+    /// write-ahead log included, and a data dir Parley creates is its own.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_database_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("new/data");
+        let store = Store::open(&data).await.unwrap();
+        store.add_extension(&ext("100")).await.unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("parley.db")), 0o600);
+        assert_eq!(mode(&data.join("parley.db-wal")), 0o600);
+        drop(store);
+        // A database made readable by an older version is closed again.
+        std::fs::set_permissions(
+            data.join("parley.db"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let _store = Store::open(&data).await.unwrap();
+        assert_eq!(mode(&data.join("parley.db")), 0o600);
     }
 
     #[tokio::test]

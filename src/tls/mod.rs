@@ -34,6 +34,10 @@ pub enum TlsError {
     NoKey { path: PathBuf },
     #[error("{path}: unsupported private key: {reason}")]
     BadKey { path: PathBuf, reason: String },
+    #[error(
+        "{missing} is missing while {present} is there: put it back, or remove both to have Parley make new ones"
+    )]
+    Incomplete { present: PathBuf, missing: PathBuf },
     #[error("certificate {cert} does not match key {key}")]
     Mismatch { cert: PathBuf, key: PathBuf },
     #[error("certificate generation failed: {0}")]
@@ -109,20 +113,44 @@ impl Identity {
     }
 }
 
-/// Makes the CA and the server certificate when they are missing, and
-/// renews Parley's own server certificate when the names it must carry
-/// changed. Returns true when a server certificate was written.
+/// How long before its end Parley's own server certificate is renewed.
+pub const RENEW_BEFORE: time::Duration = time::Duration::days(30);
+
+/// Of a certificate and its key, the one missing while the other is there:
+/// Parley never writes over a lone file, which may be an admin's.
+fn lone_file(cert: &Path, key: &Path) -> Result<bool, TlsError> {
+    match (cert.exists(), key.exists()) {
+        (true, false) => Err(TlsError::Incomplete {
+            present: cert.to_owned(),
+            missing: key.to_owned(),
+        }),
+        (false, true) => Err(TlsError::Incomplete {
+            present: key.to_owned(),
+            missing: cert.to_owned(),
+        }),
+        (both, _) => Ok(both),
+    }
+}
+
+/// Makes the CA and the server certificate when both of a pair are
+/// missing, and renews Parley's own server certificate when the names it
+/// must carry changed or its end is less than [`RENEW_BEFORE`] away.
+/// Returns true when a server certificate was written.
 pub fn ensure_certificates(paths: &CertPaths, identity: &Identity) -> Result<bool, TlsError> {
     fs::create_dir_all(&paths.dir).map_err(|source| TlsError::Io {
         path: paths.dir.clone(),
         source,
     })?;
-    if !paths.ca_cert.exists() || !paths.ca_key.exists() {
+    // A lone CA file is not replaced: phones trust that CA. It is only an
+    // error when a certificate must be signed.
+    let ca = lone_file(&paths.ca_cert, &paths.ca_key);
+    if matches!(ca, Ok(false)) {
         let (cert_pem, key_pem) = make_ca()?;
         write_file(&paths.ca_key, key_pem.as_bytes(), true)?;
         write_file(&paths.ca_cert, cert_pem.as_bytes(), false)?;
         tracing::info!(path = %paths.ca_cert.display(), "created a local certificate authority");
     }
+    let present = lone_file(&paths.server_cert, &paths.server_key)?;
     let ours = match (
         fs::read(&paths.server_cert),
         fs::read_to_string(&paths.generated_marker),
@@ -130,14 +158,19 @@ pub fn ensure_certificates(paths: &CertPaths, identity: &Identity) -> Result<boo
         (Ok(pem), Ok(marker)) => fingerprint(&pem) == marker.trim(),
         _ => false,
     };
-    let present = paths.server_cert.exists() && paths.server_key.exists();
-    let stale = ours && present && !cert_matches_identity(&paths.server_cert, identity);
-    if present && !stale {
+    let why = if !present {
+        "created"
+    } else if !ours {
+        // An admin's certificate: never touched.
         return Ok(false);
-    }
-    if present && !ours {
+    } else if !cert_matches_identity(&paths.server_cert, identity) {
+        "renewed for new names"
+    } else if cert_ends_within(&paths.server_cert, RENEW_BEFORE) {
+        "renewed before it expires"
+    } else {
         return Ok(false);
-    }
+    };
+    ca?;
     let ca_cert = read_string(&paths.ca_cert)?;
     let ca_key = KeyPair::from_pem(&read_string(&paths.ca_key)?)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key)?;
@@ -151,7 +184,7 @@ pub fn ensure_certificates(paths: &CertPaths, identity: &Identity) -> Result<boo
     )?;
     tracing::info!(
         path = %paths.server_cert.display(), names = ?identity.dns_names, ips = ?identity.ips,
-        "created a server certificate signed by the local CA"
+        "server certificate {why}, signed by the local CA"
     );
     Ok(true)
 }
@@ -209,6 +242,19 @@ fn make_server_cert(
 
 fn days_from_now(days: i64) -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc() + time::Duration::days(days)
+}
+
+/// Whether the certificate at `path` ends within `margin` (or cannot be
+/// read, which is as good as ended).
+fn cert_ends_within(path: &Path, margin: time::Duration) -> bool {
+    let Ok(der) = CertificateDer::from_pem_file(path) else {
+        return true;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return true;
+    };
+    let ends = cert.validity().not_after.timestamp();
+    ends <= (time::OffsetDateTime::now_utc() + margin).unix_timestamp()
 }
 
 fn cert_matches_identity(path: &Path, identity: &Identity) -> bool {
@@ -440,6 +486,69 @@ mod tests {
         let id2 = Identity::new("phones.example.com", []);
         assert!(ensure_certificates(&p, &id2).unwrap());
         assert!(cert_matches_identity(&p.server_cert, &id2));
+    }
+
+    #[test]
+    fn its_own_certificate_is_renewed_a_month_before_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        let id = Identity::new("pbx.example.com", []);
+        ensure_certificates(&p, &id).unwrap();
+        assert!(!cert_ends_within(&p.server_cert, RENEW_BEFORE));
+        // Parley's certificate, ten days from its end.
+        let ca_key = KeyPair::from_pem(&read_string(&p.ca_key).unwrap()).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&read_string(&p.ca_cert).unwrap(), ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = id.sans();
+        params.not_before = days_from_now(-387);
+        params.not_after = days_from_now(10);
+        let old = params.signed_by(&key, &issuer).unwrap();
+        fs::write(&p.server_cert, old.pem()).unwrap();
+        fs::write(&p.server_key, key.serialize_pem()).unwrap();
+        fs::write(&p.generated_marker, fingerprint(old.pem().as_bytes())).unwrap();
+        assert!(cert_ends_within(&p.server_cert, RENEW_BEFORE));
+        assert!(ensure_certificates(&p, &id).unwrap());
+        assert_ne!(fs::read_to_string(&p.server_cert).unwrap(), old.pem());
+        assert!(!cert_ends_within(&p.server_cert, time::Duration::days(390)));
+        load_certified_key(&p.server_cert, &p.server_key).unwrap();
+        // An admin's certificate that ends soon is left to the admin.
+        fs::write(&p.server_cert, old.pem()).unwrap();
+        fs::write(&p.server_key, key.serialize_pem()).unwrap();
+        fs::remove_file(&p.generated_marker).unwrap();
+        assert!(!ensure_certificates(&p, &id).unwrap());
+        assert_eq!(fs::read_to_string(&p.server_cert).unwrap(), old.pem());
+    }
+
+    /// A certificate without its key (or a CA without its key) may be an
+    /// admin's file or the one phones trust: never written over.
+    #[test]
+    fn a_lone_certificate_or_key_is_never_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        let id = Identity::new("pbx.example.com", []);
+        ensure_certificates(&p, &id).unwrap();
+        let (ca, server) = (
+            fs::read_to_string(&p.ca_cert).unwrap(),
+            fs::read_to_string(&p.server_cert).unwrap(),
+        );
+        // The CA key moved offline: fine while nothing must be signed.
+        fs::rename(&p.ca_key, dir.path().join("offline.key")).unwrap();
+        assert!(!ensure_certificates(&p, &id).unwrap());
+        let renaming = ensure_certificates(&p, &Identity::new("new.example.com", []));
+        assert!(
+            matches!(&renaming, Err(TlsError::Incomplete { missing, .. }) if *missing == p.ca_key),
+            "{renaming:?}"
+        );
+        assert_eq!(fs::read_to_string(&p.ca_cert).unwrap(), ca);
+        assert_eq!(fs::read_to_string(&p.server_cert).unwrap(), server);
+        fs::rename(dir.path().join("offline.key"), &p.ca_key).unwrap();
+        // A server certificate whose key is not there yet.
+        fs::remove_file(&p.server_key).unwrap();
+        let e = ensure_certificates(&p, &id).unwrap_err();
+        assert!(matches!(&e, TlsError::Incomplete { missing, .. } if *missing == p.server_key));
+        assert!(e.to_string().contains("server.key"), "{e}");
+        assert_eq!(fs::read_to_string(&p.server_cert).unwrap(), server);
     }
 
     #[test]
