@@ -148,7 +148,9 @@ impl Driver {
             }
             self.flush(&mut conns, udp.as_deref(), udp_local).await;
         }
-        // Let the last store writes out before the writer stops.
+        // Calls end with Parley: BYEs out, history rows written. Then the
+        // last store writes go out before the writer stops.
+        self.core.shut_down_calls(Instant::now());
         self.flush(&mut conns, udp.as_deref(), udp_local).await;
     }
 

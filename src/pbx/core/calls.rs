@@ -1401,6 +1401,39 @@ impl Core {
         }
     }
 
+    /// Parley is stopping: every call ends now, so the phones are not left
+    /// talking into a relay that is gone and every call gets its history
+    /// row. Answered calls get a BYE on both sides, ringing ones a 503 to
+    /// the caller and a CANCEL to the devices; records are written without
+    /// waiting for the relay's last statistics.
+    pub fn shut_down_calls(&mut self, now: Instant) {
+        const REASON: &str = "Server Shutting Down";
+        let live: Vec<usize> = self.calls.calls.iter().map(|(idx, _)| idx).collect();
+        for idx in live {
+            let call = &self.calls.calls[idx];
+            if call.state == State::Answered {
+                self.end_answered_call(now, idx, REASON);
+                continue;
+            }
+            let (itx, iflow) = (call.invite_tx, call.caller_flow);
+            let b = self.response_builder(&call.invite, iflow, 503, REASON);
+            self.respond(now, itx, 503, b.finish());
+            self.cancel_other_forks(now, idx, None);
+            self.finish_call(
+                now,
+                idx,
+                Outcome::Failed,
+                503,
+                REASON,
+                Some(EndedBy::Parley),
+            );
+        }
+        for p in std::mem::take(&mut self.calls.pending) {
+            self.out
+                .push_back(super::Output::CallEnded(Box::new(p.record)));
+        }
+    }
+
     /// Ring timeouts and overdue call records.
     pub(super) fn call_timers(&mut self, now: Instant) {
         while let Some((_, idx, uid)) = self.calls.ring_timers.pop_due(now) {

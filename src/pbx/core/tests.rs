@@ -3191,3 +3191,49 @@ fn a_phone_that_changes_suite_gets_a_new_key() {
         .expect("the caller's leg now on _32");
     assert_eq!(last_caller_leg.keys.as_ref().unwrap().parley_key, new_key);
 }
+
+/// Stopping Parley ends every call it carries: the phones hear it (BYE to
+/// both sides of an answered call; 503 to a ringing call's caller and
+/// CANCEL to its devices) and each call gets its history row at once.
+#[test]
+fn calls_end_with_a_row_each_when_parley_stops() {
+    for answered in [true, false] {
+        let mut s = call_setup();
+        if answered {
+            established_call(&mut s);
+        } else {
+            let invite = s.dial_invite("102");
+            s.h.send_flows(s.callee_flow, reply(&invite, 180, "Ringing", None));
+        }
+        s.h.drain_flows();
+        assert!(s.h.calls.is_empty());
+        let now = s.h.now;
+        s.h.core.shut_down_calls(now);
+        let out = s.h.drain_flows();
+        if answered {
+            assert_eq!(
+                requests_to(&out, s.caller.flow, Method::Bye).len(),
+                1,
+                "{out:?}"
+            );
+            assert_eq!(
+                requests_to(&out, s.callee_flow, Method::Bye).len(),
+                1,
+                "{out:?}"
+            );
+        } else {
+            assert_eq!(statuses_to(&out, s.caller.flow), [503], "{out:?}");
+            assert_eq!(requests_to(&out, s.callee_flow, Method::Cancel).len(), 1);
+        }
+        assert_eq!(s.h.core.call_count(), 0);
+        assert_eq!(s.h.calls.len(), 1, "answered={answered}");
+        let record = &s.h.calls[0];
+        assert_eq!(record.ended_by, Some(EndedBy::Parley));
+        let want = if answered {
+            Outcome::Answered
+        } else {
+            Outcome::Failed
+        };
+        assert_eq!(record.outcome, want);
+    }
+}
