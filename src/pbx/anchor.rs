@@ -344,19 +344,51 @@ pub fn answer_for_caller(
                 attributes: attributes.clone(),
             });
         } else {
-            sdp.media.push(MediaDescription {
-                media: m.media.clone(),
-                port: 0,
-                port_count: None,
-                proto: m.proto.clone(),
-                formats: m.formats.clone(),
-                connection: None,
-                bandwidths: Vec::new(),
-                attributes: Vec::new(),
-            });
+            sdp.media.push(rejected(m));
         }
     }
     Ok(sdp)
+}
+
+/// A stream Parley does not carry, as it appears in its SDP: port 0.
+fn rejected(m: &MediaDescription) -> MediaDescription {
+    MediaDescription {
+        media: m.media.clone(),
+        port: 0,
+        port_count: None,
+        proto: m.proto.clone(),
+        formats: m.formats.clone(),
+        connection: None,
+        bandwidths: Vec::new(),
+        attributes: Vec::new(),
+    }
+}
+
+/// A new offer (one audio line) on a leg whose session already has more
+/// `m=` lines keeps them all, in order (RFC 3264 §8): the audio line where
+/// the session has it, the others refused as before (port 0).
+pub fn in_layout_of(
+    mut offer: SessionDescription,
+    previous: &SessionDescription,
+) -> SessionDescription {
+    let live_audio = |m: &MediaDescription| m.media == "audio" && m.port != 0;
+    let Some(at) = previous.media.iter().position(live_audio) else {
+        return offer;
+    };
+    if previous.media.len() < 2 || offer.media.len() != 1 {
+        return offer;
+    }
+    let mut audio = offer.media.pop();
+    offer.media = previous
+        .media
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match (i == at).then(|| audio.take()).flatten() {
+            Some(a) => a,
+            None => rejected(m),
+        })
+        .collect();
+    offer
 }
 
 #[cfg(test)]

@@ -29,8 +29,8 @@ mod in_dialog;
 use super::Core;
 use crate::media::{LegId, LegKeys, LegMedia, LegPort, LegReport, MediaError, MediaEvent, OpenLeg};
 use crate::pbx::anchor::{
-    AnchorError, LocalMedia, OFFERED_SUITE, PhoneMedia, answer_for_caller, offer_for_branch,
-    read_phone_sdp,
+    AnchorError, LocalMedia, OFFERED_SUITE, PhoneMedia, answer_for_caller, in_layout_of,
+    offer_for_branch, read_phone_sdp,
 };
 use crate::pbx::auth::AuthResult;
 use crate::pbx::cdr::{CallRecord, EndedBy, LegRecord, Outcome};
@@ -911,10 +911,11 @@ impl Core {
                 return false;
             }
         };
-        let Ok(caller_answer) = answer_for_caller(&call.caller_media, &answer, &call.caller_local)
-        else {
+        let Ok(caller_answer) = self.answer_to_caller(idx, &answer) else {
             return false;
         };
+        let call = &self.calls.calls[idx];
+        let branch = &call.branches[bi];
         let caller_media = leg_media(&call.caller_media, &call.caller_local, call.caller_flow);
         let callee_media = leg_media(&answer, &branch.local, branch.flow);
         let (caller_leg, callee_leg) = (call.caller_leg.id, branch.leg.id);
@@ -932,7 +933,31 @@ impl Core {
         let call = &mut self.calls.calls[idx];
         call.early = Some(bi);
         call.ringing_sent = true;
+        call.sent_to_caller = Some(caller_answer);
         true
+    }
+
+    /// Parley's answer to the caller's offer for a device's `answer`. The
+    /// caller may already have had another (early media from another
+    /// device, or one that changed its mind in its 2xx): a different
+    /// description then gets a new `o=` version, so the caller does not
+    /// take it for the one it has (RFC 3264 §8).
+    fn answer_to_caller(
+        &mut self,
+        idx: usize,
+        answer: &PhoneMedia,
+    ) -> Result<SessionDescription, AnchorError> {
+        let call = &mut self.calls.calls[idx];
+        let mut sdp = answer_for_caller(&call.caller_media, answer, &call.caller_local)?;
+        if call
+            .sent_to_caller
+            .as_ref()
+            .is_some_and(|prev| *prev != sdp)
+        {
+            call.caller_local.version += 1;
+            sdp.origin.session_version = call.caller_local.version;
+        }
+        Ok(sdp)
     }
 
     /// A device's 2xx whose media Parley refuses (already acknowledged):
@@ -1048,8 +1073,7 @@ impl Core {
                 return self.refuse_fork_media(now, idx, bi, &mut dialog, &e, 488);
             }
         };
-        let caller_answer = match answer_for_caller(&call.caller_media, &answer, &call.caller_local)
-        {
+        let caller_answer = match self.answer_to_caller(idx, &answer) {
             Ok(a) => a,
             Err(e) => {
                 let status = if e == AnchorError::NoCommonCodec {
@@ -1060,6 +1084,8 @@ impl Core {
                 return self.refuse_fork_media(now, idx, bi, &mut dialog, &e, status);
             }
         };
+        let call = &self.calls.calls[idx];
+        let branch = &call.branches[bi];
         // Media: each leg hears its own phone with the phone's key and
         // speaks to it with Parley's key for that leg.
         let caller_media = leg_media(&call.caller_media, &call.caller_local, call.caller_flow);
@@ -1714,6 +1740,7 @@ impl Core {
         };
         let via = self.via(&y_flow, &branch_id());
         let call = &mut self.calls.calls[idx];
+        let y_previous = call.sent_to_caller.clone();
         let (y_local, y_dialog) = match from {
             Side::Caller => (&mut call.branches[w].local, call.callee_dialog.as_mut()),
             Side::Callee => (&mut call.caller_local, call.caller_dialog.as_mut()),
@@ -1723,6 +1750,11 @@ impl Core {
         };
         y_local.version += 1;
         let sent = offer_for_branch(&offer, y_security, y_local, y_suite);
+        // The caller's session may hold more streams than the audio one.
+        let sent = match (from, y_previous) {
+            (Side::Callee, Some(previous)) => in_layout_of(sent, &previous),
+            _ => sent,
+        };
         let name = if method == Method::Update {
             "UPDATE"
         } else {

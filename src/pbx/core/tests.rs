@@ -2026,6 +2026,46 @@ fn early_media_reaches_the_caller_before_the_answer() {
 
 // ---- forking, refusals, in-dialog from either side -------------------------
 
+/// Early media from one device, the answer from another with other codecs:
+/// the caller is in one dialog with Parley throughout, so the 200's
+/// description carries a new `o=` version, or the caller could keep the
+/// 183's codec while the answering device sends another.
+#[test]
+fn an_answer_that_differs_from_the_early_media_gets_a_new_version() {
+    let mut s = call_setup();
+    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
+    let out = s.dial("102");
+    let desk_invite = invite_to(&out, s.callee_flow);
+    let soft_invite = invite_to(&out, soft);
+    let pcma_only = sdp_offer("192.168.1.30", 6000).replace("RTP/AVP 0 8", "RTP/AVP 8");
+    assert_ne!(pcma_only, sdp_offer("192.168.1.30", 6000));
+    let out = s.h.send_flows(
+        s.callee_flow,
+        reply(&desk_invite, 183, "Session Progress", Some(&pcma_only)),
+    );
+    let (_, progress) = out
+        .iter()
+        .find(|(f, m)| *f == s.caller.flow && m.status() == Some(183))
+        .expect("183 to the caller");
+    let early = SessionDescription::parse(progress.body()).unwrap();
+    let out = s.h.send_flows(
+        soft,
+        reply_as(
+            &soft_invite,
+            200,
+            "OK",
+            Some(&sdp_offer("192.168.1.31", 7000)),
+            "softtag",
+            SOFT_CONTACT,
+        ),
+    );
+    let ok = caller_ok(&out, s.caller.flow);
+    let answer = SessionDescription::parse(ok.body()).unwrap();
+    assert_ne!(answer.media[0].formats, early.media[0].formats);
+    assert_eq!(answer.origin.session_id, early.origin.session_id);
+    assert!(answer.origin.session_version > early.origin.session_version);
+}
+
 /// Contact of the second device of 102 (see `add_callee_device`).
 const SOFT_CONTACT: &str = "<sip:102@192.168.1.31:5064>";
 
@@ -3236,4 +3276,58 @@ fn calls_end_with_a_row_each_when_parley_stops() {
         };
         assert_eq!(record.outcome, want);
     }
+}
+
+/// A caller that offered audio and video (video refused by Parley) keeps
+/// both `m=` lines in the offers Parley makes it later (RFC 3264 §8),
+/// here the callee's hold; refreshes repeat what was last sent.
+#[test]
+fn offers_to_the_caller_keep_the_streams_of_its_session() {
+    let mut s = call_setup();
+    s.caller.offer = Some(format!(
+        "{}m=video 4002 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n",
+        sdp_offer("192.168.1.20", 4000)
+    ));
+    let (invite, ok) = established_call(&mut s);
+    let first = SessionDescription::parse(ok.body()).unwrap();
+    assert_eq!(first.media.len(), 2);
+    assert_eq!(
+        (first.media[1].media.as_str(), first.media[1].port),
+        ("video", 0)
+    );
+
+    let hold = sdp_offer("192.168.1.30", 6100).replace("a=sendrecv", "a=sendonly");
+    let out = s.h.send_flows(
+        s.callee_flow,
+        callee_in_dialog(
+            &invite,
+            s.callee_flow,
+            "INVITE",
+            1,
+            Some(("application/sdp", &hold)),
+        ),
+    );
+    let reinvite = &requests_to(&out, s.caller.flow, Method::Invite)[0];
+    let offer = SessionDescription::parse(reinvite.body()).unwrap();
+    let lines: Vec<(&str, bool)> = offer
+        .media
+        .iter()
+        .map(|m| (m.media.as_str(), m.port != 0))
+        .collect();
+    assert_eq!(lines, [("audio", true), ("video", false)]);
+    assert_eq!(offer.media_direction(0), Direction::SendOnly);
+
+    // The caller answers with both lines: the callee gets its 200.
+    let agreed = format!(
+        "{}m=video 0 RTP/AVP 96\r\n",
+        sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly")
+    );
+    let out = s.h.send_flows(
+        s.caller.flow,
+        caller_answer(reinvite, 200, "OK", Some(&agreed)),
+    );
+    let ok2 = caller_ok(&out, s.callee_flow);
+    let to_callee = SessionDescription::parse(ok2.body()).unwrap();
+    assert_eq!(to_callee.media.len(), 1);
+    assert_eq!(to_callee.media_direction(0), Direction::RecvOnly);
 }
