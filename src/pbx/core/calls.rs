@@ -1707,7 +1707,9 @@ impl Core {
         flow: Flow,
     ) {
         let call = &self.calls.calls[idx];
-        if call.reinvite.is_some() {
+        // One offer at a time in the caller's dialog: Parley's own refresh
+        // re-INVITE is one too (RFC 3261 §14.2).
+        if call.reinvite.is_some() || call.refresh_seq.is_some() {
             return self.reject(now, tx, msg, flow, 491, "Request Pending");
         }
         let Some(w) = call.winner else {

@@ -1338,9 +1338,8 @@ fn caller_sends_reinvite(s: &mut CallSetup, ok: &Message, caller_dir: &str) -> M
     caller_sends_reinvite_with(s, ok, &body)
 }
 
-/// The caller re-INVITEs with `body` as its offer; returns the re-INVITE
-/// Parley relayed to the callee.
-fn caller_sends_reinvite_with(s: &mut CallSetup, ok: &Message, body: &str) -> Message {
+/// The caller's re-INVITE with `body` as its offer, in the dialog of `ok`.
+fn caller_reinvite_bytes(s: &mut CallSetup, ok: &Message, body: &str) -> Bytes {
     s.caller.cseq += 1;
     let contact = NameAddr::parse(ok.header(HeaderName::Contact).unwrap())
         .unwrap()
@@ -1362,10 +1361,14 @@ fn caller_sends_reinvite_with(s: &mut CallSetup, ok: &Message, body: &str) -> Me
         HeaderName::Contact,
         format_args!("<sip:100@{}>", s.caller.flow.remote),
     );
-    let out = s.h.send_flows(
-        s.caller.flow,
-        b.finish_with_body(Some("application/sdp"), body.as_bytes()),
-    );
+    b.finish_with_body(Some("application/sdp"), body.as_bytes())
+}
+
+/// The caller re-INVITEs with `body` as its offer; returns the re-INVITE
+/// Parley relayed to the callee.
+fn caller_sends_reinvite_with(s: &mut CallSetup, ok: &Message, body: &str) -> Message {
+    let bytes = caller_reinvite_bytes(s, ok, body);
+    let out = s.h.send_flows(s.caller.flow, bytes);
     assert!(
         out.iter()
             .any(|(f, m)| *f == s.caller.flow && m.status() == Some(100))
@@ -3330,4 +3333,85 @@ fn offers_to_the_caller_keep_the_streams_of_its_session() {
     let to_callee = SessionDescription::parse(ok2.body()).unwrap();
     assert_eq!(to_callee.media.len(), 1);
     assert_eq!(to_callee.media_direction(0), Direction::RecvOnly);
+}
+
+/// Parley's refresh re-INVITE never crosses another INVITE in the caller's
+/// dialog: it waits while a relayed re-INVITE is out, tries again after a
+/// 491, and while it is out, re-INVITEs from either side get 491.
+#[test]
+fn a_refresh_reinvite_waits_for_other_offers_in_the_callers_dialog() {
+    let mut s = call_setup();
+    s.caller.extra = vec![
+        (HeaderName::SessionExpires, "100;refresher=uas".into()),
+        (HeaderName::Supported, "timer".into()),
+        (HeaderName::Allow, "INVITE, ACK, BYE, CANCEL".into()),
+    ];
+    let (invite, ok) = answered_call_with_invite(&mut s);
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    s.h.advance(Duration::from_secs(45));
+    // The callee holds; its re-INVITE reaches the caller, who takes time.
+    let hold = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
+    let out = s.h.send_flows(
+        s.callee_flow,
+        callee_in_dialog(
+            &invite,
+            s.callee_flow,
+            "INVITE",
+            1,
+            Some(("application/sdp", &hold)),
+        ),
+    );
+    let relayed = requests_to(&out, s.caller.flow, Method::Invite).remove(0);
+    let out = s.h.advance(Duration::from_secs(7));
+    // Timer A repeats the relayed re-INVITE; anything else is new.
+    let caller_flow = s.caller.flow;
+    let new_invites = |out: &[(Flow, Message)], old: &Message| -> Vec<Message> {
+        requests_to(out, caller_flow, Method::Invite)
+            .into_iter()
+            .filter(|m| m.cseq().unwrap().seq != old.cseq().unwrap().seq)
+            .collect()
+    };
+    assert!(
+        new_invites(&out, &relayed).is_empty(),
+        "a refresh crossed the pending re-INVITE: {out:?}"
+    );
+    let agreed = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly");
+    s.h.send_flows(
+        s.caller.flow,
+        caller_answer(&relayed, 200, "OK", Some(&agreed)),
+    );
+    let out = s.h.advance(Duration::from_secs(2));
+    let refresh = new_invites(&out, &relayed);
+    assert_eq!(
+        refresh.len(),
+        1,
+        "the refresh once the way is clear: {out:?}"
+    );
+
+    // While it is out, a re-INVITE from either side gets 491.
+    let out = s.h.send_flows(
+        s.callee_flow,
+        callee_in_dialog(
+            &invite,
+            s.callee_flow,
+            "INVITE",
+            2,
+            Some(("application/sdp", &hold)),
+        ),
+    );
+    assert_eq!(statuses_to(&out, s.callee_flow), [491]);
+    let reoffer = caller_reinvite_bytes(&mut s, &ok, &sdp_offer("192.168.1.20", 4000));
+    let out = s.h.send_flows(s.caller.flow, reoffer);
+    assert_eq!(statuses_to(&out, s.caller.flow), [491]);
+
+    // The caller's 491 to the refresh: it goes out again within 2 s.
+    s.h.send_flows(
+        s.caller.flow,
+        caller_answer(&refresh[0], 491, "Request Pending", None),
+    );
+    let out = s.h.advance(Duration::from_secs(2));
+    let again = new_invites(&out, &refresh[0]);
+    assert_eq!(again.len(), 1, "{out:?}");
+    assert!(again[0].cseq().unwrap().seq > refresh[0].cseq().unwrap().seq);
+    assert_eq!(s.h.core.call_count(), 1);
 }

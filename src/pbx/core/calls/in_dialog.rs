@@ -152,14 +152,15 @@ impl Core {
             if timer.request.caller_refreshes {
                 tracing::warn!(call_ref = %call.call_ref, "the caller did not refresh its session in time; ending the call");
                 self.end_answered_call(now, idx, "Session Expired");
-            } else {
-                self.send_session_refresh(now, idx);
+            } else if self.send_session_refresh(now, idx) {
                 let call = &mut self.calls.calls[idx];
                 if let Some(t) = call.session.as_mut() {
                     t.next = t.request.next_after(now);
                     let next = t.next;
                     self.calls.session_timers.arm(next, idx, uid);
                 }
+            } else {
+                self.retry_session_refresh(now, idx);
             }
         }
     }
@@ -178,23 +179,46 @@ impl Core {
         );
     }
 
+    /// Tries Parley's refresh again soon: after a 491, or when it had to
+    /// wait for another INVITE exchange with the caller to finish. The
+    /// caller chose the dialog's Call-ID, so Parley waits under 2 s (RFC
+    /// 3261 §14.1).
+    fn retry_session_refresh(&mut self, now: Instant, idx: usize) {
+        let call = &mut self.calls.calls[idx];
+        let Some(t) = call.session.as_mut() else {
+            return;
+        };
+        t.next = now + Duration::from_millis(rand::random_range(100..2000));
+        let (next, uid) = (t.next, call.uid);
+        self.calls.session_timers.arm(next, idx, uid);
+    }
+
     /// Parley refreshes the caller's session: UPDATE without a body when
     /// the caller allows it, otherwise a re-INVITE repeating the
-    /// description the caller already has.
-    fn send_session_refresh(&mut self, now: Instant, idx: usize) {
+    /// description the caller already has. A re-INVITE waits while another
+    /// INVITE with the caller is in progress either way (the caller would
+    /// answer 491): returns false then.
+    fn send_session_refresh(&mut self, now: Instant, idx: usize) -> bool {
         let flow = self.calls.calls[idx].caller_flow;
         let via = self.via(&flow, &branch_id());
         let call = &mut self.calls.calls[idx];
         let Some(timer) = call.session else {
-            return;
+            return false;
         };
         let allows_update = call
             .invite
             .header_values(HeaderName::Allow)
             .any(|m| m.eq_ignore_ascii_case("UPDATE"));
+        let reinvite_pending = call
+            .reinvite
+            .as_ref()
+            .is_some_and(|r| r.method == Method::Invite);
+        if !allows_update && (reinvite_pending || call.refresh_seq.is_some()) {
+            return false;
+        }
         let sdp = call.sent_to_caller.as_ref().map(|s| s.to_bytes());
         let Some(dialog) = call.caller_dialog.as_mut() else {
-            return;
+            return false;
         };
         let (method, body) = if allows_update {
             ("UPDATE", None)
@@ -216,8 +240,13 @@ impl Core {
             Ok(ctx) => {
                 self.calls.by_branch.insert(ctx, (idx, SESSION_REFRESH));
                 self.calls.calls[idx].refresh_seq = (method == "INVITE").then_some(seq);
+                true
             }
-            Err(e) => tracing::warn!(error = %e, "session refresh not sent"),
+            Err(e) => {
+                // Not worth a quick retry: the next regular refresh.
+                tracing::warn!(error = %e, "session refresh not sent");
+                true
+            }
         }
     }
 
@@ -236,7 +265,13 @@ impl Core {
         }
         self.calls.by_branch.remove(&ctx);
         let flow = self.calls.calls[idx].caller_flow;
-        if (200..300).contains(&status) {
+        if status >= 300 {
+            self.calls.calls[idx].refresh_seq = None;
+        }
+        if status == 491 {
+            // Crossed an INVITE of the caller's: again in a moment.
+            self.retry_session_refresh(now, idx);
+        } else if (200..300).contains(&status) {
             let via = self.via(&flow, &branch_id());
             let call = &mut self.calls.calls[idx];
             if let (Some(seq), Some(d)) = (call.refresh_seq.take(), call.caller_dialog.as_mut()) {
