@@ -194,6 +194,9 @@ impl Call {
 pub(crate) struct Calls {
     calls: Slab<Call>,
     by_invite: HashMap<ServerTxId, usize>,
+    /// (Call-ID, From tag, CSeq) of each call's INVITE, to tell a copy of
+    /// it that came another way (RFC 3261 §8.2.2.2).
+    by_request: HashMap<(Box<str>, Box<str>, u32), usize>,
     by_branch: HashMap<ClientTxId, (usize, usize)>,
     /// (Call-ID, Parley's tag) of each established dialog.
     by_dialog: HashMap<(String, String), (usize, Side)>,
@@ -449,6 +452,11 @@ impl Core {
         if let Err(e) = Dialog::as_uas(&msg, "-", "<sip:check.invalid>", 1) {
             let reason = format!("Cannot Form A Dialog ({e})");
             return self.reject(now, tx, &msg, flow, 400, &reason);
+        }
+        // The same INVITE on a new transaction: a copy that reached Parley
+        // by another path (a forking proxy in front). One call is enough.
+        if request_key(&msg).is_some_and(|k| self.calls.by_request.contains_key(&k)) {
+            return self.reject(now, tx, &msg, flow, 482, "Loop Detected (Merged Request)");
         }
         let source = flow.remote.ip();
         if self.lockout.blocked(now, source, &caller).is_some() {
@@ -727,6 +735,9 @@ impl Core {
             self.calls.by_branch.insert(b.tx, (idx, i));
         }
         self.calls.by_invite.insert(tx, idx);
+        if let Some(key) = request_key(&msg) {
+            self.calls.by_request.insert(key, idx);
+        }
         self.calls
             .ring_timers
             .arm(now + self.cfg.ring_timeout, idx, uid);
@@ -1338,6 +1349,9 @@ impl Core {
         }
         let mut call = self.calls.calls.remove(idx);
         self.calls.by_invite.remove(&call.invite_tx);
+        if let Some(key) = request_key(&call.invite) {
+            self.calls.by_request.remove(&key);
+        }
         let relayed = &mut self.calls.relayed;
         let mut unanswered: Vec<(ServerTxId, Message, Flow)> = Vec::new();
         self.calls.by_branch.retain(|ctx, (i, _)| {
@@ -1654,6 +1668,16 @@ impl Core {
                 bytes,
             }));
     }
+}
+
+/// What identifies a request apart from its transaction: Call-ID, From tag
+/// and CSeq number.
+fn request_key(msg: &Message) -> Option<(Box<str>, Box<str>, u32)> {
+    Some((
+        msg.call_id()?.into(),
+        msg.from()?.tag()?.into(),
+        msg.cseq()?.seq,
+    ))
 }
 
 /// The number a caller dialed, as the history shows it (bounded: it comes

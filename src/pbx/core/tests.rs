@@ -3415,3 +3415,29 @@ fn a_refresh_reinvite_waits_for_other_offers_in_the_callers_dialog() {
     assert!(again[0].cseq().unwrap().seq > refresh[0].cseq().unwrap().seq);
     assert_eq!(s.h.core.call_count(), 1);
 }
+
+/// The caller's INVITE again on a new transaction (a forking proxy in
+/// front of Parley delivering two copies): 482, and still one call.
+#[test]
+fn a_merged_copy_of_an_invite_gets_482() {
+    let mut s = call_setup();
+    s.dial_invite("102");
+    s.caller.cseq -= 1;
+    s.caller.nc += 1;
+    let copy = s.caller.invite("102");
+    let text = String::from_utf8_lossy(&copy).replace(
+        &format!("branch=z9hG4bKinv{}", s.caller.cseq),
+        "branch=z9hG4bKotherpath",
+    );
+    let out = s.h.send_flows(s.caller.flow, Bytes::from(text.clone()));
+    assert_eq!(statuses_to(&out, s.caller.flow), [482], "{out:?}");
+    assert!(requests_to(&out, s.callee_flow, Method::Invite).is_empty());
+    assert_eq!(s.h.core.call_count(), 1);
+    // Once the call is over, that request is no longer a duplicate.
+    let out = s.h.send_flows(s.caller.flow, s.caller.cancel("102"));
+    assert!(statuses_to(&out, s.caller.flow).contains(&487), "{out:?}");
+    assert_eq!(s.h.core.call_count(), 0);
+    let later = text.replace("z9hG4bKotherpath", "z9hG4bKlater");
+    let out = s.h.send_flows(s.caller.flow, Bytes::from(later));
+    assert!(!statuses_to(&out, s.caller.flow).contains(&482), "{out:?}");
+}
