@@ -76,9 +76,14 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct DataDirArg {
-    /// Where the database lives [default: ./parley-data].
+    /// Where the database lives [default: ./parley-data, or the config
+    /// file's].
     #[arg(long, value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// The config file `parley serve` uses: its data dir and SIP realm
+    /// apply here too (passwords are stored hashed with the realm).
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -199,7 +204,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
 async fn calls(cmd: CallsCommand) -> Result<(), String> {
     let CallsCommand::List { limit, dir } = cmd;
-    let store = open_store(dir).await?;
+    let (store, _) = open_store(dir).await?;
     let rows = store.recent_calls(limit).await.map_err(|e| e.to_string())?;
     if rows.is_empty() {
         println!("no calls yet");
@@ -286,11 +291,26 @@ fn format_duration_ms(ms: i64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-async fn open_store(dir: DataDirArg) -> Result<Store, String> {
-    let path = dir
-        .data_dir
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-    Store::open(&path).await.map_err(|e| e.to_string())
+/// The store the server uses, and the realm its config names, if any.
+async fn open_store(dir: DataDirArg) -> Result<(Store, Option<String>), String> {
+    let (path, realm) = match &dir.config {
+        Some(file) => {
+            let overrides = Overrides {
+                data_dir: dir.data_dir,
+                ..Overrides::default()
+            };
+            let config =
+                Config::load(Some(file), overrides).map_err(|e| format!("configuration: {e}"))?;
+            (config.data_dir, config.realm)
+        }
+        None => (
+            dir.data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            None,
+        ),
+    };
+    let store = Store::open(&path).await.map_err(|e| e.to_string())?;
+    Ok((store, realm))
 }
 
 async fn extension(cmd: ExtensionCommand) -> Result<(), String> {
@@ -308,8 +328,11 @@ async fn extension(cmd: ExtensionCommand) -> Result<(), String> {
             {
                 return Err("--name must be at most 64 printable characters".into());
             }
-            let store = open_store(dir).await?;
-            let realm = store.realm(None).await.map_err(|e| e.to_string())?;
+            let (store, configured) = open_store(dir).await?;
+            let realm = store
+                .realm(configured.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
             let (pw, generated) = obtain_password(&password)?;
             let ext = Extension {
                 ha1_md5: ha1(Algorithm::Md5, &number, &realm, &pw),
@@ -331,7 +354,7 @@ async fn extension(cmd: ExtensionCommand) -> Result<(), String> {
             Ok(())
         }
         ExtensionCommand::List { dir } => {
-            let store = open_store(dir).await?;
+            let (store, _) = open_store(dir).await?;
             let list = store.list_extensions().await.map_err(|e| e.to_string())?;
             if list.is_empty() {
                 println!(
@@ -351,7 +374,7 @@ async fn extension(cmd: ExtensionCommand) -> Result<(), String> {
             Ok(())
         }
         ExtensionCommand::Remove { number, dir } => {
-            let store = open_store(dir).await?;
+            let (store, _) = open_store(dir).await?;
             store
                 .remove_extension(&number)
                 .await
@@ -364,8 +387,11 @@ async fn extension(cmd: ExtensionCommand) -> Result<(), String> {
             password,
             dir,
         } => {
-            let store = open_store(dir).await?;
-            let realm = store.realm(None).await.map_err(|e| e.to_string())?;
+            let (store, configured) = open_store(dir).await?;
+            let realm = store
+                .realm(configured.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
             if !store
                 .list_extensions()
                 .await

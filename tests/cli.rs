@@ -394,3 +394,44 @@ fn call_history_is_listed_newest_first() {
     let out = cli(d, &["calls", "list", "--limit", "0"], None);
     assert!(!out.status.success());
 }
+
+/// The extension commands read the server's config file when given one:
+/// its data dir, and its realm, which passwords are hashed with (an
+/// extension added with another realm could never authenticate).
+#[test]
+fn extension_commands_follow_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("parley.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[sip]\nrealm = \"pbx.example.com\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["extension", "add", "100", "--password", "secret-100"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let (stdout, _) = text(&run(&["extension", "list"]));
+    assert!(stdout.contains("100"), "{stdout}");
+    let realms: Vec<String> = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = parley::store::Store::open(&data).await.unwrap();
+        let list = store.list_extensions().await.unwrap();
+        list.into_iter().map(|e| e.realm).collect()
+    });
+    assert_eq!(realms, ["pbx.example.com"]);
+    let bad = std::fs::write(&cfg, "[sip]\nrealm = 5\n");
+    bad.unwrap();
+    let out = run(&["extension", "list"]);
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("configuration"), "{:?}", text(&out));
+}
