@@ -178,6 +178,14 @@ impl<'a> Uri<'a> {
             && header_set(self.headers) == header_set(other.headers)
     }
 
+    /// Whether both name the same target: user (unescaped), host and port,
+    /// whatever the scheme and parameters.
+    pub fn same_target(&self, other: &Uri<'_>) -> bool {
+        opt_eq(self.user, other.user, |a, b| decode(a) == decode(b))
+            && host_eq(&self.host, &other.host)
+            && self.port == other.port
+    }
+
     /// A text that is the same for any two [`equivalent`](Uri::equivalent)
     /// URIs: everything but the parameters that comparison may ignore, in
     /// one spelling. Two URIs with the same key can still differ in a
