@@ -73,6 +73,10 @@ pub struct LegMedia {
     pub trusted_ips: SmallVec<[IpAddr; 2]>,
     /// RTP clock rate of the negotiated codec, for jitter.
     pub clock_rate: u32,
+    /// Payload type of RFC 4733 events (DTMF), if negotiated: their
+    /// packets repeat the event's start timestamp, so they are counted
+    /// but kept out of the jitter estimate.
+    pub telephone_event_pt: Option<u8>,
 }
 
 /// Why a received packet was not relayed.
@@ -278,8 +282,9 @@ impl Leg {
                 let ts = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
                 let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
                 let index = index.unwrap_or_else(|| self.plain_index(ssrc, seq));
-                let rate = media.clock_rate;
-                self.receiving.on_rtp(ssrc, index, ts, len, now, rate);
+                let event = media.telephone_event_pt == Some(buf[1] & 0x7F);
+                let timing = (!event).then_some(media.clock_rate);
+                self.receiving.on_rtp(ssrc, index, ts, len, now, timing);
             }
             Kind::Rtcp => {
                 self.receiving.rtcp_packets += 1;

@@ -113,9 +113,16 @@ impl LegReport {
             remote_fraction_lost: leg.remote_report.map(|rr| rr.fraction_lost),
             remote_jitter_ms,
             mos_received: (r.packets > 0).then(|| stats::mos(loss, jitter_ms, 0.0)),
-            mos_sent: leg
-                .remote_report
-                .map(|rr| stats::mos(rr.fraction_lost, remote_jitter_ms.unwrap_or(0.0), 0.0)),
+            mos_sent: leg.remote_report.map(|rr| {
+                // Over the whole call, as for the other direction: the
+                // phone's count of lost packets against what Parley sent
+                // it (the fraction in a report covers its last interval).
+                let loss = match leg.sending.packets {
+                    0 => rr.fraction_lost,
+                    sent => (rr.cumulative_lost.max(0) as f64 / sent as f64).min(1.0),
+                };
+                stats::mos(loss, remote_jitter_ms.unwrap_or(0.0), 0.0)
+            }),
         }
     }
 }

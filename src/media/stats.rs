@@ -48,7 +48,9 @@ struct StreamCount {
 
 impl Receiving {
     /// Counts an accepted RTP packet. `index` is the extended sequence number
-    /// (the SRTP index on SRTP legs); `timestamp` its RTP timestamp.
+    /// (the SRTP index on SRTP legs); `timestamp` its RTP timestamp, at
+    /// `clock_rate`, which is `None` for packets kept out of the jitter
+    /// estimate (RFC 4733 events).
     pub fn on_rtp(
         &mut self,
         ssrc: u32,
@@ -56,7 +58,7 @@ impl Receiving {
         timestamp: u32,
         len: usize,
         now: Instant,
-        clock_rate: u32,
+        clock_rate: Option<u32>,
     ) {
         self.packets += 1;
         self.bytes += len as u64;
@@ -86,6 +88,9 @@ impl Receiving {
                 self.last_transit = None;
             }
         }
+        let Some(clock_rate) = clock_rate else {
+            return;
+        };
         // Jitter: arrival time and RTP timestamp in the same units.
         let epoch = *self.epoch.get_or_insert(now);
         let arrival =

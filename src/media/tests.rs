@@ -38,6 +38,7 @@ fn srtp_media(remote: SocketAddr, phone_key: &MasterKey, parley_key: &MasterKey)
         }),
         trusted_ips: smallvec![],
         clock_rate: 8000,
+        telephone_event_pt: None,
     }
 }
 
@@ -112,6 +113,7 @@ fn plain_muxed(phone: Option<SocketAddr>) -> LegMedia {
         keys: None,
         trusted_ips: phone.map(|p| p.ip()).into_iter().collect(),
         clock_rate: 8000,
+        telephone_event_pt: None,
     }
 }
 
@@ -128,6 +130,7 @@ fn plain_leg_accepts_only_trusted_sources() {
             keys: None,
             trusted_ips: smallvec![desk.ip()],
             clock_rate: 8000,
+            telephone_event_pt: None,
         },
         now,
     );
@@ -652,4 +655,69 @@ fn srtp_relay_follows_ssrc_changes_and_sequence_jumps() {
     assert_eq!(leg_a.receiving.packets, 150);
     assert_eq!(leg_a.receiving.lost(), 0);
     assert_eq!(leg_b.sending.packets, 150);
+}
+
+/// Jitter is counted at the codec's clock (48 kHz for Opus), and DTMF
+/// events, whose packets repeat the event's start timestamp, are counted as
+/// packets but kept out of it.
+#[test]
+fn jitter_follows_the_codec_clock_and_leaves_out_dtmf() {
+    let t0 = Instant::now();
+    let desk: SocketAddr = "10.0.0.23:11780".parse().unwrap();
+    let mut leg = Leg::new(LegId(5), t0);
+    leg.configure(
+        LegMedia {
+            clock_rate: 48_000,
+            telephone_event_pt: Some(101),
+            ..plain_muxed(Some(desk))
+        },
+        t0,
+    );
+    // 100 Opus packets on a steady 20 ms clock (960 ticks each), with a
+    // DTMF event in the middle: 6 packets of payload type 101 sharing
+    // their start timestamp, 50 ms apart, while the voice timestamps run on.
+    let mut seq = 0u16;
+    let mut at = t0;
+    for n in 0..100u32 {
+        let mut p = rtp(seq, 1, &[0; 80]);
+        p[4..8].copy_from_slice(&(n * 960).to_be_bytes());
+        leg.receive(Kind::Rtp, desk, &mut p, at).unwrap();
+        seq += 1;
+        if n == 50 {
+            for k in 0..6u64 {
+                let mut e = rtp(seq, 1, &[0; 4]);
+                e[1] = 101;
+                e[4..8].copy_from_slice(&(n * 960).to_be_bytes());
+                let when = at + Duration::from_millis(10 + k * 2);
+                leg.receive(Kind::Rtp, desk, &mut e, when).unwrap();
+                seq += 1;
+            }
+        }
+        at += Duration::from_millis(20);
+    }
+    assert_eq!(leg.receiving.packets, 106);
+    assert_eq!(leg.receiving.lost(), 0);
+    let jitter = leg.receiving.jitter_ms(48_000);
+    assert!(jitter < 0.5, "{jitter} ms on a perfect stream");
+    let report = LegReport::of(&leg);
+    assert!(report.jitter_ms < 0.5);
+    assert!(report.mos_received.unwrap() > 4.3);
+}
+
+/// The MOS of what Parley sent uses the phone's count of lost packets over
+/// the whole call, not the fraction lost in its last report's interval.
+#[test]
+fn the_sent_direction_counts_loss_over_the_whole_call() {
+    let mut leg = Leg::new(LegId(6), Instant::now());
+    leg.sending.packets = 1000;
+    leg.remote_report = Some(stats::RemoteReport {
+        fraction_lost: 0.0,
+        cumulative_lost: 300,
+        jitter: 0,
+    });
+    let mos = LegReport::of(&leg).mos_sent.unwrap();
+    assert!(
+        mos < 3.0,
+        "30% of the call lost, a clean last interval: {mos}"
+    );
 }

@@ -92,6 +92,45 @@ impl PhoneMedia {
     pub fn is_srtp(&self) -> bool {
         self.crypto.is_some()
     }
+
+    /// `(payload type, encoding name, clock rate)` of each format of the
+    /// audio line, from `a=rtpmap` or, for static types, RFC 3551.
+    fn codecs(&self) -> impl Iterator<Item = (u8, &str, u32)> + '_ {
+        let m = self.audio();
+        m.formats.iter().filter_map(move |f| {
+            let pt: u8 = f.parse().ok().filter(|&pt| pt < 128)?;
+            let (name, rate) = match m.rtpmap(f).and_then(|v| v.split_once('/')) {
+                Some((name, rest)) => {
+                    let rate = rest.split('/').next()?.trim().parse().ok()?;
+                    (name.trim(), rate)
+                }
+                // L16 (10, 11) is the one static audio type not at 8 kHz.
+                None if pt == 10 || pt == 11 => ("L16", 44_100),
+                None => ("", 8000),
+            };
+            Some((pt, name, rate))
+        })
+    }
+
+    /// The RTP clock rate of the codec this phone sends: its first format
+    /// that is not an event or comfort-noise type.
+    pub fn clock_rate(&self) -> u32 {
+        self.codecs()
+            .find(|(pt, name, _)| {
+                !name.eq_ignore_ascii_case("telephone-event")
+                    && !name.eq_ignore_ascii_case("CN")
+                    && *pt != 13
+            })
+            .map_or(8000, |(_, _, rate)| rate)
+            .max(1)
+    }
+
+    /// The payload type of RFC 4733 events (DTMF), if the phone listed one.
+    pub fn telephone_event_pt(&self) -> Option<u8> {
+        self.codecs()
+            .find(|(_, name, _)| name.eq_ignore_ascii_case("telephone-event"))
+            .map(|(pt, _, _)| pt)
+    }
 }
 
 /// Reads an offer (or an answer, with `answer_to` set) a phone sent over
@@ -555,6 +594,36 @@ mod tests {
         let to_caller = answer_for_caller(&caller, &callee, &local(20_002)).unwrap();
         assert_eq!(to_caller.media[0].proto, "RTP/AVP");
         assert!(to_caller.media[0].attribute("crypto").is_none());
+    }
+
+    /// The clock jitter is counted at, and the DTMF payload type, come from
+    /// the phone's own description.
+    #[test]
+    fn codec_clock_and_event_type_are_read_from_the_sdp() {
+        let sdp = |formats: &str, maps: &str| {
+            format!(
+                "v=0\r\no=- 1 1 IN IP4 192.0.2.5\r\ns=-\r\nc=IN IP4 192.0.2.5\r\nt=0 0\r\n\
+                 m=audio 4000 RTP/AVP {formats}\r\n{maps}"
+            )
+        };
+        let read = |body: String| {
+            read_phone_sdp(body.as_bytes(), false, MediaSecurity::Plain, None).unwrap()
+        };
+        let opus = read(sdp(
+            "111 110",
+            "a=rtpmap:111 opus/48000/2\r\na=rtpmap:110 telephone-event/48000\r\n",
+        ));
+        assert_eq!(
+            (opus.clock_rate(), opus.telephone_event_pt()),
+            (48_000, Some(110))
+        );
+        let g711 = read(sdp("101 8 0", "a=rtpmap:101 telephone-event/8000\r\n"));
+        assert_eq!(
+            (g711.clock_rate(), g711.telephone_event_pt()),
+            (8000, Some(101))
+        );
+        let l16 = read(sdp("13 11", ""));
+        assert_eq!((l16.clock_rate(), l16.telephone_event_pt()), (44_100, None));
     }
 
     /// A DTLS-SRTP offer (baresip `dtls_srtp`, Linphone with DTLS) would

@@ -1710,7 +1710,8 @@ fn leg_media(phone: &PhoneMedia, local: &LocalMedia, flow: Flow) -> LegMedia {
         rtcp_mux: phone.rtcp_mux,
         keys,
         trusted_ips: trusted,
-        clock_rate: 8000,
+        clock_rate: phone.clock_rate(),
+        telephone_event_pt: phone.telephone_event_pt(),
     }
 }
 
