@@ -134,6 +134,7 @@ struct WallClock {
 }
 
 impl WallClock {
+    /// The wall-clock time at `now`, as Unix time.
     fn unix(&self, now: Instant) -> Duration {
         match now.checked_duration_since(self.at) {
             Some(d) => self.unix + d,
@@ -300,6 +301,16 @@ impl Core {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Follows the system clock again: it may have been stepped (NTP at
+    /// boot on a device without a real-time clock) since Parley started,
+    /// and call records and stored expiry times are written in its time.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_now: Duration) {
+        self.clock = WallClock {
+            at: now,
+            unix: unix_now,
+        };
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {

@@ -144,7 +144,12 @@ impl Driver {
                         None => self.directory = None,
                     }
                 }
-                _ = reaper.tick() => self.reap_idle(&mut conns),
+                _ = reaper.tick() => {
+                    self.reap_idle(&mut conns);
+                    if let Ok(unix) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+                        self.core.set_wall_clock(Instant::now(), unix);
+                    }
+                }
             }
             self.flush(&mut conns, udp.as_deref(), udp_local).await;
         }

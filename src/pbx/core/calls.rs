@@ -641,7 +641,7 @@ impl Core {
 
         self.calls.next_ref += 1;
         let uid = self.calls.next_ref;
-        let call_ref = format!("call-{}-{}", self.calls.next_ref, &random_hex()[..6]);
+        let call_ref = format!("call-{}-{}", self.calls.next_ref, &random_hex());
         tracing::info!(%call_ref, %callee, devices = bindings.len(), "call routed");
         let call_id = format!("{}@parley", random_hex());
         let from_tag = random_hex();
@@ -798,7 +798,7 @@ impl Core {
         let at = self.clock.unix(now).as_millis() as i64;
         self.calls.next_ref += 1;
         let record = CallRecord {
-            call_ref: format!("call-{}-{}", self.calls.next_ref, &random_hex()[..6]),
+            call_ref: format!("call-{}-{}", self.calls.next_ref, &random_hex()),
             caller: caller.to_string(),
             callee: callee.to_string(),
             started_unix_ms: at,

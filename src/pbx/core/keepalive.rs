@@ -95,6 +95,9 @@ impl Core {
         });
         p.flow = binding.flow;
         p.next_ping = now + interval;
+        // A ping still out went to the path the device just replaced (or
+        // proved): whatever becomes of it says nothing now.
+        p.in_flight = None;
         if p.unreachable {
             p.unreachable = false;
             let flow = p.flow;
@@ -189,7 +192,12 @@ impl Core {
         let Some(id) = self.keepalive.by_tx.remove(&tx) else {
             return;
         };
-        if let Some(p) = self.keepalive.peers.get_mut(&id) {
+        if let Some(p) = self
+            .keepalive
+            .peers
+            .get_mut(&id)
+            .filter(|p| p.in_flight == Some(tx))
+        {
             p.in_flight = None;
             if p.unreachable {
                 p.unreachable = false;
@@ -204,7 +212,12 @@ impl Core {
         let Some(id) = self.keepalive.by_tx.remove(&tx) else {
             return;
         };
-        if let Some(p) = self.keepalive.peers.get_mut(&id) {
+        if let Some(p) = self
+            .keepalive
+            .peers
+            .get_mut(&id)
+            .filter(|p| p.in_flight == Some(tx))
+        {
             p.in_flight = None;
             if !p.unreachable {
                 p.unreachable = true;

@@ -3441,3 +3441,48 @@ fn a_merged_copy_of_an_invite_gets_482() {
     let out = s.h.send_flows(s.caller.flow, Bytes::from(later));
     assert!(!statuses_to(&out, s.caller.flow).contains(&482), "{out:?}");
 }
+
+/// A device that registers again while a ping to it is out has just shown
+/// the path works: that ping going unanswered afterwards (it went to the
+/// mapping the registration replaced) does not mark the device unreachable.
+#[test]
+fn a_registration_supersedes_the_ping_in_flight() {
+    let mut s = call_setup();
+    let remote = udp_from("198.51.100.7:40000");
+    let mut soft = phone("102", "pw102", remote);
+    s.h.register(&mut soft, remote);
+    let sent = s.h.advance(Duration::from_secs(26));
+    assert_eq!(options_to(&sent, remote).len(), 1);
+    s.h.advance(Duration::from_secs(5));
+    assert!(matches!(
+        s.h.register(&mut soft, remote).0,
+        RegisterOutcome::Registered { .. }
+    ));
+    // The old ping's retransmissions run out; the next ping is answered.
+    let sent = s.h.advance(Duration::from_secs(28));
+    assert!(reachability(&s.h).is_empty(), "{:?}", reachability(&s.h));
+    let pings = options_to(&sent, remote);
+    let last = pings
+        .last()
+        .expect("pinged again a whole interval after registering");
+    s.h.send_flows(remote, reply(last, 200, "OK", None));
+    assert!(reachability(&s.h).is_empty());
+    let out = s.dial("102");
+    assert_eq!(requests_to(&out, remote, Method::Invite).len(), 1);
+}
+
+/// Call records follow the system clock when it is stepped after start
+/// (the runtime hands the core the time again every few seconds).
+#[test]
+fn records_follow_a_stepped_system_clock() {
+    let mut s = call_setup();
+    let invite = s.dial_invite("102");
+    let stepped = Duration::from_secs(UNIX_START + 3 * 86_400);
+    let now = s.h.now;
+    s.h.core.set_wall_clock(now, stepped);
+    s.h.send_flows(s.callee_flow, reply(&invite, 486, "Busy Here", None));
+    let record = s.h.calls.last().expect("a record");
+    let ended = Duration::from_millis(record.ended_unix_ms as u64);
+    assert_eq!(ended.as_secs(), stepped.as_secs(), "{record:?}");
+    assert!(record.started_unix_ms <= record.ended_unix_ms);
+}
