@@ -114,6 +114,8 @@ const REINVITE: usize = usize::MAX - 1;
 const RELAYED: usize = usize::MAX - 2;
 /// The `by_branch` slot of Parley's own session refresh to the caller.
 const SESSION_REFRESH: usize = usize::MAX - 3;
+/// The `by_branch` slot of Parley's re-INVITE restoring one side.
+const REPAIR: usize = usize::MAX - 4;
 
 /// A re-INVITE in progress: one side's new offer, passed to the other.
 struct Reinvite {
@@ -130,11 +132,28 @@ struct Reinvite {
     sent_seq: u32,
 }
 
+/// Parley's re-INVITE to one side with the description that side had
+/// before an exchange that left it with one Parley does not carry.
+struct Repair {
+    side: Side,
+    sent: SessionDescription,
+    sent_seq: u32,
+}
+
 /// Which side of a call a dialog belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Caller,
     Callee,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Caller => Side::Callee,
+            Side::Callee => Side::Caller,
+        }
+    }
 }
 
 struct Call {
@@ -159,6 +178,9 @@ struct Call {
     callee_media: Option<PhoneMedia>,
     ringing_sent: bool,
     reinvite: Option<Reinvite>,
+    /// Parley's own offer restoring one side's session after a failed
+    /// re-INVITE exchange (see `restore_side`).
+    repair: Option<Repair>,
     /// What the caller's INVITE asked of session timers.
     session_request: Option<SessionTimerRequest>,
     session: Option<SessionTimer>,
@@ -770,6 +792,7 @@ impl Core {
             held_quiet: SmallVec::new(),
             configured_at: SmallVec::new(),
             reinvite: None,
+            repair: None,
         });
     }
 
@@ -830,6 +853,7 @@ impl Core {
             REINVITE => return self.reinvite_response(now, idx, ctx, msg),
             RELAYED => return self.relayed_response(now, ctx, &msg),
             SESSION_REFRESH => return self.session_refresh_response(now, idx, ctx, &msg),
+            REPAIR => return self.repair_response(now, idx, ctx, &msg),
             _ => {}
         }
         if msg.cseq().is_some_and(|c| c.method != Method::Invite) {
@@ -857,6 +881,11 @@ impl Core {
         if let Some(&(idx, bi)) = self.calls.by_branch.get(&ctx) {
             if bi == RELAYED {
                 return self.relayed_timeout(now, ctx);
+            }
+            if bi == REPAIR {
+                self.calls.by_branch.remove(&ctx);
+                tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, "no answer to Parley's offer restoring a side; ending the call");
+                return self.end_answered_call(now, idx, "Media Renegotiation Failed");
             }
             if bi == SESSION_REFRESH {
                 self.calls.by_branch.remove(&ctx);
@@ -1734,7 +1763,7 @@ impl Core {
         let call = &self.calls.calls[idx];
         // One offer at a time in the caller's dialog: Parley's own refresh
         // re-INVITE is one too (RFC 3261 §14.2).
-        if call.reinvite.is_some() || call.refresh_seq.is_some() {
+        if call.reinvite.is_some() || call.refresh_seq.is_some() || call.repair.is_some() {
             return self.reject(now, tx, msg, flow, 491, "Request Pending");
         }
         let Some(w) = call.winner else {
@@ -1880,7 +1909,7 @@ impl Core {
                 tracing::warn!(error = %e, "answer to a re-INVITE refused");
                 let b = self.response_builder(&r.request, r.flow, 488, &e.to_string());
                 self.respond(now, r.tx, 488, b.finish());
-                return;
+                return self.restore_side(now, idx, r.from.other());
             }
         };
         let call = &mut self.calls.calls[idx];
@@ -1910,7 +1939,7 @@ impl Core {
             Err(e) => {
                 let b = self.response_builder(&r.request, r.flow, 488, &e.to_string());
                 self.respond(now, r.tx, 488, b.finish());
-                return;
+                return self.restore_side(now, idx, r.from.other());
             }
         };
         // Both legs follow the new descriptions.

@@ -3486,3 +3486,53 @@ fn records_follow_a_stepped_system_clock() {
     assert_eq!(ended.as_secs(), stepped.as_secs(), "{record:?}");
     assert!(record.started_unix_ms <= record.ended_unix_ms);
 }
+
+/// The callee takes the caller's hold but answers with a description that
+/// cannot be used (a codec the caller never offered): the caller gets 488,
+/// and the callee, already acting on the hold, is offered its previous
+/// session again so both ends agree once more. Refusing that too ends the
+/// call.
+#[test]
+fn a_side_left_with_an_unusable_answer_is_offered_its_session_again() {
+    for callee_takes_it_back in [true, false] {
+        let mut s = call_setup();
+        let (invite, ok) = established_call(&mut s);
+        let first = SessionDescription::parse(invite.body()).unwrap();
+        let reinvite = caller_sends_reinvite(&mut s, &ok, "sendonly");
+        let g729 = sdp_offer("192.168.1.30", 6000)
+            .replace("RTP/AVP 0 8 101", "RTP/AVP 18")
+            .replace("a=sendrecv", "a=recvonly");
+        let out =
+            s.h.send_flows(s.callee_flow, reply(&reinvite, 200, "OK", Some(&g729)));
+        assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
+        assert_eq!(statuses_to(&out, s.caller.flow), [488], "{out:?}");
+        let restore = requests_to(&out, s.callee_flow, Method::Invite);
+        assert_eq!(restore.len(), 1, "{out:?}");
+        let offer = SessionDescription::parse(restore[0].body()).unwrap();
+        assert_eq!(offer.media_direction(0), Direction::SendRecv);
+        assert_eq!(offer.media[0].formats, first.media[0].formats);
+        assert!(offer.origin.session_version > first.origin.session_version + 1);
+        if callee_takes_it_back {
+            let configured = s.media.configured.lock().unwrap().len();
+            let again = sdp_offer("192.168.1.30", 6002);
+            let out =
+                s.h.send_flows(s.callee_flow, reply(&restore[0], 200, "OK", Some(&again)));
+            assert_eq!(requests_to(&out, s.callee_flow, Method::Ack).len(), 1);
+            let log = s.media.configured.lock().unwrap().clone();
+            assert_eq!(log.len(), configured + 1);
+            assert_eq!(
+                log.last().unwrap().1.remote_rtp,
+                Some(addr("192.168.1.30:6002"))
+            );
+            assert_eq!(s.h.core.call_count(), 1);
+        } else {
+            let out = s.h.send_flows(
+                s.callee_flow,
+                reply(&restore[0], 488, "Not Acceptable Here", None),
+            );
+            assert_eq!(requests_to(&out, s.caller.flow, Method::Bye).len(), 1);
+            assert_eq!(requests_to(&out, s.callee_flow, Method::Bye).len(), 1);
+            assert_eq!(s.h.core.call_count(), 0);
+        }
+    }
+}

@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{RELAYED, SESSION_REFRESH, Side, branch_id};
+use super::{RELAYED, REPAIR, Repair, SESSION_REFRESH, Side, branch_id, kept_security, leg_media};
 use crate::pbx::anchor::read_phone_sdp;
 use crate::pbx::cdr::{EndedBy, Outcome};
 use crate::pbx::core::{ALLOWED_METHODS, Core};
@@ -165,6 +165,135 @@ impl Core {
         }
     }
 
+    /// The side `y` took an offer Parley relayed to it, but the exchange
+    /// failed after (its answer unusable, or no answer for the side that
+    /// offered): `y` now runs a session Parley does not carry. Parley
+    /// offers it again what it had before, a newer version of it (RFC 6337
+    /// §3.3: a new offer puts the session right); should that fail too,
+    /// the call ends.
+    pub(super) fn restore_side(&mut self, now: Instant, idx: usize, y: Side) {
+        let call = &self.calls.calls[idx];
+        let Some(w) = call.winner else {
+            return;
+        };
+        let flow = match y {
+            Side::Caller => call.caller_flow,
+            Side::Callee => call.branches[w].flow,
+        };
+        let via = self.via(&flow, &branch_id());
+        let call = &mut self.calls.calls[idx];
+        let (previous, local, dialog) = match y {
+            Side::Caller => (
+                call.sent_to_caller.clone(),
+                &mut call.caller_local,
+                call.caller_dialog.as_mut(),
+            ),
+            Side::Callee => (
+                Some(call.branches[w].offer.clone()),
+                &mut call.branches[w].local,
+                call.callee_dialog.as_mut(),
+            ),
+        };
+        let (Some(mut sent), Some(dialog)) = (previous, dialog) else {
+            return self.end_answered_call(now, idx, "Media Renegotiation Failed");
+        };
+        local.version += 1;
+        sent.origin.session_version = local.version;
+        let mut b = dialog.request("INVITE", &via, None);
+        b.header(HeaderName::Allow, ALLOWED_METHODS);
+        let sent_seq = dialog.local_seq;
+        let bytes = b.finish_with_body(Some("application/sdp"), &sent.to_bytes());
+        tracing::warn!(call_ref = %call.call_ref, side = ?y, "restoring a side's session after a failed re-INVITE");
+        match self.tx.send_request(now, flow, bytes) {
+            Ok(ctx) => {
+                self.calls.by_branch.insert(ctx, (idx, REPAIR));
+                self.calls.calls[idx].repair = Some(Repair {
+                    side: y,
+                    sent,
+                    sent_seq,
+                });
+            }
+            Err(_) => self.end_answered_call(now, idx, "Media Renegotiation Failed"),
+        }
+    }
+
+    /// The answer to Parley's restoring offer: the side's leg follows it,
+    /// or the call ends.
+    pub(super) fn repair_response(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        ctx: ClientTxId,
+        msg: &Message,
+    ) {
+        let status = msg.status().unwrap_or(500);
+        if status < 200 {
+            return;
+        }
+        self.calls.by_branch.remove(&ctx);
+        let Some(r) = self.calls.calls[idx].repair.take() else {
+            return;
+        };
+        let Some(w) = self.calls.calls[idx].winner else {
+            return;
+        };
+        if status == 491 {
+            // The side is making an offer of its own, which will be relayed
+            // and answered: that puts its session right as well.
+            return;
+        }
+        if status >= 300 {
+            tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, status, "a side refused Parley's restoring offer; ending the call");
+            return self.end_answered_call(now, idx, "Media Renegotiation Failed");
+        }
+        let call = &self.calls.calls[idx];
+        let flow = match r.side {
+            Side::Caller => call.caller_flow,
+            Side::Callee => call.branches[w].flow,
+        };
+        let via = self.via(&flow, &branch_id());
+        let call = &mut self.calls.calls[idx];
+        if let Some(d) = match r.side {
+            Side::Caller => call.caller_dialog.as_mut(),
+            Side::Callee => call.callee_dialog.as_mut(),
+        } {
+            d.refresh_target(msg);
+            let ack = d.ack(r.sent_seq, &via, None);
+            self.remember_ack(now, ctx, flow, ack.clone());
+            self.transmit(flow, ack);
+        }
+        let call = &self.calls.calls[idx];
+        let current = match r.side {
+            Side::Caller => Some(&call.caller_media),
+            Side::Callee => call.callee_media.as_ref(),
+        };
+        let tls = flow.transport == Transport::Tls;
+        let answer = match read_phone_sdp(msg.body(), tls, kept_security(current), Some(&r.sent)) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, call_ref = %call.call_ref, "answer to Parley's restoring offer refused; ending the call");
+                return self.end_answered_call(now, idx, "Media Renegotiation Failed");
+            }
+        };
+        let (leg, local) = match r.side {
+            Side::Caller => (call.caller_leg.id, &call.caller_local),
+            Side::Callee => (call.branches[w].leg.id, &call.branches[w].local),
+        };
+        let media = leg_media(&answer, local, flow);
+        let call = &mut self.calls.calls[idx];
+        match r.side {
+            Side::Caller => {
+                call.caller_media = answer;
+                call.sent_to_caller = Some(r.sent);
+            }
+            Side::Callee => {
+                call.callee_media = Some(answer);
+                call.branches[w].offer = r.sent;
+            }
+        }
+        self.configure_leg(now, idx, leg, media);
+    }
+
     /// Hangs up both sides of an answered call on Parley's initiative.
     pub(super) fn end_answered_call(&mut self, now: Instant, idx: usize, reason: &str) {
         self.hang_up_other_side(now, idx, Side::Caller);
@@ -213,7 +342,9 @@ impl Core {
             .reinvite
             .as_ref()
             .is_some_and(|r| r.method == Method::Invite);
-        if !allows_update && (reinvite_pending || call.refresh_seq.is_some()) {
+        if !allows_update
+            && (reinvite_pending || call.refresh_seq.is_some() || call.repair.is_some())
+        {
             return false;
         }
         let sdp = call.sent_to_caller.as_ref().map(|s| s.to_bytes());
