@@ -2853,6 +2853,27 @@ fn neither_phone_sees_the_others_address_port_call_id_or_tags() {
     assert!(has_token(&text, "5072") && text.contains(callee_call_id));
 }
 
+/// Extension 101 calling over TLS with an SRTP offer, towards devices
+/// registered in `h`; `callee_flow` is the one tests answer from.
+fn srtp_caller_setup(h: Harness, media: FakeMedia, callee_flow: Flow) -> CallSetup {
+    let caller_flow = tls_from("198.51.100.9:40000", 7);
+    CallSetup {
+        h,
+        media,
+        caller: Caller {
+            user: "101",
+            password: "pw101",
+            flow: caller_flow,
+            cseq: 0,
+            challenge: None,
+            nc: 0,
+            extra: vec![],
+            offer: Some(srtp_offer("198.51.100.9", 4000)),
+        },
+        callee_flow,
+    }
+}
+
 /// An SDES offer (RTP/SAVP with a key) from `ip`.
 fn srtp_offer(ip: &str, port: u16) -> String {
     sdp_offer(ip, port).replace("RTP/AVP", "RTP/SAVP").replace(
@@ -2891,22 +2912,8 @@ fn each_fork_gets_the_media_protection_of_its_own_transport_and_place() {
             ));
         }
         // 101 calls over TLS with SRTP.
-        let caller_flow = tls_from("198.51.100.9:40000", 7);
-        let mut s = CallSetup {
-            h,
-            media,
-            caller: Caller {
-                user: "101",
-                password: "pw101",
-                flow: caller_flow,
-                cseq: 0,
-                challenge: None,
-                nc: 0,
-                extra: vec![],
-                offer: Some(srtp_offer("198.51.100.9", 4000)),
-            },
-            callee_flow: desk,
-        };
+        let mut s = srtp_caller_setup(h, media, desk);
+        let caller_flow = s.caller.flow;
         let out = s.dial("100");
         assert_eq!(statuses_to(&out, caller_flow), [100], "{policy}: {out:?}");
 
@@ -3155,22 +3162,8 @@ fn a_phone_that_changes_suite_gets_a_new_key() {
         h.register(&mut ua, soft).0,
         RegisterOutcome::Registered { .. }
     ));
-    let caller_flow = tls_from("198.51.100.9:40000", 7);
-    let mut s = CallSetup {
-        h,
-        media,
-        caller: Caller {
-            user: "101",
-            password: "pw101",
-            flow: caller_flow,
-            cseq: 0,
-            challenge: None,
-            nc: 0,
-            extra: vec![],
-            offer: Some(srtp_offer("198.51.100.9", 4000)),
-        },
-        callee_flow: soft,
-    };
+    let mut s = srtp_caller_setup(h, media, soft);
+    let caller_flow = s.caller.flow;
     let invite = s.dial_invite("100");
     let out = s.h.send_flows(
         soft,
