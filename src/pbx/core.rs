@@ -146,6 +146,11 @@ impl WallClock {
 pub struct Core {
     cfg: CoreConfig,
     clock: WallClock,
+    /// The clock nonces are issued and checked by: the wall clock as it was
+    /// at start, moving with the monotonic clock only, so a step of the
+    /// system clock neither ages nor rejuvenates a nonce (a step back would
+    /// make every new nonce look older than ones already used).
+    nonce_clock: WallClock,
     tx: TransactionLayer,
     auth: Authenticator,
     lockout: Lockout,
@@ -185,6 +190,10 @@ impl Core {
             registrar: Registrar::new(cfg.registrar),
             auth,
             clock: WallClock {
+                at: now,
+                unix: unix_now,
+            },
+            nonce_clock: WallClock {
                 at: now,
                 unix: unix_now,
             },
@@ -301,6 +310,10 @@ impl Core {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    fn nonce_secs(&self, now: Instant) -> u64 {
+        self.nonce_clock.unix(now).as_secs()
     }
 
     /// Follows the system clock again: it may have been stepped (NTP at
@@ -489,7 +502,7 @@ impl Core {
             self.tx.respond_stateless(tx, b.finish());
             return;
         }
-        let unix_secs = self.clock.unix(now).as_secs();
+        let unix_secs = self.nonce_secs(now);
         let ext = match self.auth.check(
             unix_secs,
             source,
@@ -631,7 +644,7 @@ impl Core {
         stale: bool,
         proxy: bool,
     ) {
-        let unix_secs = self.clock.unix(now).as_secs();
+        let unix_secs = self.nonce_secs(now);
         let (status, reason, header) = if proxy {
             (
                 407,
@@ -674,6 +687,12 @@ impl Core {
             let was_udp = c
                 .previous_flow
                 .is_some_and(|f| f.transport == Transport::Udp);
+            if let Some(old) = &c.previous_key {
+                self.out.push_back(Output::Store(StoreOp::DeleteBinding {
+                    extension: b.aor.to_string(),
+                    key: old.to_string(),
+                }));
+            }
             if !c.change.is_removal() && udp && c.store {
                 self.out
                     .push_back(Output::Store(StoreOp::SaveBinding(StoredBinding {

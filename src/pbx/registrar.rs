@@ -53,7 +53,10 @@ impl Default for RegistrarConfig {
 pub struct Binding {
     /// The extension number.
     pub aor: Arc<str>,
-    /// Identity of the binding within its extension.
+    /// The binding's name in the store: its instance (and reg-id) when the
+    /// device sends one, else its Contact URI as sent. Which request refers
+    /// to which binding is decided by [`same_binding`], since two spellings
+    /// of one Contact URI are one binding.
     pub key: Arc<str>,
     /// The Contact URI exactly as the device sent it (some devices look
     /// for it byte for byte in the 200 OK).
@@ -156,6 +159,9 @@ pub struct BindingChange {
     pub change: Change,
     pub binding: Binding,
     pub previous_flow: Option<Flow>,
+    /// The store's name of this binding before this change, when a device
+    /// wrote its Contact another way: that copy goes.
+    pub previous_key: Option<Arc<str>>,
     /// Whether the store's copy must be written. A refresh that only moves
     /// the expiry is written once the stored expiry has less than half the
     /// granted time left: a restart then never loses a binding before the
@@ -171,6 +177,7 @@ impl BindingChange {
             change,
             binding,
             previous_flow: None,
+            previous_key: None,
             store,
         }
     }
@@ -194,20 +201,21 @@ pub enum RegisterError {
     MissingHeaders,
 }
 
-/// Whether two contacts are one binding: the same instance, or (without
-/// one) Contact URIs equal as RFC 3261 §19.1.4 compares them. The key of a
-/// URI leaves out the parameters that comparison may ignore, so equal keys
-/// are checked once more on the URIs themselves.
+/// Whether two contacts are one binding: the same instance (and reg-id),
+/// or, without one, Contact URIs equal as RFC 3261 §19.1.4 compares them.
 fn same_binding(a: (&str, &str, bool), b: (&str, &str, bool)) -> bool {
     let ((key_a, contact_a, instance_a), (key_b, contact_b, instance_b)) = (a, b);
-    if key_a != key_b || instance_a != instance_b {
-        return false;
-    }
-    instance_a
-        || match (Uri::parse(contact_a), Uri::parse(contact_b)) {
-            (Ok(a), Ok(b)) => a.equivalent(&b),
-            _ => contact_a == contact_b,
+    match (instance_a, instance_b) {
+        (true, true) => key_a == key_b,
+        (false, false) => {
+            contact_a == contact_b
+                || match (Uri::parse(contact_a), Uri::parse(contact_b)) {
+                    (Ok(a), Ok(b)) => a.equivalent(&b),
+                    _ => false,
+                }
         }
+        _ => false,
+    }
 }
 
 impl Binding {
@@ -341,7 +349,7 @@ impl Registrar {
         default_expires: u32,
     ) -> Result<Requested<'a>, RegisterError> {
         let na = NameAddr::parse(value).ok_or(RegisterError::MalformedContact)?;
-        let uri = Uri::parse(na.uri).map_err(|_| RegisterError::UnsupportedContact)?;
+        Uri::parse(na.uri).map_err(|_| RegisterError::UnsupportedContact)?;
         // A malformed expires parameter falls back to the default (§10.3).
         let expires = match na.param("expires") {
             Some(Some(e)) => parse_decimal_u32(e, MAX_NUMBER_DIGITS).unwrap_or(default_expires),
@@ -360,7 +368,7 @@ impl Registrar {
         let key = match (&instance, reg_id) {
             (Some(i), Some(r)) => Cow::Owned(format!("{i};reg-id={r}")),
             (Some(i), None) => i.clone(),
-            (None, _) => Cow::Owned(uri.identity_key()),
+            (None, _) => Cow::Borrowed(na.uri),
         };
         Ok(Requested {
             key,
@@ -417,6 +425,11 @@ impl Registrar {
             if *b.contact != *r.contact {
                 b.contact = r.contact.into();
             }
+            let previous_key = (*b.key != *r.key).then(|| {
+                let old = b.key.clone();
+                b.key = Arc::from(&*r.key);
+                old
+            });
             if b.instance.as_deref() != r.instance.as_deref() {
                 b.instance = r.instance.map(|i| Arc::from(&*i));
             }
@@ -436,6 +449,7 @@ impl Registrar {
                 change: Change::Refreshed,
                 binding,
                 previous_flow: (old_flow != flow).then_some(old_flow),
+                previous_key,
                 store,
             });
             return;
@@ -469,6 +483,7 @@ impl Registrar {
             change: Change::Added,
             binding,
             previous_flow: None,
+            previous_key: None,
             store: true,
         });
     }
@@ -504,15 +519,7 @@ impl Registrar {
         flow: Flow,
         user_agent: Option<String>,
     ) {
-        // Saved by an older version, a binding without an instance may be
-        // keyed by its Contact text as it was sent.
-        let key = match &instance {
-            None => Uri::parse(contact).map_or_else(|_| key.to_owned(), |u| u.identity_key()),
-            Some(_) => key.to_owned(),
-        };
-        if self
-            .find(aor, (&key, contact, instance.is_some()))
-            .is_some()
+        if self.find(aor, (key, contact, instance.is_some())).is_some()
             || self.bindings(aor).len() >= self.cfg.max_contacts
         {
             return;

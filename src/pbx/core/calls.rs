@@ -486,7 +486,7 @@ impl Core {
             self.tx.respond_stateless(tx, b.finish());
             return;
         }
-        let unix_secs = self.clock.unix(now).as_secs();
+        let unix_secs = self.nonce_secs(now);
         let ext = match self.auth.check(
             unix_secs,
             source,
@@ -956,8 +956,13 @@ impl Core {
         };
         let call = &self.calls.calls[idx];
         let branch = &call.branches[bi];
-        let caller_media = leg_media(&call.caller_media, &call.caller_local, call.caller_flow);
-        let callee_media = leg_media(&answer, &branch.local, branch.flow);
+        let caller_media = leg_media(
+            &call.caller_media,
+            &call.caller_local,
+            call.caller_flow,
+            &answer,
+        );
+        let callee_media = leg_media(&answer, &branch.local, branch.flow, &answer);
         let (caller_leg, callee_leg) = (call.caller_leg.id, branch.leg.id);
         self.configure_leg(now, idx, caller_leg, caller_media);
         self.configure_leg(now, idx, callee_leg, callee_media);
@@ -1128,8 +1133,13 @@ impl Core {
         let branch = &call.branches[bi];
         // Media: each leg hears its own phone with the phone's key and
         // speaks to it with Parley's key for that leg.
-        let caller_media = leg_media(&call.caller_media, &call.caller_local, call.caller_flow);
-        let callee_media = leg_media(&answer, &branch.local, flow);
+        let caller_media = leg_media(
+            &call.caller_media,
+            &call.caller_local,
+            call.caller_flow,
+            &answer,
+        );
+        let callee_media = leg_media(&answer, &branch.local, flow, &answer);
         let (caller_leg, callee_leg) = (call.caller_leg.id, branch.leg.id);
         self.configure_leg(now, idx, caller_leg, caller_media);
         self.configure_leg(now, idx, callee_leg, callee_media);
@@ -1720,7 +1730,10 @@ fn dialed_number(msg: &Message) -> String {
 }
 
 /// The media settings of a leg from the phone's SDP and Parley's side.
-fn leg_media(phone: &PhoneMedia, local: &LocalMedia, flow: Flow) -> LegMedia {
+/// `answer` is the answer of the exchange: the codec it lists first is the
+/// one both phones send, whose clock jitter is counted at, and its event
+/// payload type is theirs too (formats keep the offer's numbers).
+fn leg_media(phone: &PhoneMedia, local: &LocalMedia, flow: Flow, answer: &PhoneMedia) -> LegMedia {
     let keys = phone.crypto.as_ref().map(|(_, suite, key)| LegKeys {
         suite: *suite,
         phone_key: key.clone(),
@@ -1739,8 +1752,8 @@ fn leg_media(phone: &PhoneMedia, local: &LocalMedia, flow: Flow) -> LegMedia {
         rtcp_mux: phone.rtcp_mux,
         keys,
         trusted_ips: trusted,
-        clock_rate: phone.clock_rate(),
-        telephone_event_pt: phone.telephone_event_pt(),
+        clock_rate: answer.clock_rate(),
+        telephone_event_pt: answer.telephone_event_pt(),
     }
 }
 
@@ -1955,8 +1968,8 @@ impl Core {
             Side::Caller => &call.caller_local,
             Side::Callee => &call.branches[w].local,
         };
-        let x_media = leg_media(&r.offer, x_local, r.flow);
-        let y_media = leg_media(&answer, y_local, y_flow);
+        let x_media = leg_media(&r.offer, x_local, r.flow, &answer);
+        let y_media = leg_media(&answer, y_local, y_flow, &answer);
         match r.from {
             Side::Caller => {
                 call.caller_media = r.offer.clone();

@@ -3397,6 +3397,10 @@ fn a_refresh_reinvite_waits_for_other_offers_in_the_callers_dialog() {
     let out = s.h.send_flows(s.caller.flow, reoffer);
     assert_eq!(statuses_to(&out, s.caller.flow), [491]);
 
+    let offerless = s.caller.in_dialog("INVITE", &ok);
+    let out = s.h.send_flows(s.caller.flow, offerless);
+    assert_eq!(statuses_to(&out, s.caller.flow), [491], "{out:?}");
+
     // The caller's 491 to the refresh: it goes out again within 2 s.
     s.h.send_flows(
         s.caller.flow,
@@ -3528,4 +3532,52 @@ fn a_side_left_with_an_unusable_answer_is_offered_its_session_again() {
             assert_eq!(s.h.core.call_count(), 0);
         }
     }
+}
+
+/// Nonces keep the clock Parley started with: a system clock stepped back
+/// does not make every new nonce look older than the ones a phone already
+/// used (it would then be refused as stale again and again).
+#[test]
+fn a_clock_stepped_back_does_not_lock_phones_out() {
+    let mut h = Harness::new(cfg());
+    let flow = udp_from("192.168.1.20:5062");
+    let mut ua = phone("100", "pw100", flow);
+    // Twelve nonces, more than are remembered per extension.
+    for _ in 0..12 {
+        ua.forget_challenge();
+        assert!(matches!(
+            h.register(&mut ua, flow).0,
+            RegisterOutcome::Registered { .. }
+        ));
+        h.advance(Duration::from_secs(20));
+    }
+    let now = h.now;
+    h.core
+        .set_wall_clock(now, Duration::from_secs(UNIX_START - 86_400));
+    ua.forget_challenge();
+    assert!(matches!(
+        h.register(&mut ua, flow).0,
+        RegisterOutcome::Registered { .. }
+    ));
+}
+
+/// The caller offers Opus first, the callee answers PCMU: both legs count
+/// jitter at PCMU's 8 kHz clock, the codec the answer chose.
+#[test]
+fn both_legs_count_jitter_at_the_answered_codec_clock() {
+    let mut s = call_setup();
+    s.caller.offer = Some(
+        sdp_offer("192.168.1.20", 4000)
+            .replace("RTP/AVP 0 8 101", "RTP/AVP 111 0 101")
+            .replace("a=rtpmap:0 ", "a=rtpmap:111 opus/48000/2\r\na=rtpmap:0 "),
+    );
+    let invite = s.dial_invite("102");
+    let pcmu = sdp_offer("192.168.1.30", 6000).replace("RTP/AVP 0 8 101", "RTP/AVP 0 101");
+    s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&pcmu)));
+    let configured = s.media.configured.lock().unwrap().clone();
+    let clocks: Vec<(u32, Option<u8>)> = configured
+        .iter()
+        .map(|(_, m)| (m.clock_rate, m.telephone_event_pt))
+        .collect();
+    assert_eq!(clocks, [(8000, Some(101)), (8000, Some(101))]);
 }

@@ -594,6 +594,17 @@ fn contacts_without_instance_are_compared_as_uris() {
         &*r.bindings("100")[0].contact,
         "sip:100@phone.example:5062;Transport=tcp;ob"
     );
+    // The store knows a binding by its Contact as last sent: the copy under
+    // the old spelling goes, the new one is written.
+    assert_eq!(
+        c[0].previous_key.as_deref(),
+        Some("sip:%31%30%30@Phone.Example:5062;transport=TCP;line=a1")
+    );
+    assert_eq!(
+        &*c[0].binding.key,
+        "sip:100@phone.example:5062;Transport=tcp;ob"
+    );
+    assert!(c[0].store);
 
     let other_line = "<sip:100@phone.example:5062;transport=tcp;line=b2>";
     let no_transport = "<sip:100@phone.example:5062>";

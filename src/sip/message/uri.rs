@@ -185,58 +185,6 @@ impl<'a> Uri<'a> {
             && host_eq(&self.host, &other.host)
             && self.port == other.port
     }
-
-    /// A text that is the same for any two [`equivalent`](Uri::equivalent)
-    /// URIs: everything but the parameters that comparison may ignore, in
-    /// one spelling. Two URIs with the same key can still differ in a
-    /// parameter both carry, so a match on the key is checked with
-    /// `equivalent`.
-    pub fn identity_key(&self) -> String {
-        let mut key = String::with_capacity(64);
-        key.push_str(self.scheme.as_str());
-        key.push(':');
-        if let Some(u) = self.user {
-            push_escaped(&mut key, &decode(u));
-            if let Some(p) = self.password {
-                key.push(':');
-                push_escaped(&mut key, &decode(p));
-            }
-            key.push('@');
-        }
-        match self.host {
-            Host::Name(n) => key.extend(n.chars().map(|c| c.to_ascii_lowercase())),
-            h => key.push_str(&h.to_string()),
-        }
-        if let Some(p) = self.port {
-            key.push_str(&format!(":{p}"));
-        }
-        let mut significant: SmallVec<[(String, Option<Vec<u8>>); 2]> =
-            grammar::params(self.params)
-                .filter(|p| is_significant_param(p.name))
-                .map(|p| {
-                    (
-                        p.name.to_ascii_lowercase(),
-                        p.value.map(|v| decode(v).to_ascii_lowercase()),
-                    )
-                })
-                .collect();
-        significant.sort();
-        for (name, value) in significant {
-            key.push(';');
-            key.push_str(&name);
-            if let Some(v) = value {
-                key.push('=');
-                push_escaped(&mut key, &v);
-            }
-        }
-        for (i, (name, value)) in header_set(self.headers).into_iter().enumerate() {
-            key.push(if i == 0 { '?' } else { '&' });
-            push_escaped(&mut key, &name);
-            key.push('=');
-            push_escaped(&mut key, &value);
-        }
-        key
-    }
 }
 
 impl fmt::Display for Uri<'_> {
@@ -372,18 +320,6 @@ fn decode(s: &str) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// Writes bytes with everything but unreserved characters escaped, so one
-/// value has one spelling.
-fn push_escaped(out: &mut String, bytes: &[u8]) {
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || b"-_.!~*'()".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-}
-
 fn percent_decoded_eq(encoded: &str, plain: &str) -> bool {
     let mut want = plain.bytes();
     let bytes = encoded.as_bytes();
@@ -477,7 +413,6 @@ mod tests {
         for (a, b) in same {
             let (ua, ub) = (Uri::parse(a).unwrap(), Uri::parse(b).unwrap());
             assert!(ua.equivalent(&ub) && ub.equivalent(&ua), "{a} = {b}");
-            assert_eq!(ua.identity_key(), ub.identity_key(), "{a} = {b}");
         }
         let different = [
             (
@@ -506,12 +441,6 @@ mod tests {
             let (ua, ub) = (Uri::parse(a).unwrap(), Uri::parse(b).unwrap());
             assert!(!ua.equivalent(&ub) && !ub.equivalent(&ua), "{a} != {b}");
         }
-        assert_eq!(
-            Uri::parse("sip:%61lice@AtLanta.com:5061;Transport=TCP;x=1?Subject=a%20b")
-                .unwrap()
-                .identity_key(),
-            "sip:alice@atlanta.com:5061;transport=tcp?subject=a%20b"
-        );
     }
 
     #[test]

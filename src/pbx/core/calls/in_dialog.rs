@@ -279,7 +279,7 @@ impl Core {
             Side::Caller => (call.caller_leg.id, &call.caller_local),
             Side::Callee => (call.branches[w].leg.id, &call.branches[w].local),
         };
-        let media = leg_media(&answer, local, flow);
+        let media = leg_media(&answer, local, flow, &answer);
         let call = &mut self.calls.calls[idx];
         match r.side {
             Side::Caller => {
@@ -501,6 +501,13 @@ impl Core {
     ) {
         let is_invite = msg.method() == Some(Method::Invite);
         let call = &self.calls.calls[idx];
+        // Its answer would carry Parley's offer while another offer of
+        // Parley's is out in the call (RFC 3261 §14.2).
+        if is_invite
+            && (call.refresh_seq.is_some() || call.repair.is_some() || call.reinvite.is_some())
+        {
+            return self.reject(now, tx, msg, flow, 491, "Request Pending");
+        }
         let repeated = match side {
             Side::Caller => call.sent_to_caller.clone(),
             Side::Callee => call.winner.map(|w| call.branches[w].offer.clone()),
@@ -577,7 +584,7 @@ impl Core {
                 return;
             }
         };
-        let media = super::leg_media(&answer, local, flow);
+        let media = super::leg_media(&answer, local, flow, &answer);
         match side {
             Side::Caller => call.caller_media = answer,
             Side::Callee => call.callee_media = Some(answer),
