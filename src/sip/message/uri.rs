@@ -178,12 +178,11 @@ impl<'a> Uri<'a> {
             && header_set(self.headers) == header_set(other.headers)
     }
 
-    /// Whether both name the same target: user (unescaped), host and port,
-    /// whatever the scheme and parameters.
+    /// Whether both name the same target: user (unescaped) and host,
+    /// whatever the scheme, port and parameters.
     pub fn same_target(&self, other: &Uri<'_>) -> bool {
         opt_eq(self.user, other.user, |a, b| decode(a) == decode(b))
             && host_eq(&self.host, &other.host)
-            && self.port == other.port
     }
 }
 
