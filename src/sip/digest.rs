@@ -348,8 +348,14 @@ impl Challenge {
         let mut nonce = None;
         let mut algorithm = None;
         let mut stale = false;
-        for part in grammar::split_top_level(rest, b',').take(MAX_PARAMS) {
-            let (name, raw) = grammar::trim_lws(part).split_once('=')?;
+        // Empty list elements are allowed (RFC 7235 §1.2) and skipped, as
+        // are elements without a value.
+        let parts =
+            grammar::split_top_level(rest, b',').filter(|p| !grammar::trim_lws(p).is_empty());
+        for part in parts.take(MAX_PARAMS) {
+            let Some((name, raw)) = grammar::trim_lws(part).split_once('=') else {
+                continue;
+            };
             let v = grammar::unquote(raw)?.into_owned();
             match grammar::trim_lws(name).to_ascii_lowercase().as_str() {
                 "realm" => realm = Some(v),
@@ -627,6 +633,12 @@ mod tests {
         );
         let long = format!("Digest username=\"{}\"", "a".repeat(MAX_CREDENTIALS_BYTES));
         assert_eq!(Credentials::parse(&long).unwrap_err(), DigestError::TooLong);
+    }
+
+    #[test]
+    fn challenges_with_empty_or_valueless_elements_are_read() {
+        let c = Challenge::parse(r#"Digest realm="r",, nonce="n", qop="auth", bare,"#).unwrap();
+        assert_eq!((c.realm.as_str(), c.nonce.as_str()), ("r", "n"));
     }
 
     #[test]

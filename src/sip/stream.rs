@@ -130,7 +130,8 @@ impl StreamFramer {
 /// but a bodiless message without it is unambiguous.
 fn head_content_length(head: &[u8]) -> Result<usize, ParseError> {
     let mut found: Option<usize> = None;
-    for line in head.split(|&b| b == b'\n').skip(1) {
+    let mut lines = head.split(|&b| b == b'\n').skip(1).peekable();
+    while let Some(line) = lines.next() {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
@@ -138,9 +139,15 @@ fn head_content_length(head: &[u8]) -> Result<usize, ParseError> {
         if HeaderName::from_name(name) != HeaderName::ContentLength {
             continue;
         }
-        let value =
-            std::str::from_utf8(&line[colon + 1..]).map_err(|_| ParseError::BadContentLength)?;
-        let n = grammar::parse_decimal_u32(value.trim_end_matches('\r'), MAX_NUMBER_DIGITS)
+        // The value may go on over folded lines (RFC 3261 §7.3.1).
+        let mut value = Vec::with_capacity(8);
+        value.extend_from_slice(line[colon + 1..].trim_ascii());
+        while let Some(more) = lines.next_if(|l| l.starts_with(b" ") || l.starts_with(b"\t")) {
+            value.push(b' ');
+            value.extend_from_slice(more.trim_ascii());
+        }
+        let value = std::str::from_utf8(&value).map_err(|_| ParseError::BadContentLength)?;
+        let n = grammar::parse_decimal_u32(value, MAX_NUMBER_DIGITS)
             .ok_or(ParseError::BadContentLength)? as usize;
         if found.is_some_and(|f| f != n) {
             return Err(ParseError::BadContentLength);
@@ -168,6 +175,24 @@ mod tests {
     }
 
     const TWO: &[u8] = b"\r\n\r\nOPTIONS sip:h SIP/2.0\r\nl: 4\r\n\r\nbody\r\nMESSAGE sip:h SIP/2.0\r\nContent-Length: 0\r\n\r\n\r\n";
+
+    /// A Content-Length value on a folded line (RFC 3261 §7.3.1) frames
+    /// the message as the parser reads it.
+    #[test]
+    fn a_folded_content_length_frames_its_body() {
+        let input = b"OPTIONS sip:h SIP/2.0\r\nContent-Length:\r\n 4\r\n\r\nbodyOPTIONS";
+        let f = frames(input, 5).unwrap();
+        assert_eq!(
+            f,
+            [Frame::Message(Bytes::from_static(
+                b"OPTIONS sip:h SIP/2.0\r\nContent-Length:\r\n 4\r\n\r\nbody"
+            ))]
+        );
+        assert_eq!(
+            head_content_length(b"X\r\nl: 1\r\n 2\r\n"),
+            Err(ParseError::BadContentLength)
+        );
+    }
 
     #[test]
     fn frames_by_content_length_whatever_the_chunking() {

@@ -6,7 +6,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use std::net::SocketAddr;
 
-use super::{HeaderName, Message, grammar};
+use super::{HeaderName, Message, NameAddr, grammar, limits};
 
 /// Enough for a 401 with two challenges or a 200 listing a few contacts,
 /// so most messages are written without growing the buffer.
@@ -117,7 +117,9 @@ impl MessageBuilder {
         status: u16,
         reason: &str,
     ) -> Option<Bytes> {
-        let text = std::str::from_utf8(raw).ok()?;
+        // Bytes that are not UTF-8 (a Latin-1 display name, a binary body)
+        // must not cost the answer: only the lines copied need to be text.
+        let text = String::from_utf8_lossy(raw);
         let mut lines = text.trim_start_matches(['\r', '\n']).lines();
         let method = lines.next()?.split(' ').next()?;
         if method.is_empty()
@@ -127,13 +129,26 @@ impl MessageBuilder {
         {
             return None;
         }
-        let mut b = MessageBuilder::response(status, reason);
-        let mut seen = [false; 5];
-        let mut first_via = true;
-        for line in lines {
+        // Header lines up to the blank line, folded lines joined (RFC 3261
+        // §7.3.1): a Via whose branch sits on a continuation line must keep
+        // it, or the client cannot match the answer.
+        let mut unfolded: Vec<String> = Vec::new();
+        for line in lines.take(limits::MAX_HEADER_COUNT * 2) {
             if line.is_empty() {
                 break;
             }
+            match unfolded.last_mut() {
+                Some(last) if line.starts_with([' ', '\t']) => {
+                    last.push(' ');
+                    last.push_str(line.trim_start());
+                }
+                _ => unfolded.push(line.to_owned()),
+            }
+        }
+        let mut b = MessageBuilder::response(status, reason);
+        let mut seen = [false; 5];
+        let mut first_via = true;
+        for line in &unfolded {
             let Some((name, value)) = line.split_once(':') else {
                 continue;
             };
@@ -164,6 +179,14 @@ impl MessageBuilder {
                 );
             } else if slot != 0 && seen[slot] {
                 continue;
+            } else if slot == 2 && NameAddr::parse(value).is_some_and(|n| n.tag().is_none()) {
+                // A UAS answer carries a To tag (RFC 3261 §8.2.6.2); the
+                // same one for every retransmission of these bytes.
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&raw.len(), &mut h);
+                std::hash::Hash::hash(value, &mut h);
+                let tag = std::hash::Hasher::finish(&h);
+                b.header_fmt(name, format_args!("{value};tag={tag:016x}"));
             } else {
                 b.header(name, value);
             }
@@ -403,5 +426,27 @@ To: <sip:a@h>\r\nCall-ID: x\r\nCSeq: 1 REGISTER\r\nContent-Length: 99\r\n\r\n";
             .is_none()
         );
         assert!(MessageBuilder::error_response_for_raw(&[0xff, 0xfe], src, 400, "x").is_none());
+    }
+
+    /// The answer keeps a branch written on a continuation line, survives
+    /// bytes that are not UTF-8, and carries a To tag (RFC 3261 §8.2.6.2),
+    /// the same for a retransmission.
+    #[test]
+    fn bad_request_answer_unfolds_tolerates_latin1_and_tags_to() {
+        let src: SocketAddr = "192.0.2.1:5060".parse().unwrap();
+        let raw =
+            b"INVITE sip:h SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5060\r\n ;branch=z9hG4bK77\r\n\
+From: \"M\xfcller\" <sip:a@h>;tag=1\r\nTo: <sip:b@h>\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n\
+Content-Length: 500\r\n\r\n\xff\xfe";
+        let answer = || {
+            let resp = MessageBuilder::error_response_for_raw(raw, src, 400, "Truncated").unwrap();
+            Message::parse(resp, Framing::Datagram).unwrap()
+        };
+        let m = answer();
+        assert_eq!(m.top_via().unwrap().branch(), Some("z9hG4bK77"));
+        assert_eq!(m.from().unwrap().tag(), Some("1"));
+        let tag = m.to().unwrap().tag().map(str::to_owned);
+        assert!(tag.is_some());
+        assert_eq!(answer().to().unwrap().tag().map(str::to_owned), tag);
     }
 }

@@ -218,6 +218,7 @@ impl Message {
             return Err(ParseError::HeadTooLarge);
         }
         let buf = unfold(buf, lead, head_end);
+        let (buf, head_end, body_start) = valid_head(buf, lead, head_end, body_start);
         let head =
             std::str::from_utf8(&buf[lead..head_end]).map_err(|_| ParseError::BadEncoding)?;
         if has_control_bytes(head.as_bytes()) {
@@ -510,6 +511,29 @@ fn find_head_end(buf: &[u8], from: usize) -> Result<(usize, usize), ParseError> 
 /// Turns folded header lines into single lines by overwriting each line
 /// break that precedes a space or tab with spaces. The length is unchanged,
 /// so the copy is made only when a fold exists.
+/// The buffer with its header section made valid UTF-8, and the section's
+/// end and the body's start in it. Older phones and gateways put Latin-1
+/// in display names and reason phrases (`Müller`, `486 Beschäftigt`): such
+/// bytes become U+FFFD instead of costing the whole message.
+fn valid_head(
+    buf: Bytes,
+    lead: usize,
+    head_end: usize,
+    body_start: usize,
+) -> (Bytes, usize, usize) {
+    let head = &buf[lead..head_end];
+    if std::str::from_utf8(head).is_ok() {
+        return (buf, head_end, body_start);
+    }
+    let text = String::from_utf8_lossy(head);
+    let grown = text.len() - head.len();
+    let mut owned = BytesMut::with_capacity(buf.len() + grown);
+    owned.extend_from_slice(&buf[..lead]);
+    owned.extend_from_slice(text.as_bytes());
+    owned.extend_from_slice(&buf[head_end..]);
+    (owned.freeze(), head_end + grown, body_start + grown)
+}
+
 fn unfold(buf: Bytes, start: usize, end: usize) -> Bytes {
     let head = &buf[start..end];
     let folded =

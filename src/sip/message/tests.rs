@@ -240,11 +240,46 @@ fn invalid_messages_are_refused_with_a_reason() {
     for (text, want) in cases {
         assert_eq!(dgram(text).unwrap_err(), *want, "for {text:?}");
     }
-    let bad_utf8 = Message::parse(
-        Bytes::from_static(b"INVITE sip:h SIP/2.0\r\nX: \xff\r\n\r\n"),
+}
+
+/// Latin-1 from older phones and gateways, in a display name or a reason
+/// phrase, costs the byte (U+FFFD), not the message; the body is untouched.
+#[test]
+fn bytes_that_are_not_utf8_in_headers_are_replaced() {
+    let req = Message::parse(
+        Bytes::from_static(
+            b"INVITE sip:h SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\
+From: \"M\xfcller\" <sip:100@h>;tag=1\r\nTo: <sip:b@h>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\
+Content-Length: 2\r\n\r\n\xff\xfe",
+        ),
         Framing::Datagram,
-    );
-    assert_eq!(bad_utf8.unwrap_err(), ParseError::BadEncoding);
+    )
+    .unwrap();
+    let from = req.from().unwrap();
+    assert_eq!(from.tag(), Some("1"));
+    assert_eq!(from.display, Some("\"M\u{fffd}ller\""));
+    assert_eq!(req.body(), b"\xff\xfe");
+    let resp = Message::parse(
+        Bytes::from_static(
+            b"SIP/2.0 486 Besch\xe4ftigt\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\
+From: <sip:a@h>;tag=1\r\nTo: <sip:b@h>;tag=2\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n",
+        ),
+        Framing::Datagram,
+    )
+    .unwrap();
+    assert_eq!(resp.status(), Some(486));
+}
+
+/// `sent-by` may carry white space around its colon (RFC 3261 §25.1).
+#[test]
+fn via_sent_by_may_space_its_colon() {
+    let m = dgram(
+        "OPTIONS sip:h SIP/2.0\r\nVia: SIP/2.0/UDP pc33.example.com : 5060;branch=z9hG4bK1\r\n\
+From: <sip:a@h>;tag=1\r\nTo: <sip:b@h>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n\r\n",
+    )
+    .unwrap();
+    let via = m.top_via().unwrap();
+    assert_eq!(via.port, Some(5060));
 }
 
 #[test]

@@ -41,7 +41,15 @@ impl<'a> Via<'a> {
         if !grammar::is_token(transport) {
             return None;
         }
-        let (host, port) = uri::split_host_port(sent_by).ok()?;
+        let (host, port) = match uri::split_host_port(sent_by) {
+            Ok(hp) => hp,
+            // COLON is SWS ":" SWS (RFC 3261 §25.1): `host : port`.
+            Err(_) => {
+                let (h, p) = sent_by.rsplit_once(':')?;
+                let host = uri::Host::parse(trim_lws(h))?;
+                (host, Some(uri::parse_port(trim_lws(p))?))
+            }
+        };
         Some(Via {
             transport,
             sent_by,
