@@ -177,9 +177,16 @@ pub async fn accept_loop(
 /// Unanswered TCP keep-alive probes after which a connection is dead.
 const KEEPALIVE_PROBES: u32 = 3;
 
+/// Kernel send buffer of a TCP/TLS connection. A phone's answers are a few
+/// kB; a fixed size (instead of autotuning up to megabytes) bounds the
+/// kernel memory a peer that does not read can pin, and lets the write
+/// timeout find that peer sooner.
+const STREAM_SEND_BUFFER: usize = 64 << 10;
+
 fn tune(tcp: &TcpStream, keepalive: Duration) {
     // SIP messages are small and latency matters more than packing.
     let _ = tcp.set_nodelay(true);
+    let _ = SockRef::from(tcp).set_send_buffer_size(STREAM_SEND_BUFFER);
     if keepalive.is_zero() {
         return;
     }

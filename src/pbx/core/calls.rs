@@ -954,19 +954,8 @@ impl Core {
         let Ok(caller_answer) = self.answer_to_caller(idx, &answer) else {
             return false;
         };
-        let call = &self.calls.calls[idx];
-        let branch = &call.branches[bi];
-        let caller_media = leg_media(
-            &call.caller_media,
-            &call.caller_local,
-            call.caller_flow,
-            &answer,
-        );
-        let callee_media = leg_media(&answer, &branch.local, branch.flow, &answer);
-        let (caller_leg, callee_leg) = (call.caller_leg.id, branch.leg.id);
-        self.configure_leg(now, idx, caller_leg, caller_media);
-        self.configure_leg(now, idx, callee_leg, callee_media);
-        self.media.bridge(caller_leg, callee_leg);
+        let device_flow = self.calls.calls[idx].branches[bi].flow;
+        self.bridge_legs(now, idx, bi, &answer, device_flow);
         let call = &self.calls.calls[idx];
         let contact = self.contact_uri(&call.caller_flow);
         let mut b = self.response_builder(&call.invite, call.caller_flow, 183, "Session Progress");
@@ -1003,6 +992,32 @@ impl Core {
             sdp.origin.session_version = call.caller_local.version;
         }
         Ok(sdp)
+    }
+
+    /// Both legs follow a device's answer (early or final) and are bridged:
+    /// each leg hears its own phone with the phone's key and speaks to it
+    /// with Parley's key for that leg.
+    fn bridge_legs(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        bi: usize,
+        answer: &PhoneMedia,
+        device_flow: Flow,
+    ) {
+        let call = &self.calls.calls[idx];
+        let branch = &call.branches[bi];
+        let caller_media = leg_media(
+            &call.caller_media,
+            &call.caller_local,
+            call.caller_flow,
+            answer,
+        );
+        let callee_media = leg_media(answer, &branch.local, device_flow, answer);
+        let (caller_leg, callee_leg) = (call.caller_leg.id, branch.leg.id);
+        self.configure_leg(now, idx, caller_leg, caller_media);
+        self.configure_leg(now, idx, callee_leg, callee_media);
+        self.media.bridge(caller_leg, callee_leg);
     }
 
     /// A device's 2xx whose media Parley refuses (already acknowledged):
@@ -1129,21 +1144,7 @@ impl Core {
                 return self.refuse_fork_media(now, idx, bi, &mut dialog, &e, status);
             }
         };
-        let call = &self.calls.calls[idx];
-        let branch = &call.branches[bi];
-        // Media: each leg hears its own phone with the phone's key and
-        // speaks to it with Parley's key for that leg.
-        let caller_media = leg_media(
-            &call.caller_media,
-            &call.caller_local,
-            call.caller_flow,
-            &answer,
-        );
-        let callee_media = leg_media(&answer, &branch.local, flow, &answer);
-        let (caller_leg, callee_leg) = (call.caller_leg.id, branch.leg.id);
-        self.configure_leg(now, idx, caller_leg, caller_media);
-        self.configure_leg(now, idx, callee_leg, callee_media);
-        self.media.bridge(caller_leg, callee_leg);
+        self.bridge_legs(now, idx, bi, &answer, flow);
 
         // The caller's dialog, answered with 200 and Parley's SDP.
         let call = &self.calls.calls[idx];
@@ -1183,6 +1184,7 @@ impl Core {
         call.callee_media = Some(answer);
         call.sent_to_caller = Some(caller_answer);
         tracing::info!(call_ref = %call.call_ref, "call answered");
+        let (caller_leg, callee_leg) = (call.caller_leg.id, call.branches[bi].leg.id);
         self.calls.by_leg.insert(caller_leg, idx);
         self.calls.by_leg.insert(callee_leg, idx);
         self.calls.by_dialog.insert(callee_key, (idx, Side::Callee));

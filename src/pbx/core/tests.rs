@@ -2571,6 +2571,19 @@ fn callee_in_dialog(
     }
 }
 
+/// The callee sends a re-INVITE with `sdp` in its dialog, CSeq `seq`;
+/// returns what Parley sent.
+fn callee_reinvites(
+    s: &mut CallSetup,
+    invite: &Message,
+    seq: u32,
+    sdp: &str,
+) -> Vec<(Flow, Message)> {
+    let flow = s.callee_flow;
+    let request = callee_in_dialog(invite, flow, "INVITE", seq, Some(("application/sdp", sdp)));
+    s.h.send_flows(flow, request)
+}
+
 /// The caller's device answering a request Parley sent it in its dialog.
 fn caller_answer(req: &Message, status: u16, reason: &str, sdp: Option<&str>) -> Bytes {
     let mut b = MessageBuilder::response_to(req, status, reason, None);
@@ -2589,16 +2602,7 @@ fn a_reinvite_from_the_callee_is_relayed_to_the_caller_and_answered() {
 
     // The callee puts the call on hold, from a new port.
     let hold = sdp_offer("192.168.1.30", 6100).replace("a=sendrecv", "a=sendonly");
-    let out = s.h.send_flows(
-        s.callee_flow,
-        callee_in_dialog(
-            &invite,
-            s.callee_flow,
-            "INVITE",
-            1,
-            Some(("application/sdp", &hold)),
-        ),
-    );
+    let out = callee_reinvites(&mut s, &invite, 1, &hold);
     assert_eq!(statuses_to(&out, s.callee_flow), [100]);
     let reinvites = requests_to(&out, s.caller.flow, Method::Invite);
     assert_eq!(reinvites.len(), 1, "{out:?}");
@@ -3293,16 +3297,7 @@ fn offers_to_the_caller_keep_the_streams_of_its_session() {
     );
 
     let hold = sdp_offer("192.168.1.30", 6100).replace("a=sendrecv", "a=sendonly");
-    let out = s.h.send_flows(
-        s.callee_flow,
-        callee_in_dialog(
-            &invite,
-            s.callee_flow,
-            "INVITE",
-            1,
-            Some(("application/sdp", &hold)),
-        ),
-    );
+    let out = callee_reinvites(&mut s, &invite, 1, &hold);
     let reinvite = &requests_to(&out, s.caller.flow, Method::Invite)[0];
     let offer = SessionDescription::parse(reinvite.body()).unwrap();
     let lines: Vec<(&str, bool)> = offer
@@ -3344,16 +3339,7 @@ fn a_refresh_reinvite_waits_for_other_offers_in_the_callers_dialog() {
     s.h.advance(Duration::from_secs(45));
     // The callee holds; its re-INVITE reaches the caller, who takes time.
     let hold = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
-    let out = s.h.send_flows(
-        s.callee_flow,
-        callee_in_dialog(
-            &invite,
-            s.callee_flow,
-            "INVITE",
-            1,
-            Some(("application/sdp", &hold)),
-        ),
-    );
+    let out = callee_reinvites(&mut s, &invite, 1, &hold);
     let relayed = requests_to(&out, s.caller.flow, Method::Invite).remove(0);
     let out = s.h.advance(Duration::from_secs(7));
     // Timer A repeats the relayed re-INVITE; anything else is new.
@@ -3382,16 +3368,7 @@ fn a_refresh_reinvite_waits_for_other_offers_in_the_callers_dialog() {
     );
 
     // While it is out, a re-INVITE from either side gets 491.
-    let out = s.h.send_flows(
-        s.callee_flow,
-        callee_in_dialog(
-            &invite,
-            s.callee_flow,
-            "INVITE",
-            2,
-            Some(("application/sdp", &hold)),
-        ),
-    );
+    let out = callee_reinvites(&mut s, &invite, 2, &hold);
     assert_eq!(statuses_to(&out, s.callee_flow), [491]);
     let reoffer = caller_reinvite_bytes(&mut s, &ok, &sdp_offer("192.168.1.20", 4000));
     let out = s.h.send_flows(s.caller.flow, reoffer);
