@@ -1246,18 +1246,32 @@ impl Core {
         if call.state != State::Ringing {
             return;
         }
-        let (itx, iflow) = (call.invite_tx, call.caller_flow);
-        let b = self.response_builder(&call.invite, iflow, 487, "Request Terminated");
-        self.respond(now, itx, 487, b.finish());
-        self.cancel_other_forks(now, idx, None);
-        self.finish_call(
+        self.end_ringing_call(
             now,
             idx,
+            (487, "Request Terminated"),
             Outcome::Cancelled,
-            487,
-            "Request Terminated",
             Some(EndedBy::Caller),
         );
+    }
+
+    /// Ends a call that is still ringing: the caller's INVITE gets
+    /// `status`, every device still ringing a CANCEL, and the call its
+    /// record.
+    fn end_ringing_call(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        (status, reason): (u16, &str),
+        outcome: Outcome,
+        ended_by: Option<EndedBy>,
+    ) {
+        let call = &self.calls.calls[idx];
+        let (itx, iflow) = (call.invite_tx, call.caller_flow);
+        let b = self.response_builder(&call.invite, iflow, status, reason);
+        self.respond(now, itx, status, b.finish());
+        self.cancel_other_forks(now, idx, None);
+        self.finish_call(now, idx, outcome, status, reason, ended_by);
     }
 
     /// A request inside a dialog (it has a To tag). Returns false when it
@@ -1496,16 +1510,11 @@ impl Core {
                 self.end_answered_call(now, idx, REASON);
                 continue;
             }
-            let (itx, iflow) = (call.invite_tx, call.caller_flow);
-            let b = self.response_builder(&call.invite, iflow, 503, REASON);
-            self.respond(now, itx, 503, b.finish());
-            self.cancel_other_forks(now, idx, None);
-            self.finish_call(
+            self.end_ringing_call(
                 now,
                 idx,
+                (503, REASON),
                 Outcome::Failed,
-                503,
-                REASON,
                 Some(EndedBy::Parley),
             );
         }
@@ -1526,12 +1535,7 @@ impl Core {
                 continue;
             }
             tracing::info!(call_ref = %self.calls.calls[idx].call_ref, "nobody answered in time");
-            let call = &self.calls.calls[idx];
-            let (itx, iflow) = (call.invite_tx, call.caller_flow);
-            let b = self.response_builder(&call.invite, iflow, 480, "No Answer");
-            self.respond(now, itx, 480, b.finish());
-            self.cancel_other_forks(now, idx, None);
-            self.finish_call(now, idx, Outcome::NoAnswer, 480, "No Answer", None);
+            self.end_ringing_call(now, idx, (480, "No Answer"), Outcome::NoAnswer, None);
         }
         let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.calls.pending)
             .into_iter()
