@@ -112,6 +112,15 @@ impl Harness {
         panic!("no final outcome");
     }
 
+    /// Registers `ua` over `flow`; the registration must succeed.
+    fn registers(&mut self, ua: &mut Registration, flow: Flow) {
+        let (outcome, resp) = self.register(ua, flow);
+        assert!(
+            matches!(outcome, RegisterOutcome::Registered { .. }),
+            "{outcome:?}: {resp:?}"
+        );
+    }
+
     fn registrations(&self) -> Vec<(String, Change)> {
         self.events
             .iter()
@@ -303,10 +312,7 @@ fn repeated_failures_block_the_pair_then_the_source() {
     // ...but another phone behind the same NAT registers fine.
     let colleague_flow = udp_from("192.168.1.20:5070");
     let mut colleague = phone("102", "pw102", colleague_flow);
-    assert!(matches!(
-        h.register(&mut colleague, colleague_flow).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    h.registers(&mut colleague, colleague_flow);
 
     // A scanner trying many extensions from one address trips the source block.
     let scanner = udp_from("203.0.113.50:5060");
@@ -320,10 +326,7 @@ fn repeated_failures_block_the_pair_then_the_source() {
     // Blocks end.
     h.advance(Duration::from_secs(901));
     let mut right = phone("100", "pw100", office);
-    assert!(matches!(
-        h.register(&mut right, office).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    h.registers(&mut right, office);
 }
 
 #[test]
@@ -356,17 +359,11 @@ fn policy_requires_tls_outside_the_lan_but_only_after_credentials_check_out() {
     // Over TLS the same phone registers.
     let road_tls = tls_from("198.51.100.9:40000", 11);
     let mut ua = phone("100", "pw100", road_tls);
-    assert!(matches!(
-        h.register(&mut ua, road_tls).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    h.registers(&mut ua, road_tls);
     // From the LAN, UDP is fine for required-remote but not for required.
     let lan = udp_from("192.168.1.30:5060");
     let mut desk = phone("100", "pw100", lan);
-    assert!(matches!(
-        h.register(&mut desk, lan).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    h.registers(&mut desk, lan);
     let mut strict = phone("101", "pw101", lan);
     assert_eq!(
         h.register(&mut strict, lan).0,
@@ -627,10 +624,7 @@ fn forged_sources_cannot_lock_out_an_office() {
             .any(|e| matches!(e, SecurityEvent::Blocked { .. }))
     );
     let mut desk = phone("100", "pw100", office);
-    assert!(matches!(
-        h.register(&mut desk, office).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    h.registers(&mut desk, office);
 }
 
 #[test]
@@ -874,15 +868,9 @@ fn call_setup_at(callee: &str) -> CallSetup {
     let caller_flow = udp_from("192.168.1.20:5062");
     let callee_flow = udp_from(callee);
     let mut a = phone("100", "pw100", caller_flow);
-    assert!(matches!(
-        h.register(&mut a, caller_flow).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    h.registers(&mut a, caller_flow);
     let mut b = phone("102", "pw102", callee_flow);
-    assert!(matches!(
-        h.register(&mut b, callee_flow).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    h.registers(&mut b, callee_flow);
     let caller = Caller {
         user: "100",
         password: "pw100",
@@ -1274,10 +1262,7 @@ fn a_callee_that_cannot_do_its_required_srtp_fails_the_call_with_a_reason() {
         let mut s = call_setup();
         let remote = tls_from("198.51.100.9:40000", 7);
         let mut soft = phone("101", "pw101", remote);
-        assert!(matches!(
-            s.h.register(&mut soft, remote).0,
-            RegisterOutcome::Registered { .. }
-        ));
+        s.h.registers(&mut soft, remote);
         let out = s.dial("101");
         let (f, invite) = out
             .iter()
@@ -1607,10 +1592,7 @@ fn remote_udp_contacts_are_pinged_and_skipped_while_unreachable() {
     // 102's softphone on the internet, over UDP (its policy is `off`).
     let remote = udp_from("198.51.100.7:40000");
     let mut soft = phone("102", "pw102", remote);
-    assert!(matches!(
-        s.h.register(&mut soft, remote).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    s.h.registers(&mut soft, remote);
 
     // Pings go only to the remote contact, once per interval.
     let sent = s.h.advance(Duration::from_secs(26));
@@ -1647,10 +1629,7 @@ fn remote_udp_contacts_are_pinged_and_skipped_while_unreachable() {
     assert_eq!(invites, [s.callee_flow]);
 
     // Registering again makes it reachable at once.
-    assert!(matches!(
-        s.h.register(&mut soft, remote).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    s.h.registers(&mut soft, remote);
     assert_eq!(reachability(&s.h), [false, true]);
 }
 
@@ -2076,10 +2055,7 @@ const SOFT_CONTACT: &str = "<sip:102@192.168.1.31:5064>";
 fn add_callee_device(s: &mut CallSetup, remote: &str) -> Flow {
     let flow = udp_from(remote);
     let mut soft = phone("102", "pw102", flow);
-    assert!(matches!(
-        s.h.register(&mut soft, flow).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    s.h.registers(&mut soft, flow);
     assert_eq!(s.h.core.registrar().bindings("102").len(), 2);
     flow
 }
@@ -2910,10 +2886,7 @@ fn each_fork_gets_the_media_protection_of_its_own_transport_and_place() {
         let soft = tls_from("203.0.113.7:40001", 8);
         for flow in [desk, soft] {
             let mut ua = phone("100", "pw100", flow);
-            assert!(matches!(
-                h.register(&mut ua, flow).0,
-                RegisterOutcome::Registered { .. }
-            ));
+            h.registers(&mut ua, flow);
         }
         // 101 calls over TLS with SRTP.
         let mut s = srtp_caller_setup(h, media, desk);
@@ -3162,10 +3135,7 @@ fn a_phone_that_changes_suite_gets_a_new_key() {
     h.core.set_media(Box::new(media.clone()));
     let soft = tls_from("203.0.113.7:40001", 8);
     let mut ua = phone("100", "pw100", soft);
-    assert!(matches!(
-        h.register(&mut ua, soft).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    h.registers(&mut ua, soft);
     let mut s = srtp_caller_setup(h, media, soft);
     let caller_flow = s.caller.flow;
     let invite = s.dial_invite("100");
@@ -3428,10 +3398,7 @@ fn a_registration_supersedes_the_ping_in_flight() {
     let sent = s.h.advance(Duration::from_secs(26));
     assert_eq!(options_to(&sent, remote).len(), 1);
     s.h.advance(Duration::from_secs(5));
-    assert!(matches!(
-        s.h.register(&mut soft, remote).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    s.h.registers(&mut soft, remote);
     // The old ping's retransmissions run out; the next ping is answered.
     let sent = s.h.advance(Duration::from_secs(28));
     assert!(reachability(&s.h).is_empty(), "{:?}", reachability(&s.h));
@@ -3522,20 +3489,14 @@ fn a_clock_stepped_back_does_not_lock_phones_out() {
     // Twelve nonces, more than are remembered per extension.
     for _ in 0..12 {
         ua.forget_challenge();
-        assert!(matches!(
-            h.register(&mut ua, flow).0,
-            RegisterOutcome::Registered { .. }
-        ));
+        h.registers(&mut ua, flow);
         h.advance(Duration::from_secs(20));
     }
     let now = h.now;
     h.core
         .set_wall_clock(now, Duration::from_secs(UNIX_START - 86_400));
     ua.forget_challenge();
-    assert!(matches!(
-        h.register(&mut ua, flow).0,
-        RegisterOutcome::Registered { .. }
-    ));
+    h.registers(&mut ua, flow);
 }
 
 /// The caller offers Opus first, the callee answers PCMU: both legs count
