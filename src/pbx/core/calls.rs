@@ -1815,7 +1815,11 @@ impl Core {
         };
         let via = self.via(&y_flow, &branch_id());
         let call = &mut self.calls.calls[idx];
-        let y_previous = call.sent_to_caller.clone();
+        // The caller's session may hold more streams than the audio one.
+        let caller_session = match from {
+            Side::Callee => call.sent_to_caller.clone(),
+            Side::Caller => None,
+        };
         let (y_local, y_dialog) = match from {
             Side::Caller => (&mut call.branches[w].local, call.callee_dialog.as_mut()),
             Side::Callee => (&mut call.caller_local, call.caller_dialog.as_mut()),
@@ -1825,10 +1829,9 @@ impl Core {
         };
         y_local.version += 1;
         let sent = offer_for_branch(&offer, y_security, y_local, y_suite);
-        // The caller's session may hold more streams than the audio one.
-        let sent = match (from, y_previous) {
-            (Side::Callee, Some(previous)) => in_layout_of(sent, &previous),
-            _ => sent,
+        let sent = match caller_session {
+            Some(previous) => in_layout_of(sent, &previous),
+            None => sent,
         };
         let name = if method == Method::Update {
             "UPDATE"
