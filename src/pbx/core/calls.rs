@@ -116,6 +116,8 @@ const RELAYED: usize = usize::MAX - 2;
 const SESSION_REFRESH: usize = usize::MAX - 3;
 /// The `by_branch` slot of Parley's re-INVITE restoring one side.
 const REPAIR: usize = usize::MAX - 4;
+/// Why a call ends when a side cannot be given a session Parley carries.
+const RENEGOTIATION_FAILED: &str = "Media Renegotiation Failed";
 
 /// A re-INVITE in progress: one side's new offer, passed to the other.
 struct Reinvite {
@@ -885,7 +887,7 @@ impl Core {
             if bi == REPAIR {
                 self.calls.by_branch.remove(&ctx);
                 tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, "no answer to Parley's offer restoring a side; ending the call");
-                return self.end_answered_call(now, idx, "Media Renegotiation Failed");
+                return self.end_answered_call(now, idx, RENEGOTIATION_FAILED);
             }
             if bi == SESSION_REFRESH {
                 self.calls.by_branch.remove(&ctx);

@@ -14,7 +14,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::{RELAYED, REPAIR, Repair, SESSION_REFRESH, Side, branch_id, kept_security, leg_media};
+use super::{
+    RELAYED, RENEGOTIATION_FAILED, REPAIR, Repair, SESSION_REFRESH, Side, branch_id, kept_security,
+    leg_media,
+};
 use crate::pbx::anchor::read_phone_sdp;
 use crate::pbx::cdr::{EndedBy, Outcome};
 use crate::pbx::core::{ALLOWED_METHODS, Core};
@@ -195,7 +198,7 @@ impl Core {
             ),
         };
         let (Some(mut sent), Some(dialog)) = (previous, dialog) else {
-            return self.end_answered_call(now, idx, "Media Renegotiation Failed");
+            return self.end_answered_call(now, idx, RENEGOTIATION_FAILED);
         };
         local.version += 1;
         sent.origin.session_version = local.version;
@@ -213,7 +216,7 @@ impl Core {
                     sent_seq,
                 });
             }
-            Err(_) => self.end_answered_call(now, idx, "Media Renegotiation Failed"),
+            Err(_) => self.end_answered_call(now, idx, RENEGOTIATION_FAILED),
         }
     }
 
@@ -244,7 +247,7 @@ impl Core {
         }
         if status >= 300 {
             tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, status, "a side refused Parley's restoring offer; ending the call");
-            return self.end_answered_call(now, idx, "Media Renegotiation Failed");
+            return self.end_answered_call(now, idx, RENEGOTIATION_FAILED);
         }
         let call = &self.calls.calls[idx];
         let flow = match r.side {
@@ -272,7 +275,7 @@ impl Core {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, call_ref = %call.call_ref, "answer to Parley's restoring offer refused; ending the call");
-                return self.end_answered_call(now, idx, "Media Renegotiation Failed");
+                return self.end_answered_call(now, idx, RENEGOTIATION_FAILED);
             }
         };
         let (leg, local) = match r.side {
