@@ -619,6 +619,14 @@ fn linphone_and_baresip_call_each_other_over_tls_and_srtp() {
 
 /// Two Twinkle desk phones on the LAN, one over UDP and one over TCP, plain
 /// RTP, call each other through Parley in both directions.
+///
+/// Twinkle 1.10.2 (Debian's) now and then stops handling SIP after it hangs
+/// up a call itself: once in CI its prompt came back after `bye`, but a
+/// call to it 0.1 s later never rang, with no reply to the INVITE or its
+/// retransmissions; Twinkle's own tracker has reports of hangs after `bye`
+/// with other servers. So the phone that hung up the first call is
+/// replaced by a fresh Twinkle on the same SIP port (the same Contact, so
+/// the same binding) before it is called.
 #[test]
 fn twinkle_desk_phones_call_each_other_over_udp_and_tcp() {
     let _serial = serial();
@@ -626,18 +634,15 @@ fn twinkle_desk_phones_call_each_other_over_udp_and_tcp() {
     let p = Parley::start("");
     p.add_extension("700", "password700", "required-remote");
     p.add_extension("701", "password701", "required-remote");
-    let mut udp = Twinkle::start(
-        p.data_dir(),
-        "desk-udp",
-        &TwinkleAccount {
-            ext: "700",
-            password: "password700",
-            server: p.udp,
-            transport: "udp",
-            tone_hz: 600.0,
-            auto_answer: false,
-        },
-    );
+    let udp_account = TwinkleAccount {
+        ext: "700",
+        password: "password700",
+        server: p.udp,
+        transport: "udp",
+        tone_hz: 600.0,
+        auto_answer: false,
+    };
+    let mut udp = Twinkle::start(p.data_dir(), "desk-udp", &udp_account);
     let mut tcp = Twinkle::start(
         p.data_dir(),
         "desk-tcp",
@@ -650,12 +655,21 @@ fn twinkle_desk_phones_call_each_other_over_udp_and_tcp() {
             auto_answer: true,
         },
     );
+    let report = |udp: &Twinkle, tcp: &Twinkle| {
+        format!(
+            "--- parley ---\n{}\n--- udp phone ---\n{}\n{}\n--- tcp phone ---\n{}\n{}",
+            p.log(),
+            udp.output(),
+            udp.log(),
+            tcp.output(),
+            tcp.log()
+        )
+    };
     for phone in [&udp, &tcp] {
         assert!(
             phone.wait_output("registration succeeded", 1, Duration::from_secs(15)),
-            "no registration\n--- parley ---\n{}\n--- twinkle ---\n{}",
-            p.log(),
-            phone.log()
+            "no registration\n{}",
+            report(&udp, &tcp)
         );
     }
 
@@ -663,44 +677,51 @@ fn twinkle_desk_phones_call_each_other_over_udp_and_tcp() {
     udp.command("call 701");
     assert!(
         udp.wait_output("far end answered call.", 1, Duration::from_secs(15)),
-        "not answered\n--- parley ---\n{}\n--- caller ---\n{}\n--- callee ---\n{}",
-        p.log(),
-        udp.output(),
-        tcp.output()
+        "not answered\n{}",
+        report(&udp, &tcp)
     );
     std::thread::sleep(Duration::from_secs(4));
     udp.command("bye");
     assert!(
         tcp.wait_output("far end ended call.", 1, Duration::from_secs(10)),
-        "{}",
-        tcp.output()
+        "not hung up\n{}",
+        report(&udp, &tcp)
     );
     assert_samples_tone("tcp phone heard", 8000, &tcp.heard(), 600.0);
     assert_samples_tone("udp phone heard", 8000, &udp.heard(), 1100.0);
+
+    let mut udp = udp.replace(p.data_dir(), "desk-udp-again", &udp_account);
+    assert!(
+        udp.wait_output("registration succeeded", 1, Duration::from_secs(15)),
+        "no registration\n{}",
+        report(&udp, &tcp)
+    );
 
     // TCP calls UDP, which answers when told to.
     tcp.command("call 700");
     assert!(
         udp.wait_output("incoming call", 1, Duration::from_secs(15)),
-        "{}",
-        udp.output()
+        "no incoming call\n{}",
+        report(&udp, &tcp)
     );
     udp.command("answer");
     assert!(
         tcp.wait_output("far end answered call.", 1, Duration::from_secs(10)),
-        "{}",
-        tcp.output()
+        "not answered\n{}",
+        report(&udp, &tcp)
     );
     std::thread::sleep(Duration::from_secs(4));
     tcp.command("bye");
     assert!(
         udp.wait_output("far end ended call.", 1, Duration::from_secs(10)),
-        "{}",
-        udp.output()
+        "not hung up\n{}",
+        report(&udp, &tcp)
     );
     assert_samples_tone("udp phone heard", 8000, &udp.heard(), 1100.0);
     assert_samples_tone("tcp phone heard", 8000, &tcp.heard(), 600.0);
 
+    // The new Twinkle took over the old one's binding: one device rang.
+    assert!(p.log().contains("callee=700 devices=1"), "{}", p.log());
     for row in answered_calls(&p, 2) {
         assert!(row.contains("udp RTP") && row.contains("tcp RTP"), "{row}");
         assert!(!row.contains("SRTP"), "{row}");

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 pub struct Twinkle {
     pub dir: PathBuf,
+    sip_port: u16,
     child: Child,
     stdin: ChildStdin,
     stop: Arc<AtomicBool>,
@@ -43,10 +44,21 @@ pub struct TwinkleAccount<'a> {
 
 impl Twinkle {
     pub fn start(parent: &Path, name: &str, account: &TwinkleAccount) -> Twinkle {
+        Self::start_on(parent, name, account, super::free_port())
+    }
+
+    /// Stops this phone and starts a fresh Twinkle in its place, on the
+    /// same SIP port, so its Contact and its binding stay the same.
+    pub fn replace(self, parent: &Path, name: &str, account: &TwinkleAccount) -> Twinkle {
+        let sip_port = self.sip_port;
+        drop(self);
+        Self::start_on(parent, name, account, sip_port)
+    }
+
+    fn start_on(parent: &Path, name: &str, account: &TwinkleAccount, sip_port: u16) -> Twinkle {
         let dir = parent.join(name);
         let conf = dir.join(".twinkle");
         std::fs::create_dir_all(&conf).unwrap();
-        let sip_port = super::free_port();
         let rtp_port = super::free_port() & !1;
         std::fs::write(
             conf.join("twinkle.sys"),
@@ -117,6 +129,7 @@ impl Twinkle {
         let stdin = child.stdin.take().unwrap();
         Twinkle {
             dir,
+            sip_port,
             child,
             stdin,
             stop,
