@@ -15,7 +15,9 @@ use super::{MasterKey, SRTCP_INDEX_LEN, SRTCP_TAG_LEN, SrtpError, Suite, wipe};
 const MAX_STREAMS: usize = 4;
 /// Streams remembered after they lost their slot, so one that returns
 /// resumes its indices instead of starting over (which would reuse
-/// keystream when sending, and accept replays when receiving).
+/// keystream when sending, and accept replays when receiving). A record
+/// is never dropped: once `MAX_STREAMS + MAX_RETIRED` SSRCs have been
+/// seen under one key, a further new one is refused.
 const MAX_RETIRED: usize = 32;
 /// The fixed RTP header.
 const RTP_HEADER_LEN: usize = 12;
@@ -156,7 +158,6 @@ pub struct SrtpContext {
     rtcp: SessionKeys,
     streams: [Option<Stream>; MAX_STREAMS],
     retired: [Option<Retired>; MAX_RETIRED],
-    next_retired: usize,
     clock: u64,
 }
 
@@ -186,7 +187,6 @@ impl SrtpContext {
             ),
             streams: Default::default(),
             retired: [None; MAX_RETIRED],
-            next_retired: 0,
             clock: 0,
         }
     }
@@ -226,7 +226,9 @@ impl SrtpContext {
         stream
     }
 
-    fn insert(&mut self, mut stream: Stream) -> usize {
+    /// Gives `stream` a slot, retiring the least recently used stream if
+    /// all are taken. Fails when that stream's record has nowhere to go.
+    fn insert(&mut self, mut stream: Stream) -> Result<usize, SrtpError> {
         stream.last_used = self.clock;
         let slot = self
             .streams
@@ -237,7 +239,7 @@ impl SrtpContext {
                     .min_by_key(|&i| self.streams[i].as_ref().map_or(0, |s| s.last_used))
                     .unwrap_or(0)
             });
-        if let Some(old) = self.streams[slot].take() {
+        if let Some(old) = &self.streams[slot] {
             let record = Retired {
                 ssrc: old.ssrc,
                 roc: old.roc,
@@ -248,25 +250,33 @@ impl SrtpContext {
             // One record per SSRC, the newest: an SSRC pushed out twice
             // must not come back with the state of its first exit (an old
             // rollover counter would reuse keystream and fail every tag).
-            let same = self
+            // Else an empty place, else the record of a stream that is
+            // live again (the new one, or one with a slot), which its slot
+            // now holds. Overwriting any other record would restart that
+            // SSRC at index 0 should it return: keystream used twice.
+            let live = |ssrc: u32| {
+                ssrc == stream.ssrc || self.streams.iter().flatten().any(|s| s.ssrc == ssrc)
+            };
+            let at = self
                 .retired
                 .iter()
-                .position(|r| r.is_some_and(|r| r.ssrc == old.ssrc));
-            match same {
-                Some(i) => self.retired[i] = Some(record),
-                None => {
-                    self.retired[self.next_retired] = Some(record);
-                    self.next_retired = (self.next_retired + 1) % MAX_RETIRED;
-                }
-            }
+                .position(|r| r.is_some_and(|r| r.ssrc == record.ssrc))
+                .or_else(|| self.retired.iter().position(Option::is_none))
+                .or_else(|| {
+                    self.retired
+                        .iter()
+                        .position(|r| r.is_some_and(|r| r.ssrc != record.ssrc && live(r.ssrc)))
+                })
+                .ok_or(SrtpError::TooManyStreams)?;
+            self.retired[at] = Some(record);
         }
         self.streams[slot] = Some(stream);
-        slot
+        Ok(slot)
     }
 
-    fn stream_or_insert(&mut self, ssrc: u32, seq: u16) -> usize {
+    fn stream_or_insert(&mut self, ssrc: u32, seq: u16) -> Result<usize, SrtpError> {
         match self.find(ssrc) {
-            Some(slot) => slot,
+            Some(slot) => Ok(slot),
             None => self.insert(self.new_stream(ssrc, seq)),
         }
     }
@@ -281,7 +291,7 @@ impl SrtpContext {
             return Err(SrtpError::NoRoom);
         }
         let (seq, ssrc) = rtp_seq_ssrc(packet);
-        let slot = self.stream_or_insert(ssrc, seq);
+        let slot = self.stream_or_insert(ssrc, seq)?;
         let stream = self.streams[slot].as_mut().expect("slot just found");
         let roc = stream.guess_roc(seq);
         // Never protect two packets under one index: the second would reuse
@@ -343,14 +353,11 @@ impl SrtpContext {
     /// RTP packet at its start. A packet that fails changes no state.
     pub fn unprotect_rtp(&mut self, buf: &mut [u8]) -> Result<Unprotected, SrtpError> {
         let c = self.check_rtp(buf)?;
-        let iv = self.rtp.iv(c.ssrc, c.idx);
-        self.rtp.cipher.apply(iv, &mut buf[c.header_len..c.len]);
         // A stream is only made for an SSRC not seen before, and kept only
         // once its first packet authenticates.
-        let slot = match self.find(c.ssrc) {
-            Some(slot) => slot,
-            None => self.insert(self.new_stream(c.ssrc, c.seq)),
-        };
+        let slot = self.stream_or_insert(c.ssrc, c.seq)?;
+        let iv = self.rtp.iv(c.ssrc, c.idx);
+        self.rtp.cipher.apply(iv, &mut buf[c.header_len..c.len]);
         let stream = self.streams[slot].as_mut().expect("slot just filled");
         stream.rtp_window.accept(c.idx);
         stream.advance(c.roc, c.seq);
@@ -390,7 +397,7 @@ impl SrtpContext {
         if buf.len() < len + SRTCP_INDEX_LEN + SRTCP_TAG_LEN {
             return Err(SrtpError::NoRoom);
         }
-        let slot = self.stream_or_insert(ssrc, 0);
+        let slot = self.stream_or_insert(ssrc, 0)?;
         let stream = self.streams[slot].as_mut().expect("slot just found");
         let srtcp_index = stream.rtcp_next;
         if srtcp_index > MAX_SRTCP_INDEX {
@@ -448,14 +455,11 @@ impl SrtpContext {
     /// packet filling `buf`. Returns the RTCP length.
     pub fn unprotect_rtcp(&mut self, buf: &mut [u8]) -> Result<usize, SrtpError> {
         let c = self.check_rtcp(buf)?;
+        let slot = self.stream_or_insert(c.ssrc, 0)?;
         if c.encrypted {
             let iv = self.rtcp.iv(c.ssrc, c.srtcp_index);
             self.rtcp.cipher.apply(iv, &mut buf[RTCP_HEADER_LEN..c.len]);
         }
-        let slot = match self.find(c.ssrc) {
-            Some(slot) => slot,
-            None => self.insert(self.new_stream(c.ssrc, 0)),
-        };
         self.streams[slot]
             .as_mut()
             .expect("slot just filled")

@@ -157,4 +157,6 @@ pub enum SrtpError {
     NoRoom,
     #[error("SRTCP index exhausted: the session needs new keys")]
     IndexExhausted,
+    #[error("too many SSRCs under one key: a new one would reuse keystream")]
+    TooManyStreams,
 }

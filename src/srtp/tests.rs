@@ -441,6 +441,46 @@ fn an_ssrc_pushed_out_twice_comes_back_with_its_latest_state() {
     assert_eq!(send(&mut tx, &mut rx, 4, 1), (1 << 16) | 4);
 }
 
+/// A sender's stream is never forgotten: a flood of new SSRCs (a hostile
+/// RTCP burst through a plain leg, say) cannot make Parley send an SSRC's
+/// packets again from index 0 under the same key. Past what one context
+/// remembers, new SSRCs are refused instead.
+#[test]
+fn a_flood_of_ssrcs_never_restarts_a_stream_under_the_same_key() {
+    let key = MasterKey::generate();
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let rtcp = |tx: &mut SrtpContext, ssrc: u32| {
+        let mut buf = vec![0x80, 0xc9, 0x00, 0x01];
+        buf.extend_from_slice(&ssrc.to_be_bytes());
+        let len = buf.len();
+        buf.resize(len + SRTCP_OVERHEAD, 0);
+        tx.protect_rtcp(&mut buf, len)
+            .map(|_| u32::from_be_bytes(buf[len..len + 4].try_into().unwrap()) & 0x7fff_ffff)
+    };
+    assert_eq!(rtcp(&mut tx, 7), Ok(1));
+    let rtp = protect(&mut tx, &rtp_packet(100, 7, &[0; 8]));
+    let mut refused = 0;
+    for ssrc in 1000..1040u32 {
+        match rtcp(&mut tx, ssrc) {
+            Ok(1) => {}
+            Err(SrtpError::TooManyStreams) => refused += 1,
+            other => panic!("SSRC {ssrc}: {other:?}"),
+        }
+    }
+    // Four streams live and 32 remembered: SSRC 7 and 35 of the others.
+    assert_eq!(refused, 5);
+    // SSRC 7 goes on where it stopped, for SRTCP and SRTP alike.
+    assert_eq!(rtcp(&mut tx, 7), Ok(2));
+    let mut again = rtp_packet(100, 7, &[1; 8]);
+    let len = again.len();
+    again.resize(len + 10, 0);
+    assert_eq!(tx.protect_rtp(&mut again, len), Err(SrtpError::Replayed));
+    let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    assert!(unprotect(&mut rx, &rtp).is_ok());
+    // A stream that came back frees its record for the one it displaced.
+    assert_eq!(rtcp(&mut tx, 1000), Ok(2));
+}
+
 proptest::proptest! {
     /// The AES-NI keystream is the `aes` crate's, for any key, counter and
     /// length (including lengths that end inside a block or a lane group).
