@@ -82,7 +82,8 @@ enum BranchState {
     Answered,
     /// Final non-2xx response, or timeout (408).
     Failed(u16),
-    /// CANCEL sent.
+    /// CANCEL sent, or due at the device's first provisional response
+    /// (`Branch::cancel_deferred`).
     Cancelled,
     /// Answered after another device won: ACKed and sent BYE.
     HungUp,
@@ -100,6 +101,11 @@ struct Branch {
     /// Why the device could not take the call's media, when that is known
     /// (the reason phrase of a 488 the caller gets).
     media_refusal: Option<String>,
+    /// The fork was cancelled before the device sent any provisional
+    /// response: its CANCEL goes out with the first one (RFC 3261 §9.1
+    /// forbids it earlier, since it could overtake a lost INVITE that
+    /// retransmissions later deliver, leaving the device ringing).
+    cancel_deferred: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,12 +251,28 @@ pub(crate) struct Calls {
     /// a repeated 2xx (the ACK was lost) gets the ACK again, or the phone
     /// would hang up (RFC 3261 §13.2.2.4).
     sent_acks: HashMap<ClientTxId, (Flow, Bytes, Instant)>,
+    /// BYEs for callers whose call ended (the callee hung up) before they
+    /// acknowledged Parley's 200: each goes out with the ACK, or when the
+    /// 200 is given up on.
+    byes_after_ack: Vec<ByeAfterAck>,
+}
+
+struct ByeAfterAck {
+    /// The caller's INVITE transaction and dialog (Call-ID, Parley's tag).
+    invite_tx: ServerTxId,
+    dialog: (String, String),
+    flow: Flow,
+    bye: Bytes,
+    /// When the INVITE transaction is surely over.
+    until: Instant,
 }
 
 struct LateFork {
     request: Message,
     flow: Flow,
     bye_sent: bool,
+    /// Its CANCEL still waits for a provisional response.
+    cancel_deferred: bool,
     /// When the INVITE transaction is surely over (64·T1 after the end).
     until: Instant,
 }
@@ -261,6 +283,23 @@ const MAX_LATE_FORKS: usize = MAX_CALLS;
 /// Watches fork `b`, which is over, for a 2xx until `until` (when its
 /// INVITE transaction surely is); `bye_sent` when the device was already
 /// hung up. Beyond [`MAX_LATE_FORKS`] a fork is not watched.
+/// A CANCEL for `invite` (RFC 3261 §9.1: its Request-URI, top Via,
+/// Call-ID, From, To and CSeq number).
+fn cancel_for(invite: &Message) -> Bytes {
+    let mut b = MessageBuilder::request("CANCEL", invite.request_uri());
+    for (name, value) in [
+        (HeaderName::Via, invite.header(HeaderName::Via)),
+        (HeaderName::From, invite.header(HeaderName::From)),
+        (HeaderName::To, invite.header(HeaderName::To)),
+        (HeaderName::CallId, invite.header(HeaderName::CallId)),
+    ] {
+        b.header(name, value.unwrap_or(""));
+    }
+    b.header(HeaderName::CSeq, "1 CANCEL");
+    b.header(HeaderName::MaxForwards, MAX_FORWARDS);
+    b.finish_with_body(None, b"")
+}
+
 fn watch_late_fork(
     late_forks: &mut HashMap<ClientTxId, LateFork>,
     b: &Branch,
@@ -274,6 +313,7 @@ fn watch_late_fork(
                 request: b.request.clone(),
                 flow: b.flow,
                 bye_sent,
+                cancel_deferred: b.cancel_deferred,
                 until,
             },
         );
@@ -732,6 +772,7 @@ impl Core {
                     offer: sdp,
                     state: BranchState::Calling,
                     media_refusal: None,
+                    cancel_deferred: false,
                 }),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start a fork");
@@ -862,6 +903,11 @@ impl Core {
             // Responses to BYE or CANCEL need nothing more.
             self.calls.by_branch.remove(&ctx);
             return;
+        }
+        let branch = &mut self.calls.calls[idx].branches[bi];
+        if status < 200 && branch.cancel_deferred {
+            branch.cancel_deferred = false;
+            return self.send_cancel(now, idx, bi);
         }
         match status {
             100 => {}
@@ -1202,35 +1248,33 @@ impl Core {
             if Some(bi) == keep {
                 continue;
             }
-            let branch = &self.calls.calls[idx].branches[bi];
-            if !matches!(branch.state, BranchState::Calling | BranchState::Ringing) {
-                continue;
-            }
-            // CANCEL copies the INVITE's Request-URI, top Via, Call-ID,
-            // From, To and CSeq number (RFC 3261 §9.1).
-            let req = &branch.request;
-            let mut b = MessageBuilder::request("CANCEL", req.request_uri());
-            for (name, value) in [
-                (HeaderName::Via, req.header(HeaderName::Via)),
-                (HeaderName::From, req.header(HeaderName::From)),
-                (HeaderName::To, req.header(HeaderName::To)),
-                (HeaderName::CallId, req.header(HeaderName::CallId)),
-            ] {
-                b.header(name, value.unwrap_or(""));
-            }
-            b.header(HeaderName::CSeq, "1 CANCEL");
-            b.header(HeaderName::MaxForwards, MAX_FORWARDS);
-            let cancel = b.finish_with_body(None, b"");
-            let flow = branch.flow;
+            let branch = &mut self.calls.calls[idx].branches[bi];
+            let heard_from = match branch.state {
+                BranchState::Calling => false,
+                BranchState::Ringing => true,
+                _ => continue,
+            };
+            branch.state = BranchState::Cancelled;
+            branch.cancel_deferred = !heard_from;
             let leg = branch.leg.id;
-            let invite_tx = branch.tx;
-            if let Ok(c) = self.tx.send_request(now, flow, cancel) {
-                self.calls.by_branch.insert(c, (idx, bi));
+            if heard_from {
+                self.send_cancel(now, idx, bi);
             }
-            self.tx.cancelling(now, invite_tx);
-            self.calls.calls[idx].branches[bi].state = BranchState::Cancelled;
             self.media.close(leg);
         }
+    }
+
+    /// CANCELs fork `bi`'s INVITE. The CANCEL copies the INVITE's
+    /// Request-URI, top Via, Call-ID, From, To and CSeq number (RFC 3261
+    /// §9.1).
+    fn send_cancel(&mut self, now: Instant, idx: usize, bi: usize) {
+        let branch = &self.calls.calls[idx].branches[bi];
+        let (flow, invite_tx) = (branch.flow, branch.tx);
+        let cancel = cancel_for(&branch.request);
+        if let Ok(c) = self.tx.send_request(now, flow, cancel) {
+            self.calls.by_branch.insert(c, (idx, bi));
+        }
+        self.tx.cancelling(now, invite_tx);
     }
 
     /// CANCEL from the caller while it rings.
@@ -1346,6 +1390,18 @@ impl Core {
         if let Some(&(idx, side)) = self.calls.by_dialog.get(&key) {
             tracing::debug!(call_ref = %self.calls.calls[idx].call_ref, ?side, "acknowledged");
             self.answer_in_ack(now, idx, side, msg);
+        } else {
+            self.send_bye_after_ack(now, |b| b.dialog == key);
+        }
+    }
+
+    /// Sends the BYE that waited for the caller's ACK (`which` finds it).
+    fn send_bye_after_ack(&mut self, now: Instant, which: impl Fn(&ByeAfterAck) -> bool) {
+        let byes = &mut self.calls.byes_after_ack;
+        byes.retain(|b| b.until > now);
+        if let Some(i) = byes.iter().position(which) {
+            let b = byes.swap_remove(i);
+            let _ = self.tx.send_request(now, b.flow, b.bye);
         }
     }
 
@@ -1358,7 +1414,9 @@ impl Core {
             .iter()
             .find(|(_, c)| c.invite_tx == tx && c.caller_dialog.is_some())
         else {
-            return;
+            // A call already over whose BYE waited for this ACK: the BYE
+            // goes now (RFC 3261 §15: once the transaction timed out).
+            return self.send_bye_after_ack(now, |b| b.invite_tx == tx);
         };
         tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, "the caller never acknowledged the answer; ending the call");
         self.end_answered_call(now, idx, "No ACK For The Answer");
@@ -1385,6 +1443,23 @@ impl Core {
         let bye = dialog
             .request("BYE", &via, None)
             .finish_with_body(None, b"");
+        // Until the caller acknowledges the 200, its dialog is not
+        // confirmed on its side: no BYE yet (RFC 3261 §15).
+        if ended == Side::Callee && self.tx.server_awaits_ack(call.invite_tx) {
+            let dialog = (dialog.call_id.clone(), dialog.local_tag.clone());
+            let byes = &mut self.calls.byes_after_ack;
+            byes.retain(|b| b.until > now);
+            if byes.len() < MAX_LATE_FORKS {
+                byes.push(ByeAfterAck {
+                    invite_tx: call.invite_tx,
+                    dialog,
+                    flow,
+                    bye,
+                    until: now + 2 * self.cfg.timers.t1x64(),
+                });
+                return;
+            }
+        }
         if let Ok(c) = self.tx.send_request(now, flow, bye) {
             self.calls.by_branch.insert(c, (idx, usize::MAX));
         }
@@ -1603,6 +1678,14 @@ impl Core {
         };
         let status = msg.status().unwrap_or(500);
         if status < 200 {
+            if late.cancel_deferred {
+                let (flow, cancel) = (late.flow, cancel_for(&late.request));
+                let _ = self.tx.send_request(now, flow, cancel);
+                self.tx.cancelling(now, ctx);
+                if let Some(late) = self.calls.late_forks.get_mut(&ctx) {
+                    late.cancel_deferred = false;
+                }
+            }
             return;
         }
         if status >= 300 {
@@ -1785,6 +1868,11 @@ impl Core {
         // One offer at a time in the caller's dialog: Parley's own refresh
         // re-INVITE is one too (RFC 3261 §14.2).
         if call.reinvite.is_some() || call.refresh_seq.is_some() || call.repair.is_some() {
+            return self.reject(now, tx, msg, flow, 491, "Request Pending");
+        }
+        // Nor is one started towards a caller that has not acknowledged
+        // the 200 yet (§14.1): the callee tries again a moment later.
+        if from == Side::Callee && self.tx.server_awaits_ack(call.invite_tx) {
             return self.reject(now, tx, msg, flow, 491, "Request Pending");
         }
         let Some(w) = call.winner else {

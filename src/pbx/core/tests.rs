@@ -2940,8 +2940,12 @@ fn each_fork_gets_the_media_protection_of_its_own_transport_and_place() {
         };
         assert_eq!((opened.len(), shared), (3, expected_shared), "{opened:?}");
 
-        // The desk phone answers with plain RTP: the caller still gets
-        // SRTP, with Parley's key under its own tag.
+        // The softphone rings; the desk phone answers with plain RTP: the
+        // caller still gets SRTP, with Parley's key under its own tag.
+        s.h.send_flows(
+            soft,
+            reply_as(&protected, 180, "Ringing", None, "softtag", SOFT_CONTACT),
+        );
         let out = s.h.send_flows(
             desk,
             reply(&plain, 200, "OK", Some(&sdp_offer("192.168.1.20", 6000))),
@@ -3518,4 +3522,165 @@ fn both_legs_count_jitter_at_the_answered_codec_clock() {
         .map(|(_, m)| (m.clock_rate, m.telephone_event_pt))
         .collect();
     assert_eq!(clocks, [(8000, Some(101)), (8000, Some(101))]);
+}
+
+/// RFC 3261 §12.1.1: the caller's dialog is built from the Record-Route
+/// of its INVITE on both ends. Parley's 180 and 200 carry those headers
+/// back in order, and Parley's own requests in that dialog follow them.
+#[test]
+fn answers_to_a_record_routed_invite_carry_its_record_route() {
+    let mut s = call_setup();
+    s.caller.extra = vec![
+        (HeaderName::RecordRoute, "<sip:edge.example;lr>".into()),
+        (
+            HeaderName::RecordRoute,
+            "<sip:core.example;lr;ftag=x>".into(),
+        ),
+    ];
+    let out = s.dial("102");
+    let trying = out.iter().find(|(_, m)| m.status() == Some(100)).unwrap();
+    assert!(trying.1.header(HeaderName::RecordRoute).is_none());
+    let invite = requests_to(&out, s.callee_flow, Method::Invite).remove(0);
+    let record_route = |m: &Message| -> Vec<String> {
+        m.headers(HeaderName::RecordRoute)
+            .map(str::to_string)
+            .collect()
+    };
+    let expected = ["<sip:edge.example;lr>", "<sip:core.example;lr;ftag=x>"];
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&invite, 180, "Ringing", None));
+    assert_eq!(
+        record_route(&response_sent(&out, s.caller.flow, 180)),
+        expected
+    );
+    let answer = sdp_offer("192.168.1.30", 6000);
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&invite, 200, "OK", Some(&answer)));
+    let ok = response_sent(&out, s.caller.flow, 200);
+    assert_eq!(record_route(&ok), expected);
+    // The callee's leg saw no Record-Route: none leaks there.
+    assert!(invite.header(HeaderName::RecordRoute).is_none());
+
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let out = s.h.send_flows(
+        s.callee_flow,
+        callee_in_dialog(&invite, s.callee_flow, "BYE", 2, None),
+    );
+    let byes = requests_to(&out, s.caller.flow, Method::Bye);
+    assert_eq!(byes.len(), 1);
+    let routes: Vec<&str> = byes[0].headers(HeaderName::Route).collect();
+    assert_eq!(routes, expected);
+    // Loose routing: the Request-URI stays the caller's Contact.
+    assert_eq!(byes[0].request_uri(), "sip:100@192.168.1.20:5062");
+}
+
+/// The response with `status` that Parley sent to `flow`.
+fn response_sent(out: &[(Flow, Message)], flow: Flow, status: u16) -> Message {
+    out.iter()
+        .find(|(f, m)| *f == flow && m.status() == Some(status))
+        .unwrap_or_else(|| panic!("no {status} to {flow:?} in {out:?}"))
+        .1
+        .clone()
+}
+
+/// RFC 3261 §9.1: no CANCEL before a provisional response. A fork whose
+/// device has not answered at all when another device wins gets its
+/// CANCEL with the device's first provisional response, whether the call
+/// is still up or already over by then.
+#[test]
+fn a_fork_is_cancelled_only_after_its_device_responded() {
+    for end_call_first in [false, true] {
+        let mut s = call_setup();
+        let soft = add_callee_device(&mut s, "192.168.1.31:5064");
+        let out = s.dial("102");
+        let desk_invite = invite_to(&out, s.callee_flow);
+        let soft_invite = invite_to(&out, soft);
+        // The softphone answers; the desk phone has sent nothing yet.
+        let soft_ok = reply_as(
+            &soft_invite,
+            200,
+            "OK",
+            Some(&sdp_offer("192.168.1.31", 7000)),
+            "softtag",
+            SOFT_CONTACT,
+        );
+        let out = s.h.send_flows(soft, soft_ok);
+        let ok = caller_ok(&out, s.caller.flow);
+        assert!(
+            requests_to(&out, s.callee_flow, Method::Cancel).is_empty(),
+            "CANCEL before any provisional response: {out:?}"
+        );
+        if end_call_first {
+            s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+            s.h.send_flows(s.caller.flow, s.caller.in_dialog("BYE", &ok));
+            assert_eq!(s.h.core.call_count(), 0);
+        }
+        // The desk phone's 100 Trying arrives at last: now it is cancelled,
+        // once.
+        let out =
+            s.h.send_flows(s.callee_flow, reply(&desk_invite, 100, "Trying", None));
+        let cancels = requests_to(&out, s.callee_flow, Method::Cancel);
+        assert_eq!(cancels.len(), 1, "end_call_first={end_call_first}: {out:?}");
+        assert_eq!(
+            cancels[0].top_via().unwrap().branch(),
+            desk_invite.top_via().unwrap().branch()
+        );
+        let out =
+            s.h.send_flows(s.callee_flow, reply(&desk_invite, 180, "Ringing", None));
+        assert!(
+            requests_to(&out, s.callee_flow, Method::Cancel).is_empty(),
+            "a second CANCEL: {out:?}"
+        );
+        assert!(statuses_to(&out, s.caller.flow).is_empty());
+    }
+}
+
+/// RFC 3261 §15 and §14.1: until the caller acknowledges Parley's 200, its
+/// dialog gets no BYE and no re-INVITE. A callee hanging up at once has
+/// the caller's BYE wait for the ACK, or for the 200 to be given up on; a
+/// callee re-INVITE meanwhile gets 491 and is tried again later.
+#[test]
+fn the_caller_gets_no_bye_or_reinvite_before_it_acknowledges_the_answer() {
+    for caller_acks in [true, false] {
+        let mut s = call_setup();
+        let (invite, ok) = answered_call_with_invite(&mut s);
+        let offer = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
+        let out = s.h.send_flows(
+            s.callee_flow,
+            callee_in_dialog(
+                &invite,
+                s.callee_flow,
+                "INVITE",
+                2,
+                Some(("application/sdp", &offer)),
+            ),
+        );
+        assert_eq!(statuses_to(&out, s.callee_flow), [491], "{out:?}");
+        assert!(requests_to(&out, s.caller.flow, Method::Invite).is_empty());
+
+        let out = s.h.send_flows(
+            s.callee_flow,
+            callee_in_dialog(&invite, s.callee_flow, "BYE", 3, None),
+        );
+        assert_eq!(statuses_to(&out, s.callee_flow), [200]);
+        assert!(
+            requests_to(&out, s.caller.flow, Method::Bye).is_empty(),
+            "BYE before the caller's ACK: {out:?}"
+        );
+        assert_eq!(s.h.core.call_count(), 0);
+        let out = if caller_acks {
+            s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok))
+        } else {
+            // Parley's 200 is sent again and again, then given up on.
+            s.h.advance(Duration::from_secs(33))
+        };
+        let byes = requests_to(&out, s.caller.flow, Method::Bye);
+        assert_eq!(byes.len(), 1, "caller_acks={caller_acks}: {out:?}");
+        assert_eq!(byes[0].call_id(), Some("call-1@phone"));
+        assert_eq!(byes[0].to().unwrap().tag(), Some("caller100"));
+        // Only once.
+        let out =
+            s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+        assert!(requests_to(&out, s.caller.flow, Method::Bye).is_empty());
+    }
 }

@@ -6,7 +6,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use std::net::SocketAddr;
 
-use super::{HeaderName, Message, NameAddr, grammar, limits};
+use super::{HeaderName, Message, Method, NameAddr, grammar, limits};
 
 /// Enough for a 401 with two challenges or a 200 listing a few contacts,
 /// so most messages are written without growing the buffer.
@@ -67,6 +67,9 @@ impl MessageBuilder {
     ) -> MessageBuilder {
         let mut b = MessageBuilder::response(status, reason);
         let mut first_via = true;
+        // RFC 3261 §12.1.1: a response that makes a dialog carries the
+        // request's Record-Route, so the peer's route set matches ours.
+        let keeps_route = req.method() == Some(Method::Invite) && (101..300).contains(&status);
         for (name, _, value) in req.fields() {
             match name {
                 HeaderName::Via if first_via => {
@@ -96,6 +99,9 @@ impl MessageBuilder {
                         }
                         _ => b.header(name, value),
                     };
+                }
+                HeaderName::RecordRoute if keeps_route => {
+                    b.header(name, value);
                 }
                 // RFC 3261 §8.2.6.1: a 100 echoes the request's Timestamp.
                 HeaderName::Timestamp if status == 100 => {

@@ -460,6 +460,14 @@ impl TransactionLayer {
     }
 
     /// True while the server transaction exists and has sent no final response.
+    /// Whether the INVITE server transaction `id` sent a 2xx that is not
+    /// acknowledged yet, and is still sending it again (RFC 6026).
+    pub fn server_awaits_ack(&self, id: ServerTxId) -> bool {
+        self.server.get(id.idx).is_some_and(|t| {
+            t.uid == id.uid && t.state == ServerState::Accepted && t.ack_key.is_some()
+        })
+    }
+
     pub fn server_is_pending(&self, id: ServerTxId) -> bool {
         self.server.get(id.idx).is_some_and(|t| {
             t.uid == id.uid && matches!(t.state, ServerState::Trying | ServerState::Proceeding)
