@@ -655,6 +655,28 @@ fn srtp_relay_follows_ssrc_changes_and_sequence_jumps() {
     assert_eq!(leg_a.receiving.packets, 150);
     assert_eq!(leg_a.receiving.lost(), 0);
     assert_eq!(leg_b.sending.packets, 150);
+
+    // Phone A takes a new key in a re-INVITE and starts SSRC 2 over from
+    // 20,000, behind what B got; Parley's key towards B stays. After one packet, B hears the
+    // stream again, numbered on from where it was.
+    let phone_a_key = MasterKey::generate();
+    leg_a.configure(srtp_media(a_addr, &phone_a_key, &parley_a_key), now);
+    let mut phone_a = SrtpContext::new(Suite::AesCm128HmacSha1_80, &phone_a_key);
+    let mut heard = Vec::new();
+    for (n, seq) in (20_000..20_050u16).enumerate() {
+        let mut buf = protect(&mut phone_a, &rtp(seq, 2, &[7; 160]));
+        let srtp_len = buf.len();
+        buf.resize(srtp_len + crate::srtp::MAX_SRTP_OVERHEAD, 0);
+        let at = now + Duration::from_millis(20 * (150 + n as u64));
+        let plain = leg_a
+            .receive(Kind::Rtp, a_addr, &mut buf[..srtp_len], at)
+            .unwrap();
+        if let Some((_, out_len)) = leg_b.prepare_send(Kind::Rtp, &mut buf, plain) {
+            heard.push(phone_b_rx.unprotect_rtp(&mut buf[..out_len]).unwrap().index);
+        }
+    }
+    let expected: Vec<u64> = (43_100..43_149).collect();
+    assert_eq!(heard, expected);
 }
 
 /// Jitter is counted at the codec's clock (48 kHz for Opus), and DTMF

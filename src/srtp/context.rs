@@ -79,6 +79,12 @@ struct Stream {
     rtcp_window: ReplayWindow,
     /// Next SRTCP index to send.
     rtcp_next: u32,
+    /// Sending: added to every sequence number forwarded for this SSRC
+    /// (see [`SrtpContext::protect_rtp`]).
+    seq_offset: u16,
+    /// Sending: the sequence number of a packet refused as far behind,
+    /// which may be the first of a restarted sequence.
+    restart_probe: Option<u16>,
     /// For least-recently-used replacement.
     last_used: u64,
 }
@@ -93,6 +99,8 @@ impl Stream {
             rtcp_window: ReplayWindow::default(),
             // libsrtp starts at 1 too; its reference vectors rely on it.
             rtcp_next: 1,
+            seq_offset: 0,
+            restart_probe: None,
             last_used: 0,
         }
     }
@@ -136,6 +144,7 @@ struct Retired {
     highest_seq: u16,
     rtcp_top: Option<u64>,
     rtcp_next: u32,
+    seq_offset: u16,
 }
 
 /// A packet [`SrtpContext::unprotect_rtp`] accepted.
@@ -222,6 +231,7 @@ impl SrtpContext {
                 .map(ReplayWindow::closed_up_to)
                 .unwrap_or_default();
             stream.rtcp_next = r.rtcp_next;
+            stream.seq_offset = r.seq_offset;
         }
         stream
     }
@@ -246,6 +256,7 @@ impl SrtpContext {
                 highest_seq: old.highest_seq,
                 rtcp_top: old.rtcp_window.top(),
                 rtcp_next: old.rtcp_next,
+                seq_offset: old.seq_offset,
             };
             // One record per SSRC, the newest: an SSRC pushed out twice
             // must not come back with the state of its first exit (an old
@@ -293,14 +304,43 @@ impl SrtpContext {
         let (seq, ssrc) = rtp_seq_ssrc(packet);
         let slot = self.stream_or_insert(ssrc, seq)?;
         let stream = self.streams[slot].as_mut().expect("slot just found");
-        let roc = stream.guess_roc(seq);
         // Never protect two packets under one index: the second would reuse
         // keystream. A relay forwards what arrives, duplicates included, so
         // the sending side keeps a window of the indices it has used.
-        let idx = index(roc, seq);
-        stream.rtp_window.check(idx)?;
+        //
+        // The sequence numbers are the far phone's, and that phone may
+        // start over under the same SSRC (a new key of its own in a
+        // re-INVITE, or a plain phone that restarts its stream) while this
+        // key stays. Its packets would then all be far behind what was
+        // sent, refused here and by the receiving phone's replay window
+        // until the sequence caught up: minutes of silence. So two
+        // consecutive packets that far behind mark a restart, and from
+        // then on this SSRC's numbers are shifted to go on from the
+        // highest sent (one packet is lost to the check; RTCP reports of
+        // this stream then count in the shifted numbers).
+        let mut out = seq.wrapping_add(stream.seq_offset);
+        let mut roc = stream.guess_roc(out);
+        let mut idx = index(roc, out);
+        match stream.rtp_window.check(idx) {
+            Ok(()) => stream.restart_probe = None,
+            Err(SrtpError::TooOld) if stream.restart_probe == Some(seq.wrapping_sub(1)) => {
+                let next = stream.highest_seq.wrapping_add(1);
+                stream.seq_offset = next.wrapping_sub(seq);
+                stream.restart_probe = None;
+                out = next;
+                roc = stream.guess_roc(out);
+                idx = index(roc, out);
+                stream.rtp_window.check(idx)?;
+            }
+            Err(SrtpError::TooOld) => {
+                stream.restart_probe = Some(seq);
+                return Err(SrtpError::TooOld);
+            }
+            Err(e) => return Err(e),
+        }
         stream.rtp_window.accept(idx);
-        stream.advance(roc, seq);
+        stream.advance(roc, out);
+        buf[2..4].copy_from_slice(&out.to_be_bytes());
 
         let iv = self.rtp.iv(ssrc, idx);
         self.rtp.cipher.apply(iv, &mut buf[header_len..len]);

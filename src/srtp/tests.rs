@@ -481,6 +481,41 @@ fn a_flood_of_ssrcs_never_restarts_a_stream_under_the_same_key() {
     assert_eq!(rtcp(&mut tx, 1000), Ok(2));
 }
 
+/// The far phone starts its sequence over under the same SSRC while
+/// Parley's key towards this phone stays: after one packet the stream goes
+/// on from where it was, in numbers the receiving phone accepts, instead of
+/// every packet being refused until the old numbers are reached again.
+#[test]
+fn a_restarted_sequence_goes_on_from_the_highest_sent() {
+    let key = MasterKey::generate();
+    let mut tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let mut rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &key);
+    let mut send = |seq: u16| {
+        let mut buf = rtp_packet(seq, 9, &[seq as u8; 20]);
+        let len = buf.len();
+        buf.resize(len + 10, 0);
+        let n = tx.protect_rtp(&mut buf, len)?;
+        let (plain, info) = unprotect(&mut rx, &buf[..n]).expect("the phone takes it");
+        assert_eq!(plain[12..], [seq as u8; 20]);
+        Ok::<u64, SrtpError>(info.index)
+    };
+    for seq in 40_000..40_050u16 {
+        assert_eq!(send(seq), Ok(u64::from(seq)));
+    }
+    // A late packet far behind alone is still refused, and so is a repeat.
+    assert_eq!(send(39_000), Err(SrtpError::TooOld));
+    assert_eq!(send(40_049), Err(SrtpError::Replayed));
+    // The restart: its first packet is refused, the rest follow on.
+    assert_eq!(send(20_000), Err(SrtpError::TooOld));
+    for (n, seq) in (20_001..20_050u16).enumerate() {
+        assert_eq!(send(seq), Ok(40_050 + n as u64));
+    }
+    // Reordering and duplicates keep working in the shifted numbers.
+    assert_eq!(send(20_049), Err(SrtpError::Replayed));
+    assert_eq!(send(20_051), Ok(40_100));
+    assert_eq!(send(20_050), Ok(40_099));
+}
+
 proptest::proptest! {
     /// The AES-NI keystream is the `aes` crate's, for any key, counter and
     /// length (including lengths that end inside a block or a lane group).
