@@ -1910,6 +1910,7 @@ impl Core {
             Side::Callee => call.sent_to_caller.clone(),
             Side::Caller => None,
         };
+        let timer = call.session.filter(|_| from == Side::Callee);
         let (y_local, y_dialog) = match from {
             Side::Caller => (&mut call.branches[w].local, call.callee_dialog.as_mut()),
             Side::Callee => (&mut call.caller_local, call.caller_dialog.as_mut()),
@@ -1930,6 +1931,9 @@ impl Core {
         };
         let mut b = y_dialog.request(name, &via, None);
         b.header(HeaderName::Allow, super::ALLOWED_METHODS);
+        if let Some(timer) = timer {
+            timer.add_to_request(&mut b);
+        }
         let sent_seq = y_dialog.local_seq;
         let bytes = b.finish_with_body(Some("application/sdp"), &sent.to_bytes());
         if let Some(d) = match from {
@@ -2003,6 +2007,9 @@ impl Core {
             let ack = y_dialog.ack(r.sent_seq, &via, None);
             self.remember_ack(now, ctx, y_flow, ack.clone());
             self.transmit(y_flow, ack);
+        }
+        if r.from == Side::Callee {
+            self.session_refreshed_by_parley(now, idx);
         }
 
         let call = &self.calls.calls[idx];

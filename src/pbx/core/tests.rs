@@ -3333,13 +3333,13 @@ fn a_refresh_reinvite_waits_for_other_offers_in_the_callers_dialog() {
         s.caller.flow,
         caller_answer(&relayed, 200, "OK", Some(&agreed)),
     );
+    // That exchange refreshed the session (RFC 4028 §10): the next
+    // refresh is half an interval after its answer.
     let out = s.h.advance(Duration::from_secs(2));
+    assert!(new_invites(&out, &relayed).is_empty(), "{out:?}");
+    let out = s.h.advance(Duration::from_secs(49));
     let refresh = new_invites(&out, &relayed);
-    assert_eq!(
-        refresh.len(),
-        1,
-        "the refresh once the way is clear: {out:?}"
-    );
+    assert_eq!(refresh.len(), 1, "the next refresh: {out:?}");
 
     // While it is out, a re-INVITE from either side gets 491.
     let out = callee_reinvites(&mut s, &invite, 2, &hold);
@@ -3683,4 +3683,60 @@ fn the_caller_gets_no_bye_or_reinvite_before_it_acknowledges_the_answer() {
             s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
         assert!(requests_to(&out, s.caller.flow, Method::Bye).is_empty());
     }
+}
+
+/// RFC 4028 §7.4 and §10: a re-INVITE Parley passes to the caller carries
+/// the session timer (the caller stays the refresher), and the caller's
+/// 2xx to it counts as a refresh.
+#[test]
+fn a_reinvite_to_the_caller_keeps_and_refreshes_its_session_timer() {
+    let mut s = call_setup();
+    s.caller.extra = vec![
+        (HeaderName::SessionExpires, "120;refresher=uac".into()),
+        (HeaderName::Supported, "timer".into()),
+    ];
+    let (invite, ok) = established_call(&mut s);
+    assert_eq!(
+        ok.header(HeaderName::SessionExpires),
+        Some("120;refresher=uac")
+    );
+
+    // At 60 s the callee holds the call; the caller gets the re-INVITE.
+    s.h.advance(Duration::from_secs(60));
+    let hold = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
+    let out = s.h.send_flows(
+        s.callee_flow,
+        callee_in_dialog(
+            &invite,
+            s.callee_flow,
+            "INVITE",
+            2,
+            Some(("application/sdp", &hold)),
+        ),
+    );
+    let reinvites = requests_to(&out, s.caller.flow, Method::Invite);
+    assert_eq!(reinvites.len(), 1, "{out:?}");
+    assert_eq!(
+        reinvites[0].header(HeaderName::SessionExpires),
+        Some("120;refresher=uas")
+    );
+    assert!(
+        reinvites[0]
+            .header_values(HeaderName::Supported)
+            .any(|t| t == "timer")
+    );
+    let agreed = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly");
+    s.h.send_flows(
+        s.caller.flow,
+        caller_answer(&reinvites[0], 200, "OK", Some(&agreed)),
+    );
+
+    // Without that refresh the session would end at 88 s; it lives on...
+    let out = s.h.advance(Duration::from_secs(60));
+    assert!(requests_to(&out, s.caller.flow, Method::Bye).is_empty());
+    assert_eq!(s.h.core.call_count(), 1);
+    // ...until 88 s after the re-INVITE's answer.
+    let out = s.h.advance(Duration::from_secs(30));
+    assert_eq!(requests_to(&out, s.caller.flow, Method::Bye).len(), 1);
+    assert_eq!(s.h.core.call_count(), 0);
 }

@@ -107,6 +107,26 @@ impl SessionTimerRequest {
     }
 }
 
+impl SessionTimer {
+    /// Adds Session-Expires and `Supported: timer` to a re-INVITE or
+    /// UPDATE Parley sends the caller. Each such request negotiates the
+    /// timer anew (RFC 4028 §7.4, §9); without them the caller may take
+    /// the timer as switched off and stop refreshing. The refresher stays
+    /// who it was: the caller (here the UAS) or Parley.
+    pub(super) fn add_to_request(&self, b: &mut MessageBuilder) {
+        let who = if self.request.caller_refreshes {
+            "uas"
+        } else {
+            "uac"
+        };
+        b.header_fmt(
+            HeaderName::SessionExpires,
+            format_args!("{};refresher={who}", self.request.interval),
+        );
+        b.header(HeaderName::Supported, "timer");
+    }
+}
+
 /// A request passed from one side of a call to the other, waiting for the
 /// other side's answer.
 pub(super) struct Relayed {
@@ -125,6 +145,18 @@ impl Core {
         let next = request.next_after(now);
         call.session = Some(SessionTimer { request, next });
         let uid = call.uid;
+        self.calls.session_timers.arm(next, idx, uid);
+    }
+
+    /// A 2xx from the caller to Parley's re-INVITE or UPDATE refreshes the
+    /// session, whoever the refresher is (RFC 4028 §10).
+    pub(super) fn session_refreshed_by_parley(&mut self, now: Instant, idx: usize) {
+        let call = &mut self.calls.calls[idx];
+        let Some(timer) = call.session.as_mut() else {
+            return;
+        };
+        timer.next = timer.request.next_after(now);
+        let (next, uid) = (timer.next, call.uid);
         self.calls.session_timers.arm(next, idx, uid);
     }
 
@@ -185,6 +217,7 @@ impl Core {
         };
         let via = self.via(&flow, &branch_id());
         let call = &mut self.calls.calls[idx];
+        let session = call.session.filter(|_| y == Side::Caller);
         let (previous, local, dialog) = match y {
             Side::Caller => (
                 call.sent_to_caller.clone(),
@@ -204,6 +237,9 @@ impl Core {
         sent.origin.session_version = local.version;
         let mut b = dialog.request("INVITE", &via, None);
         b.header(HeaderName::Allow, ALLOWED_METHODS);
+        if let Some(timer) = session {
+            timer.add_to_request(&mut b);
+        }
         let sent_seq = dialog.local_seq;
         let bytes = b.finish_with_body(Some("application/sdp"), &sent.to_bytes());
         tracing::warn!(call_ref = %call.call_ref, side = ?y, "restoring a side's session after a failed re-INVITE");
@@ -262,6 +298,9 @@ impl Core {
         } {
             d.refresh_target(msg);
             let ack = d.ack(r.sent_seq, &via, None);
+            if r.side == Side::Caller {
+                self.session_refreshed_by_parley(now, idx);
+            }
             self.remember_ack(now, ctx, flow, ack.clone());
             self.transmit(flow, ack);
         }
@@ -361,11 +400,7 @@ impl Core {
         };
         let mut b = dialog.request(method, &via, None);
         let seq = dialog.local_seq;
-        b.header_fmt(
-            HeaderName::SessionExpires,
-            format_args!("{};refresher=uac", timer.request.interval),
-        );
-        b.header(HeaderName::Supported, "timer");
+        timer.add_to_request(&mut b);
         let bytes = match &body {
             Some(sdp) => b.finish_with_body(Some("application/sdp"), sdp),
             None => b.finish_with_body(None, b""),
@@ -408,6 +443,11 @@ impl Core {
         } else if (200..300).contains(&status) {
             let via = self.via(&flow, &branch_id());
             let call = &mut self.calls.calls[idx];
+            // A 2xx to a re-INVITE refreshes the target too (RFC 3261
+            // §12.2.1.2).
+            if let Some(d) = call.caller_dialog.as_mut() {
+                d.refresh_target(msg);
+            }
             if let (Some(seq), Some(d)) = (call.refresh_seq.take(), call.caller_dialog.as_mut()) {
                 let ack = d.ack(seq, &via, None);
                 self.remember_ack(now, ctx, flow, ack.clone());
