@@ -101,6 +101,9 @@ struct Branch {
     /// Why the device could not take the call's media, when that is known
     /// (the reason phrase of a 488 the caller gets).
     media_refusal: Option<String>,
+    /// To tags of further dialogs the winning device's INVITE made, each
+    /// hung up once.
+    extra_dialogs: Vec<String>,
     /// The fork was cancelled before the device sent any provisional
     /// response: its CANCEL goes out with the first one (RFC 3261 §9.1
     /// forbids it earlier, since it could overtake a lost INVITE that
@@ -772,6 +775,7 @@ impl Core {
                     offer: sdp,
                     state: BranchState::Calling,
                     media_refusal: None,
+                    extra_dialogs: Vec::new(),
                     cancel_deferred: false,
                 }),
                 Err(e) => {
@@ -946,7 +950,10 @@ impl Core {
                     let b = self.response_builder(&r.request, r.flow, 408, "Request Timeout");
                     self.respond(now, r.tx, 408, b.finish());
                 }
-                return;
+                // No answer at all ends the dialog, as a 408 would (RFC
+                // 3261 §12.2.1.2): so the call.
+                tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, "no answer to a passed-on re-INVITE; ending the call");
+                return self.end_answered_call(now, idx, "Dialog Gone");
             }
             let is_invite = self.calls.calls[idx]
                 .branches
@@ -1156,7 +1163,32 @@ impl Core {
         self.transmit(flow, ack);
         let call = &self.calls.calls[idx];
         let branch = &call.branches[bi];
-        if call.winner == Some(bi) || branch.state == BranchState::HungUp {
+        if call.winner == Some(bi) {
+            // A retransmitted 2xx (the device missed the ACK) is
+            // acknowledged again, and nothing more. A 2xx with another To
+            // tag is a second dialog (a forking proxy behind the binding,
+            // two phones answering): acknowledged and hung up (RFC 3261
+            // §13.2.2.4), once.
+            let tag = msg.to().and_then(|t| t.tag()).unwrap_or("").to_string();
+            let same = call
+                .callee_dialog
+                .as_ref()
+                .is_some_and(|d| d.remote_tag == tag);
+            let call = &mut self.calls.calls[idx];
+            if !same && !call.branches[bi].extra_dialogs.contains(&tag) {
+                tracing::info!(call_ref = %call.call_ref, "a second dialog answered the winning device's INVITE; hanging it up");
+                if call.branches[bi].extra_dialogs.len() < MAX_FORKS {
+                    call.branches[bi].extra_dialogs.push(tag);
+                }
+                let via = self.via(&flow, &branch_id());
+                let bye = dialog
+                    .request("BYE", &via, None)
+                    .finish_with_body(None, b"");
+                let _ = self.tx.send_request(now, flow, bye);
+            }
+            return;
+        }
+        if branch.state == BranchState::HungUp {
             // A retransmitted 2xx (the device missed the ACK): acknowledged
             // again, and nothing more.
             return;

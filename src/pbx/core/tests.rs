@@ -3740,3 +3740,60 @@ fn a_reinvite_to_the_caller_keeps_and_refreshes_its_session_timer() {
     assert_eq!(requests_to(&out, s.caller.flow, Method::Bye).len(), 1);
     assert_eq!(s.h.core.call_count(), 0);
 }
+
+/// RFC 3261 §13.2.2.4: a second 2xx to the winning device's INVITE with
+/// another To tag is a second dialog (a forking proxy behind the binding):
+/// it is acknowledged and hung up once, and the call goes on.
+#[test]
+fn a_second_dialog_from_the_winning_device_is_hung_up() {
+    let mut s = call_setup();
+    let (invite, _ok) = established_call(&mut s);
+    let answer = sdp_offer("192.168.1.30", 6002);
+    let other = reply_as(
+        &invite,
+        200,
+        "OK",
+        Some(&answer),
+        "othertag",
+        "<sip:102@192.168.1.30:5062>",
+    );
+    for round in 0..2 {
+        let out = s.h.send_flows(s.callee_flow, other.clone());
+        let acks = requests_to(&out, s.callee_flow, Method::Ack);
+        assert_eq!(acks.len(), 1, "round {round}: {out:?}");
+        assert_eq!(acks[0].to().unwrap().tag(), Some("othertag"));
+        let byes = requests_to(&out, s.callee_flow, Method::Bye);
+        assert_eq!(
+            byes.len(),
+            usize::from(round == 0),
+            "round {round}: {out:?}"
+        );
+        if let Some(bye) = byes.first() {
+            assert_eq!(bye.to().unwrap().tag(), Some("othertag"));
+        }
+        assert!(out.iter().all(|(f, _)| *f == s.callee_flow), "{out:?}");
+    }
+    assert_eq!(s.h.core.call_count(), 1);
+    // The first dialog's own 2xx again: only an ACK.
+    let out = s.h.send_flows(
+        s.callee_flow,
+        reply(&invite, 200, "OK", Some(&sdp_offer("192.168.1.30", 6000))),
+    );
+    assert!(requests_to(&out, s.callee_flow, Method::Bye).is_empty());
+}
+
+/// RFC 3261 §12.2.1.2: a re-INVITE passed to the other side that gets no
+/// answer at all ends the dialog, as a 408 would: the call ends.
+#[test]
+fn a_passed_on_reinvite_never_answered_ends_the_call() {
+    let mut s = call_setup();
+    let (invite, _ok) = established_call(&mut s);
+    let hold = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
+    let out = callee_reinvites(&mut s, &invite, 2, &hold);
+    assert_eq!(requests_to(&out, s.caller.flow, Method::Invite).len(), 1);
+    let out = s.h.advance(Duration::from_secs(33));
+    assert!(statuses_to(&out, s.callee_flow).contains(&408), "{out:?}");
+    assert_eq!(requests_to(&out, s.callee_flow, Method::Bye).len(), 1);
+    assert_eq!(requests_to(&out, s.caller.flow, Method::Bye).len(), 1);
+    assert_eq!(s.h.core.call_count(), 0);
+}
