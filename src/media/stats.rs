@@ -32,6 +32,8 @@ pub struct Receiving {
     jitter_q4: u64,
     /// Previous packet's transit time, in timestamp units.
     last_transit: Option<i64>,
+    /// The clock `jitter_q4` and `last_transit` count in (0: none yet).
+    jitter_clock: u32,
     epoch: Option<Instant>,
     /// A packet that would start a new count, waiting for its successor.
     probation: Option<(u32, u64)>,
@@ -77,8 +79,10 @@ impl Receiving {
             }
             _ => {
                 self.probation = None;
-                // A new SSRC or a jump: bank the old stream's loss and start over.
-                self.lost_before += self.stream.as_ref().map_or(0, StreamCount::lost);
+                // A new SSRC or a jump: bank the old stream's loss and start
+                // over. Duplicates in the old stream (more received than
+                // expected) must not cancel loss in the next.
+                self.lost_before += self.stream.as_ref().map_or(0, StreamCount::lost).max(0);
                 self.stream = Some(StreamCount {
                     ssrc,
                     first: index,
@@ -88,9 +92,20 @@ impl Receiving {
                 self.last_transit = None;
             }
         }
-        let Some(clock_rate) = clock_rate else {
+        let Some(clock_rate) = clock_rate.filter(|&c| c > 0) else {
             return;
         };
+        if self.jitter_clock != clock_rate {
+            // A codec change (a re-INVITE from 8 kHz to 48 kHz, say): the
+            // estimate is carried over to the new clock's units, and no
+            // transit difference spans the two.
+            if self.jitter_clock != 0 {
+                self.jitter_q4 = self.jitter_q4.saturating_mul(u64::from(clock_rate))
+                    / u64::from(self.jitter_clock);
+            }
+            self.jitter_clock = clock_rate;
+            self.last_transit = None;
+        }
         // Jitter: arrival time and RTP timestamp in the same units.
         let epoch = *self.epoch.get_or_insert(now);
         let arrival =

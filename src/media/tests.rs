@@ -743,3 +743,49 @@ fn the_sent_direction_counts_loss_over_the_whole_call() {
         "30% of the call lost, a clean last interval: {mos}"
     );
 }
+
+/// A codec change mid-call (8 kHz to 48 kHz) carries the jitter estimate
+/// over to the new clock instead of taking the change of units for
+/// seconds of jitter.
+#[test]
+fn jitter_survives_a_change_of_codec_clock() {
+    let t0 = Instant::now();
+    let mut r = stats::Receiving::default();
+    let mut at = t0;
+    for n in 0..100u32 {
+        r.on_rtp(1, u64::from(n), n * 160, 172, at, Some(8_000));
+        at += Duration::from_millis(20);
+    }
+    for n in 0..5u32 {
+        r.on_rtp(
+            1,
+            100 + u64::from(n),
+            7_000_000 + n * 960,
+            172,
+            at,
+            Some(48_000),
+        );
+        at += Duration::from_millis(20);
+    }
+    let jitter = r.jitter_ms(48_000);
+    assert!(jitter < 1.0, "{jitter} ms on a steady stream");
+}
+
+/// Duplicates in one stream do not hide loss in the next (after an SSRC
+/// change).
+#[test]
+fn duplicates_in_one_stream_do_not_cancel_loss_in_the_next() {
+    let t0 = Instant::now();
+    let mut r = stats::Receiving::default();
+    for n in 0..20u64 {
+        r.on_rtp(1, n, 0, 172, t0, None);
+    }
+    for n in 0..5u64 {
+        r.on_rtp(1, n, 0, 172, t0, None);
+    }
+    // SSRC 2: 21 sent, five lost (its first packet only opens the count).
+    for n in (1000..1021u64).filter(|n| n % 4 != 3) {
+        r.on_rtp(2, n, 0, 172, t0, None);
+    }
+    assert_eq!(r.lost(), 5);
+}
