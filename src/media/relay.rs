@@ -29,10 +29,13 @@ use crate::srtp::SRTCP_OVERHEAD;
 const WAKE_TOKEN: u64 = u64::MAX;
 /// The epoll tokens of the shared RTP and RTCP sockets.
 const SHARED_TOKENS: [u64; 2] = [u64::MAX - 1, u64::MAX - 2];
-/// Legs tried against a packet from a source no leg has: those that know
-/// its SSRC, then a few that expect a new source, in turn. Each try is one
-/// HMAC, so this bounds what a forged packet costs.
+/// Legs taken from each list of candidates for a packet from a source no
+/// leg has: those that know its SSRC, those whose SDP names its address or
+/// host, then a few that expect a new source, in turn.
 const MAX_TRIALS: usize = 8;
+/// SRTP legs tried in all for one such packet. Each try is one HMAC, so
+/// this bounds what a forged packet costs.
+const MAX_KEY_TRIALS: usize = 2 * MAX_TRIALS;
 /// SSRCs remembered per shared leg, to find it when its phone's address
 /// changes (a NAT rebinding) and the packet comes from a new source.
 const MAX_SSRCS: usize = 4;
@@ -621,13 +624,23 @@ impl Search<'_> {
             .chain(turn(list(self.by_hint.get(&Hint::Host(src.ip()))), start))
             .chain(turn(self.expecting, start));
         let mut trusting = None;
+        // A leg may be on several lists: tried once.
+        let mut tried: SmallVec<[usize; 4 * MAX_TRIALS]> = SmallVec::new();
+        let mut key_trials = 0;
         for c in candidates {
-            if Some(c) == exclude {
+            if Some(c) == exclude || tried.contains(&c) {
                 continue;
             }
+            tried.push(c);
             let Some(s) = self.slots.get(c) else {
                 continue;
             };
+            if s.leg.suite().is_some() {
+                if key_trials == MAX_KEY_TRIALS {
+                    continue;
+                }
+                key_trials += 1;
+            }
             if !s.leg.accepts(kind, src, packet) {
                 continue;
             }
