@@ -99,6 +99,9 @@ pub struct Leg {
     pub receiving: Receiving,
     pub sending: Sending,
     pub remote_report: Option<RemoteReport>,
+    /// Packets lost before they reached Parley on the bridged leg, kept
+    /// here when that leg closes first (see [`super::LegReport::of`]).
+    pub upstream_lost: Option<u64>,
     /// When the phone last sent anything that was accepted.
     pub last_activity: Instant,
     pub inactivity_reported: bool,
@@ -116,6 +119,7 @@ impl Leg {
             receiving: Receiving::default(),
             sending: Sending::default(),
             remote_report: None,
+            upstream_lost: None,
             last_activity: now,
             inactivity_reported: false,
         }

@@ -83,7 +83,10 @@ pub struct LegReport {
 }
 
 impl LegReport {
-    pub(crate) fn of(leg: &leg::Leg) -> Self {
+    /// `upstream_lost`: packets the bridged leg's phone sent that never
+    /// reached Parley. Sequence numbers pass through the relay, so this
+    /// leg's phone counts those gaps as lost too; they are not this leg's.
+    pub(crate) fn of(leg: &leg::Leg, upstream_lost: u64) -> Self {
         let r = &leg.receiving;
         let rate = leg.clock_rate();
         let jitter_ms = r.jitter_ms(rate);
@@ -117,9 +120,10 @@ impl LegReport {
                 // Over the whole call, as for the other direction: the
                 // phone's count of lost packets against what Parley sent
                 // it (the fraction in a report covers its last interval).
+                let lost_here = (rr.cumulative_lost.max(0) as u64).saturating_sub(upstream_lost);
                 let loss = match leg.sending.packets {
                     0 => rr.fraction_lost,
-                    sent => (rr.cumulative_lost.max(0) as f64 / sent as f64).min(1.0),
+                    sent => (lost_here as f64 / sent as f64).min(1.0),
                 };
                 stats::mos(loss, remote_jitter_ms.unwrap_or(0.0), 0.0)
             }),

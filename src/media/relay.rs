@@ -538,13 +538,16 @@ impl Relay {
                         }
                         Sockets::Shared => forget_shared(&mut self.shared, key, &s),
                     }
+                    let mut upstream_lost = s.leg.upstream_lost.unwrap_or(0);
                     if let Some(p) = s.peer.and_then(|p| self.slots.get_mut(p))
                         && p.peer == Some(key)
                     {
                         p.peer = None;
+                        upstream_lost = p.leg.receiving.lost();
+                        p.leg.upstream_lost = Some(s.leg.receiving.lost());
                     }
                     let _ = self.events.send(MediaEvent::Closed {
-                        report: LegReport::of(&s.leg),
+                        report: LegReport::of(&s.leg, upstream_lost),
                     });
                 }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return false,
