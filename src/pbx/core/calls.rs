@@ -1518,14 +1518,19 @@ impl Core {
         }
         let relayed = &mut self.calls.relayed;
         let mut unanswered: Vec<(ServerTxId, Message, Flow)> = Vec::new();
-        self.calls.by_branch.retain(|ctx, (i, _)| {
-            if *i == idx
-                && let Some(r) = relayed.remove(ctx)
-            {
-                unanswered.push((r.tx, r.request, r.flow));
+        let mut own_invites: SmallVec<[(ClientTxId, usize); 2]> = SmallVec::new();
+        self.calls.by_branch.retain(|ctx, (i, slot)| {
+            if *i == idx {
+                if let Some(r) = relayed.remove(ctx) {
+                    unanswered.push((r.tx, r.request, r.flow));
+                }
+                if matches!(*slot, REINVITE | SESSION_REFRESH | REPAIR) {
+                    own_invites.push((*ctx, *slot));
+                }
             }
             *i != idx
         });
+        self.ack_answers_after_the_end(now, &mut call, &own_invites);
         if let Some(r) = call.reinvite.take() {
             unanswered.push((r.tx, r.request, r.flow));
         }
@@ -1816,6 +1821,47 @@ impl Core {
     }
 
     /// Keeps the ACK of a 2xx to Parley's re-INVITE `ctx` for 64·T1.
+    /// A 2xx may still come to an INVITE Parley sent in a call that just
+    /// ended (a re-INVITE, a session refresh, a repair): its ACK is made
+    /// now, while the dialog is known, and sent should the 2xx come, so
+    /// the phone does not repeat it for 64·T1 (RFC 3261 §13.2.2.4).
+    fn ack_answers_after_the_end(
+        &mut self,
+        now: Instant,
+        call: &mut Call,
+        pending: &[(ClientTxId, usize)],
+    ) {
+        for &(ctx, slot) in pending {
+            let (side, seq) = match slot {
+                REINVITE => match &call.reinvite {
+                    Some(r) if r.method == Method::Invite => (r.from.other(), r.sent_seq),
+                    _ => continue,
+                },
+                SESSION_REFRESH => match call.refresh_seq {
+                    Some(seq) => (Side::Caller, seq),
+                    None => continue,
+                },
+                REPAIR => match &call.repair {
+                    Some(r) => (r.side, r.sent_seq),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let flow = match side {
+                Side::Caller => Some(call.caller_flow),
+                Side::Callee => call.winner.map(|w| call.branches[w].flow),
+            };
+            let dialog = match side {
+                Side::Caller => call.caller_dialog.as_mut(),
+                Side::Callee => call.callee_dialog.as_mut(),
+            };
+            if let (Some(flow), Some(dialog)) = (flow, dialog) {
+                let ack = dialog.ack(seq, &self.via(&flow, &branch_id()), None);
+                self.remember_ack(now, ctx, flow, ack);
+            }
+        }
+    }
+
     pub(super) fn remember_ack(&mut self, now: Instant, ctx: ClientTxId, flow: Flow, ack: Bytes) {
         let keep = self.cfg.timers.t1x64();
         let acks = &mut self.calls.sent_acks;

@@ -3797,3 +3797,29 @@ fn a_passed_on_reinvite_never_answered_ends_the_call() {
     assert_eq!(requests_to(&out, s.caller.flow, Method::Bye).len(), 1);
     assert_eq!(s.h.core.call_count(), 0);
 }
+
+/// RFC 3261 §13.2.2.4: a 2xx to Parley's own re-INVITE that arrives after
+/// the call ended is still acknowledged, each time it is repeated.
+#[test]
+fn a_2xx_to_a_reinvite_after_the_call_ended_is_acknowledged() {
+    let mut s = call_setup();
+    let (invite, _ok) = established_call(&mut s);
+    let hold = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
+    let out = callee_reinvites(&mut s, &invite, 2, &hold);
+    let relayed = requests_to(&out, s.caller.flow, Method::Invite).remove(0);
+    // The callee hangs up before the caller answers the re-INVITE.
+    s.h.send_flows(
+        s.callee_flow,
+        callee_in_dialog(&invite, s.callee_flow, "BYE", 3, None),
+    );
+    assert_eq!(s.h.core.call_count(), 0);
+    let agreed = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly");
+    let answer = caller_answer(&relayed, 200, "OK", Some(&agreed));
+    for round in 0..2 {
+        let out = s.h.send_flows(s.caller.flow, answer.clone());
+        let acks = requests_to(&out, s.caller.flow, Method::Ack);
+        assert_eq!(acks.len(), 1, "round {round}: {out:?}");
+        assert_eq!(acks[0].cseq().unwrap().seq, relayed.cseq().unwrap().seq);
+        assert_eq!(acks[0].call_id(), Some("call-1@phone"));
+    }
+}
