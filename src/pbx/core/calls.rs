@@ -159,6 +159,14 @@ enum Side {
 }
 
 impl Side {
+    /// An index for per-side arrays.
+    fn index(self) -> usize {
+        match self {
+            Side::Caller => 0,
+            Side::Callee => 1,
+        }
+    }
+
     fn other(self) -> Side {
         match self {
             Side::Caller => Side::Callee,
@@ -201,7 +209,8 @@ struct Call {
     /// CSeq of Parley's refresh re-INVITE in flight, to acknowledge its 2xx.
     refresh_seq: Option<u32>,
     /// Parley put an offer in a 200 to this side; the answer is in its ACK.
-    offer_in_ok: Option<Side>,
+    /// (Per side: both may have an offerless re-INVITE answered at once.)
+    offer_in_ok: [bool; 2],
     /// The device whose early media (18x with SDP) the caller hears.
     early: Option<usize>,
     /// Legs reported quiet while the call was on hold, with when their
@@ -834,7 +843,7 @@ impl Core {
             session: None,
             sent_to_caller: None,
             refresh_seq: None,
-            offer_in_ok: None,
+            offer_in_ok: [false; 2],
             early: None,
             held_quiet: SmallVec::new(),
             configured_at: SmallVec::new(),

@@ -3823,3 +3823,52 @@ fn a_2xx_to_a_reinvite_after_the_call_ended_is_acknowledged() {
         assert_eq!(acks[0].call_id(), Some("call-1@phone"));
     }
 }
+
+/// Both phones send offerless re-INVITEs at once: each gets Parley's offer
+/// in a 200, and each one's answer, in its ACK, reaches its own leg.
+#[test]
+fn offerless_reinvites_from_both_sides_each_get_their_answer() {
+    let mut s = call_setup();
+    let (invite, ok) = established_call(&mut s);
+    let out =
+        s.h.send_flows(s.caller.flow, s.caller.in_dialog("INVITE", &ok));
+    let caller_ok2 = response_sent(&out, s.caller.flow, 200);
+    let out = s.h.send_flows(
+        s.callee_flow,
+        callee_in_dialog(&invite, s.callee_flow, "INVITE", 2, None),
+    );
+    assert_eq!(statuses_to(&out, s.callee_flow), [200], "{out:?}");
+    let before = s.media.configured.lock().unwrap().len();
+
+    let ack = String::from_utf8(
+        s.caller
+            .in_dialog_with(
+                "ACK",
+                &caller_ok2,
+                Some(("application/sdp", &sdp_offer("192.168.1.20", 4100))),
+            )
+            .to_vec(),
+    )
+    .unwrap()
+    .replace(
+        &format!("CSeq: {} ACK", ok.cseq().unwrap().seq),
+        &format!("CSeq: {} ACK", caller_ok2.cseq().unwrap().seq),
+    );
+    s.h.send_flows(s.caller.flow, Bytes::from(ack));
+    s.h.send_flows(
+        s.callee_flow,
+        callee_in_dialog(
+            &invite,
+            s.callee_flow,
+            "ACK",
+            2,
+            Some(("application/sdp", &sdp_offer("192.168.1.30", 6100))),
+        ),
+    );
+    let configured = s.media.configured.lock().unwrap();
+    let ports: Vec<Option<u16>> = configured[before..]
+        .iter()
+        .map(|(_, m)| m.remote_rtp.map(|a| a.port()))
+        .collect();
+    assert_eq!(ports, [Some(4100), Some(6100)]);
+}

@@ -570,7 +570,7 @@ impl Core {
         }
         let ok = match (is_invite, repeated) {
             (true, Some(sdp)) => {
-                self.calls.calls[idx].offer_in_ok = Some(side);
+                self.calls.calls[idx].offer_in_ok[side.index()] = true;
                 b.finish_with_body(Some("application/sdp"), &sdp.to_bytes())
             }
             _ => b.finish(),
@@ -588,10 +588,9 @@ impl Core {
     /// 200 (offerless re-INVITE): its leg follows the answer.
     pub(super) fn answer_in_ack(&mut self, now: Instant, idx: usize, side: Side, ack: &Message) {
         let call = &mut self.calls.calls[idx];
-        if call.offer_in_ok != Some(side) {
+        if !std::mem::take(&mut call.offer_in_ok[side.index()]) {
             return;
         }
-        call.offer_in_ok = None;
         if ack.body().is_empty() {
             return;
         }
