@@ -1641,6 +1641,10 @@ impl Core {
                 Some(EndedBy::Parley),
             );
         }
+        // Parley will not be there for the ACKs these wait for.
+        for b in std::mem::take(&mut self.calls.byes_after_ack) {
+            let _ = self.tx.send_request(now, b.flow, b.bye);
+        }
         for p in std::mem::take(&mut self.calls.pending) {
             self.out
                 .push_back(super::Output::CallEnded(Box::new(p.record)));

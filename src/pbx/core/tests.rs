@@ -3872,3 +3872,25 @@ fn offerless_reinvites_from_both_sides_each_get_their_answer() {
         .collect();
     assert_eq!(ports, [Some(4100), Some(6100)]);
 }
+
+/// At shutdown a caller that has not acknowledged the 200 yet still gets
+/// its BYE: Parley will not be there for the ACK it would wait for.
+#[test]
+fn shutdown_hangs_up_a_caller_that_has_not_acknowledged_yet() {
+    let mut s = call_setup();
+    answered_call_with_invite(&mut s);
+    s.h.drain_flows();
+    let now = s.h.now;
+    s.h.core.shut_down_calls(now);
+    let out = s.h.drain_flows();
+    assert_eq!(
+        requests_to(&out, s.caller.flow, Method::Bye).len(),
+        1,
+        "{out:?}"
+    );
+    assert_eq!(
+        requests_to(&out, s.callee_flow, Method::Bye).len(),
+        1,
+        "{out:?}"
+    );
+}
