@@ -132,7 +132,7 @@ impl Receiving {
     /// Packets lost so far (never negative: duplicates do not make up for
     /// loss).
     pub fn lost(&self) -> u64 {
-        (self.lost_before + self.stream.as_ref().map_or(0, StreamCount::lost)).max(0) as u64
+        (self.lost_before + self.stream.as_ref().map_or(0, StreamCount::lost).max(0)) as u64
     }
 
     /// Packets the sequence numbers say should have arrived.

@@ -21,6 +21,9 @@ const MAX_STREAMS: usize = 4;
 const MAX_RETIRED: usize = 32;
 /// The fixed RTP header.
 const RTP_HEADER_LEN: usize = 12;
+/// A jump in sequence numbers beyond this is a restart, not loss (RFC 3550
+/// A.1's "dropout").
+const MAX_DROPOUT: u16 = 3000;
 /// The fixed part of an RTCP packet that stays in clear: header and SSRC.
 const RTCP_HEADER_LEN: usize = 8;
 /// The largest SRTCP index (31 bits).
@@ -317,11 +320,20 @@ impl SrtpContext {
         // consecutive packets that far behind mark a restart, and from
         // then on this SSRC's numbers are shifted to go on from the
         // highest sent (one packet is lost to the check; RTCP reports of
-        // this stream then count in the shifted numbers).
+        // this stream then count in the shifted numbers). Once shifted, a
+        // stray packet of the old numbering would land far ahead: it gets
+        // the same check rather than a jump of thousands.
         let mut out = seq.wrapping_add(stream.seq_offset);
         let mut roc = stream.guess_roc(out);
         let mut idx = index(roc, out);
-        match stream.rtp_window.check(idx) {
+        let far_ahead = stream.seq_offset != 0
+            && idx > index(stream.roc, stream.highest_seq) + u64::from(MAX_DROPOUT);
+        let checked = if far_ahead {
+            Err(SrtpError::TooOld)
+        } else {
+            stream.rtp_window.check(idx)
+        };
+        match checked {
             Ok(()) => stream.restart_probe = None,
             Err(SrtpError::TooOld) if stream.restart_probe == Some(seq.wrapping_sub(1)) => {
                 let next = stream.highest_seq.wrapping_add(1);

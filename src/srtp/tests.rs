@@ -514,6 +514,10 @@ fn a_restarted_sequence_goes_on_from_the_highest_sent() {
     assert_eq!(send(20_049), Err(SrtpError::Replayed));
     assert_eq!(send(20_051), Ok(40_100));
     assert_eq!(send(20_050), Ok(40_099));
+    // A stray packet of the old numbering would now land 20,000 ahead: it
+    // is refused, and the stream goes on unshifted by it.
+    assert_eq!(send(40_060), Err(SrtpError::TooOld));
+    assert_eq!(send(20_052), Ok(40_101));
 }
 
 proptest::proptest! {

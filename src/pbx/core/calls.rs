@@ -101,6 +101,8 @@ struct Branch {
     /// Why the device could not take the call's media, when that is known
     /// (the reason phrase of a 488 the caller gets).
     media_refusal: Option<String>,
+    /// The device sent a provisional response (100 included).
+    heard_from: bool,
     /// To tags of further dialogs the winning device's INVITE made, each
     /// hung up once.
     extra_dialogs: Vec<String>,
@@ -292,9 +294,6 @@ struct LateFork {
 /// Most forks of ended calls watched for a late answer.
 const MAX_LATE_FORKS: usize = MAX_CALLS;
 
-/// Watches fork `b`, which is over, for a 2xx until `until` (when its
-/// INVITE transaction surely is); `bye_sent` when the device was already
-/// hung up. Beyond [`MAX_LATE_FORKS`] a fork is not watched.
 /// A CANCEL for `invite` (RFC 3261 §9.1: its Request-URI, top Via,
 /// Call-ID, From, To and CSeq number).
 fn cancel_for(invite: &Message) -> Bytes {
@@ -312,6 +311,9 @@ fn cancel_for(invite: &Message) -> Bytes {
     b.finish_with_body(None, b"")
 }
 
+/// Watches fork `b`, which is over, for a 2xx until `until` (when its
+/// INVITE transaction surely is); `bye_sent` when the device was already
+/// hung up. Beyond [`MAX_LATE_FORKS`] a fork is not watched.
 fn watch_late_fork(
     late_forks: &mut HashMap<ClientTxId, LateFork>,
     b: &Branch,
@@ -784,6 +786,7 @@ impl Core {
                     offer: sdp,
                     state: BranchState::Calling,
                     media_refusal: None,
+                    heard_from: false,
                     extra_dialogs: Vec::new(),
                     cancel_deferred: false,
                 }),
@@ -918,9 +921,12 @@ impl Core {
             return;
         }
         let branch = &mut self.calls.calls[idx].branches[bi];
-        if status < 200 && branch.cancel_deferred {
-            branch.cancel_deferred = false;
-            return self.send_cancel(now, idx, bi);
+        if status < 200 {
+            branch.heard_from = true;
+            if branch.cancel_deferred {
+                branch.cancel_deferred = false;
+                return self.send_cancel(now, idx, bi);
+            }
         }
         match status {
             100 => {}
@@ -1290,11 +1296,10 @@ impl Core {
                 continue;
             }
             let branch = &mut self.calls.calls[idx].branches[bi];
-            let heard_from = match branch.state {
-                BranchState::Calling => false,
-                BranchState::Ringing => true,
-                _ => continue,
-            };
+            if !matches!(branch.state, BranchState::Calling | BranchState::Ringing) {
+                continue;
+            }
+            let heard_from = branch.heard_from;
             branch.state = BranchState::Cancelled;
             branch.cancel_deferred = !heard_from;
             let leg = branch.leg.id;
@@ -1641,9 +1646,24 @@ impl Core {
                 Some(EndedBy::Parley),
             );
         }
-        // Parley will not be there for the ACKs these wait for.
+        // Parley will not be there for the ACKs these wait for, nor for
+        // the provisional responses these CANCELs wait for: better a
+        // CANCEL too early (RFC 3261 §9.1) than a phone left ringing.
         for b in std::mem::take(&mut self.calls.byes_after_ack) {
             let _ = self.tx.send_request(now, b.flow, b.bye);
+        }
+        let deferred: Vec<(ClientTxId, Flow, Bytes)> = self
+            .calls
+            .late_forks
+            .iter_mut()
+            .filter_map(|(ctx, l)| {
+                std::mem::take(&mut l.cancel_deferred)
+                    .then(|| (*ctx, l.flow, cancel_for(&l.request)))
+            })
+            .collect();
+        for (ctx, flow, cancel) in deferred {
+            let _ = self.tx.send_request(now, flow, cancel);
+            self.tx.cancelling(now, ctx);
         }
         for p in std::mem::take(&mut self.calls.pending) {
             self.out
@@ -1732,8 +1752,11 @@ impl Core {
                 let (flow, cancel) = (late.flow, cancel_for(&late.request));
                 let _ = self.tx.send_request(now, flow, cancel);
                 self.tx.cancelling(now, ctx);
+                // Its INVITE may now be answered up to 64·T1 from here.
+                let until = now + self.cfg.timers.t1x64();
                 if let Some(late) = self.calls.late_forks.get_mut(&ctx) {
                     late.cancel_deferred = false;
+                    late.until = late.until.max(until);
                 }
             }
             return;
@@ -1833,7 +1856,6 @@ impl Core {
         }
     }
 
-    /// Keeps the ACK of a 2xx to Parley's re-INVITE `ctx` for 64·T1.
     /// A 2xx may still come to an INVITE Parley sent in a call that just
     /// ended (a re-INVITE, a session refresh, a repair): its ACK is made
     /// now, while the dialog is known, and sent should the 2xx come, so
@@ -1875,6 +1897,7 @@ impl Core {
         }
     }
 
+    /// Keeps the ACK of a 2xx to Parley's re-INVITE `ctx` for 64·T1.
     pub(super) fn remember_ack(&mut self, now: Instant, ctx: ClientTxId, flow: Flow, ack: Bytes) {
         let keep = self.cfg.timers.t1x64();
         let acks = &mut self.calls.sent_acks;
@@ -2100,7 +2123,7 @@ impl Core {
             self.transmit(y_flow, ack);
         }
         if r.from == Side::Callee {
-            self.session_refreshed_by_parley(now, idx);
+            self.session_refreshed_by_parley(now, idx, &msg);
         }
 
         let call = &self.calls.calls[idx];

@@ -3331,7 +3331,10 @@ fn a_refresh_reinvite_waits_for_other_offers_in_the_callers_dialog() {
     let agreed = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly");
     s.h.send_flows(
         s.caller.flow,
-        caller_answer(&relayed, 200, "OK", Some(&agreed)),
+        with_header(
+            caller_answer(&relayed, 200, "OK", Some(&agreed)),
+            "Session-Expires: 100;refresher=uac",
+        ),
     );
     // That exchange refreshed the session (RFC 4028 §10): the next
     // refresh is half an interval after its answer.
@@ -3685,60 +3688,70 @@ fn the_caller_gets_no_bye_or_reinvite_before_it_acknowledges_the_answer() {
     }
 }
 
-/// RFC 4028 §7.4 and §10: a re-INVITE Parley passes to the caller carries
-/// the session timer (the caller stays the refresher), and the caller's
-/// 2xx to it counts as a refresh.
+/// RFC 4028 §7.4, §7.2 and §10: a re-INVITE Parley passes to the caller
+/// carries the session timer (the caller stays the refresher); the
+/// caller's 2xx to it counts as a refresh and says what the timer is now,
+/// none at all when it carries no Session-Expires.
 #[test]
 fn a_reinvite_to_the_caller_keeps_and_refreshes_its_session_timer() {
-    let mut s = call_setup();
-    s.caller.extra = vec![
-        (HeaderName::SessionExpires, "120;refresher=uac".into()),
-        (HeaderName::Supported, "timer".into()),
-    ];
-    let (invite, ok) = established_call(&mut s);
-    assert_eq!(
-        ok.header(HeaderName::SessionExpires),
-        Some("120;refresher=uac")
-    );
+    for echoed in [true, false] {
+        let mut s = call_setup();
+        s.caller.extra = vec![
+            (HeaderName::SessionExpires, "120;refresher=uac".into()),
+            (HeaderName::Supported, "timer".into()),
+        ];
+        let (invite, ok) = established_call(&mut s);
+        assert_eq!(
+            ok.header(HeaderName::SessionExpires),
+            Some("120;refresher=uac")
+        );
 
-    // At 60 s the callee holds the call; the caller gets the re-INVITE.
-    s.h.advance(Duration::from_secs(60));
-    let hold = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
-    let out = s.h.send_flows(
-        s.callee_flow,
-        callee_in_dialog(
-            &invite,
+        // At 60 s the callee holds the call; the caller gets the re-INVITE.
+        s.h.advance(Duration::from_secs(60));
+        let hold = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
+        let out = s.h.send_flows(
             s.callee_flow,
-            "INVITE",
-            2,
-            Some(("application/sdp", &hold)),
-        ),
-    );
-    let reinvites = requests_to(&out, s.caller.flow, Method::Invite);
-    assert_eq!(reinvites.len(), 1, "{out:?}");
-    assert_eq!(
-        reinvites[0].header(HeaderName::SessionExpires),
-        Some("120;refresher=uas")
-    );
-    assert!(
-        reinvites[0]
-            .header_values(HeaderName::Supported)
-            .any(|t| t == "timer")
-    );
-    let agreed = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly");
-    s.h.send_flows(
-        s.caller.flow,
-        caller_answer(&reinvites[0], 200, "OK", Some(&agreed)),
-    );
+            callee_in_dialog(
+                &invite,
+                s.callee_flow,
+                "INVITE",
+                2,
+                Some(("application/sdp", &hold)),
+            ),
+        );
+        let reinvites = requests_to(&out, s.caller.flow, Method::Invite);
+        assert_eq!(reinvites.len(), 1, "{out:?}");
+        assert_eq!(
+            reinvites[0].header(HeaderName::SessionExpires),
+            Some("120;refresher=uas")
+        );
+        assert!(
+            reinvites[0]
+                .header_values(HeaderName::Supported)
+                .any(|t| t == "timer")
+        );
+        let agreed = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly");
+        let mut answer = caller_answer(&reinvites[0], 200, "OK", Some(&agreed));
+        if echoed {
+            answer = with_header(answer, "Session-Expires: 120;refresher=uas");
+        }
+        s.h.send_flows(s.caller.flow, answer);
 
-    // Without that refresh the session would end at 88 s; it lives on...
-    let out = s.h.advance(Duration::from_secs(60));
-    assert!(requests_to(&out, s.caller.flow, Method::Bye).is_empty());
-    assert_eq!(s.h.core.call_count(), 1);
-    // ...until 88 s after the re-INVITE's answer.
-    let out = s.h.advance(Duration::from_secs(30));
-    assert_eq!(requests_to(&out, s.caller.flow, Method::Bye).len(), 1);
-    assert_eq!(s.h.core.call_count(), 0);
+        // Without that refresh the session would end at 88 s; it lives on...
+        let out = s.h.advance(Duration::from_secs(60));
+        assert!(requests_to(&out, s.caller.flow, Method::Bye).is_empty());
+        assert_eq!(s.h.core.call_count(), 1);
+        // ...until 88 s after the re-INVITE's answer, or for good when the
+        // caller's answer turned the timer off.
+        let out = s.h.advance(Duration::from_secs(30));
+        let byes = requests_to(&out, s.caller.flow, Method::Bye).len();
+        assert_eq!(byes, usize::from(echoed), "echoed={echoed}");
+        if !echoed {
+            let out = s.h.advance(Duration::from_secs(600));
+            assert!(requests_to(&out, s.caller.flow, Method::Bye).is_empty());
+            assert_eq!(s.h.core.call_count(), 1);
+        }
+    }
 }
 
 /// RFC 3261 §13.2.2.4: a second 2xx to the winning device's INVITE with
@@ -3890,6 +3903,59 @@ fn shutdown_hangs_up_a_caller_that_has_not_acknowledged_yet() {
     );
     assert_eq!(
         requests_to(&out, s.callee_flow, Method::Bye).len(),
+        1,
+        "{out:?}"
+    );
+}
+
+/// `message` with the header line `line` added after its start line.
+fn with_header(message: Bytes, line: &str) -> Bytes {
+    let text = String::from_utf8(message.to_vec()).unwrap();
+    Bytes::from(text.replacen("\r\n", &format!("\r\n{line}\r\n"), 1))
+}
+
+/// A device that answered 100 Trying (and nothing more yet) has been
+/// heard from: its CANCEL goes at once when another device wins. And at
+/// shutdown even a device not heard from gets its CANCEL, as Parley will
+/// not be there to send it later.
+#[test]
+fn a_100_trying_is_enough_for_a_cancel_and_shutdown_cancels_every_fork() {
+    let mut s = call_setup();
+    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
+    let out = s.dial("102");
+    let desk_invite = invite_to(&out, s.callee_flow);
+    let soft_invite = invite_to(&out, soft);
+    s.h.send_flows(s.callee_flow, reply(&desk_invite, 100, "Trying", None));
+    let soft_ok = reply_as(
+        &soft_invite,
+        200,
+        "OK",
+        Some(&sdp_offer("192.168.1.31", 7000)),
+        "softtag",
+        SOFT_CONTACT,
+    );
+    let out = s.h.send_flows(soft, soft_ok);
+    assert_eq!(
+        requests_to(&out, s.callee_flow, Method::Cancel).len(),
+        1,
+        "{out:?}"
+    );
+
+    let mut s = call_setup();
+    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
+    let out = s.dial("102");
+    let soft_invite = invite_to(&out, soft);
+    s.h.send_flows(
+        soft,
+        reply_as(&soft_invite, 180, "Ringing", None, "softtag", SOFT_CONTACT),
+    );
+    s.h.drain_flows();
+    let now = s.h.now;
+    s.h.core.shut_down_calls(now);
+    let out = s.h.drain_flows();
+    assert_eq!(requests_to(&out, soft, Method::Cancel).len(), 1, "{out:?}");
+    assert_eq!(
+        requests_to(&out, s.callee_flow, Method::Cancel).len(),
         1,
         "{out:?}"
     );

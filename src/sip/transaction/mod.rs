@@ -459,7 +459,6 @@ impl TransactionLayer {
         Some(ServerTxId { idx, uid: tx.uid })
     }
 
-    /// True while the server transaction exists and has sent no final response.
     /// Whether the INVITE server transaction `id` sent a 2xx that is not
     /// acknowledged yet, and is still sending it again (RFC 6026).
     pub fn server_awaits_ack(&self, id: ServerTxId) -> bool {
@@ -468,6 +467,7 @@ impl TransactionLayer {
         })
     }
 
+    /// True while the server transaction exists and has sent no final response.
     pub fn server_is_pending(&self, id: ServerTxId) -> bool {
         self.server.get(id.idx).is_some_and(|t| {
             t.uid == id.uid && matches!(t.state, ServerState::Trying | ServerState::Proceeding)

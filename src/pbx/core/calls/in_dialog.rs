@@ -149,12 +149,35 @@ impl Core {
     }
 
     /// A 2xx from the caller to Parley's re-INVITE or UPDATE refreshes the
-    /// session, whoever the refresher is (RFC 4028 §10).
-    pub(super) fn session_refreshed_by_parley(&mut self, now: Instant, idx: usize) {
+    /// session, whoever the refresher is (RFC 4028 §10). From a caller that
+    /// supports timers, the 2xx also says what the timer is now (§7.2):
+    /// its Session-Expires is taken as it is, and none turns the timer off.
+    /// A caller that does not support them never says; Parley goes on
+    /// refreshing on its own, which tells it when the caller is gone.
+    pub(super) fn session_refreshed_by_parley(&mut self, now: Instant, idx: usize, ok: &Message) {
         let call = &mut self.calls.calls[idx];
         let Some(timer) = call.session.as_mut() else {
             return;
         };
+        if timer.request.caller_supports {
+            let Some(value) = ok.header(HeaderName::SessionExpires) else {
+                tracing::info!(call_ref = %call.call_ref, "the caller turned the session timer off");
+                call.session = None;
+                return;
+            };
+            let mut parts = value.split(';');
+            if let Ok(interval) = parts.next().unwrap_or("").trim().parse::<u32>() {
+                timer.request.interval = interval.clamp(MIN_SESSION_EXPIRES, MAX_SESSION_EXPIRES);
+            }
+            // Parley sent the request: "uas" names the caller.
+            if let Some(who) = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("refresher"))
+                .map(|(_, v)| v.trim())
+            {
+                timer.request.caller_refreshes = who.eq_ignore_ascii_case("uas");
+            }
+        }
         timer.next = timer.request.next_after(now);
         let (next, uid) = (timer.next, call.uid);
         self.calls.session_timers.arm(next, idx, uid);
@@ -299,7 +322,7 @@ impl Core {
             d.refresh_target(msg);
             let ack = d.ack(r.sent_seq, &via, None);
             if r.side == Side::Caller {
-                self.session_refreshed_by_parley(now, idx);
+                self.session_refreshed_by_parley(now, idx, msg);
             }
             self.remember_ack(now, ctx, flow, ack.clone());
             self.transmit(flow, ack);
@@ -441,6 +464,7 @@ impl Core {
             // Crossed an INVITE of the caller's: again in a moment.
             self.retry_session_refresh(now, idx);
         } else if (200..300).contains(&status) {
+            self.session_refreshed_by_parley(now, idx, msg);
             let via = self.via(&flow, &branch_id());
             let call = &mut self.calls.calls[idx];
             // A 2xx to a re-INVITE refreshes the target too (RFC 3261
