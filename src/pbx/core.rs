@@ -436,12 +436,12 @@ impl Core {
         {
             let mut b = self.response_builder(&msg, flow, 420, "Bad Extension");
             b.header(HeaderName::Unsupported, &unsupported);
-            self.respond(now, tx, 420, b.finish());
+            self.respond_unauthenticated(now, tx, &msg, 420, b.finish());
             return;
         }
         if Uri::parse(msg.request_uri()).is_err() {
             let b = self.response_builder(&msg, flow, 416, "Unsupported URI Scheme");
-            self.respond(now, tx, 416, b.finish());
+            self.respond_unauthenticated(now, tx, &msg, 416, b.finish());
             return;
         }
         let in_dialog = msg.to().and_then(|t| t.tag()).is_some();
@@ -453,7 +453,7 @@ impl Core {
         {
             if !self.call_in_dialog(now, tx, &msg, flow) {
                 let b = self.response_builder(&msg, flow, 481, "Call/Transaction Does Not Exist");
-                self.respond(now, tx, 481, b.finish());
+                self.respond_unauthenticated(now, tx, &msg, 481, b.finish());
             }
             return;
         }
@@ -745,6 +745,26 @@ impl Core {
 
     fn respond(&mut self, now: Instant, tx: ServerTxId, status: u16, bytes: Bytes) {
         self.tx.respond(now, tx, status, bytes);
+    }
+
+    /// A final answer to a request nobody was authenticated for. An INVITE
+    /// gets it statelessly: its server transaction would repeat a final
+    /// answer over UDP until acknowledged (Timer G, eleven times in 32 s),
+    /// which a forged source address would turn on any victim. A repeated
+    /// INVITE is simply answered again.
+    fn respond_unauthenticated(
+        &mut self,
+        now: Instant,
+        tx: ServerTxId,
+        msg: &Message,
+        status: u16,
+        bytes: Bytes,
+    ) {
+        if msg.method() == Some(Method::Invite) {
+            self.tx.respond_stateless(tx, bytes);
+        } else {
+            self.tx.respond(now, tx, status, bytes);
+        }
     }
 
     fn response_builder(

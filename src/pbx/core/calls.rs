@@ -513,6 +513,21 @@ impl Core {
         self.respond(now, tx, status, b.finish());
     }
 
+    /// [`Core::reject`] for a request before its sender is authenticated
+    /// (see `respond_unauthenticated`).
+    fn reject_unauthenticated(
+        &mut self,
+        now: Instant,
+        tx: ServerTxId,
+        msg: &Message,
+        flow: Flow,
+        status: u16,
+        reason: &str,
+    ) {
+        let b = self.response_builder(msg, flow, status, reason);
+        self.respond_unauthenticated(now, tx, msg, status, b.finish());
+    }
+
     /// A new INVITE (no To tag): authenticate the caller, route to the
     /// callee's devices.
     pub(super) fn handle_invite(&mut self, now: Instant, tx: ServerTxId, msg: Message, flow: Flow) {
@@ -522,19 +537,33 @@ impl Core {
             .and_then(|u| u.user)
             .map(super::percent_decode);
         let Some(caller) = from_user else {
-            return self.reject(now, tx, &msg, flow, 400, "From URI Must Name An Extension");
+            return self.reject_unauthenticated(
+                now,
+                tx,
+                &msg,
+                flow,
+                400,
+                "From URI Must Name An Extension",
+            );
         };
         // The caller's dialog is formed only when the call is answered, and
         // by then the callee has been connected: what would keep it from
         // forming (no Contact, no From tag, too long a route) is refused now.
         if let Err(e) = Dialog::as_uas(&msg, "-", "<sip:check.invalid>", 1) {
             let reason = format!("Cannot Form A Dialog ({e})");
-            return self.reject(now, tx, &msg, flow, 400, &reason);
+            return self.reject_unauthenticated(now, tx, &msg, flow, 400, &reason);
         }
         // The same INVITE on a new transaction: a copy that reached Parley
         // by another path (a forking proxy in front). One call is enough.
         if request_key(&msg).is_some_and(|k| self.calls.by_request.contains_key(&k)) {
-            return self.reject(now, tx, &msg, flow, 482, "Loop Detected (Merged Request)");
+            return self.reject_unauthenticated(
+                now,
+                tx,
+                &msg,
+                flow,
+                482,
+                "Loop Detected (Merged Request)",
+            );
         }
         let source = flow.remote.ip();
         if self.lockout.blocked(now, source, &caller).is_some() {
@@ -555,7 +584,7 @@ impl Core {
             AuthResult::Challenge => return self.challenge(now, tx, &msg, flow, false, true),
             AuthResult::Stale => return self.challenge(now, tx, &msg, flow, true, true),
             AuthResult::Malformed(e) => {
-                return self.reject(
+                return self.reject_unauthenticated(
                     now,
                     tx,
                     &msg,
@@ -571,7 +600,7 @@ impl Core {
                     extension: caller.clone(),
                     username,
                 });
-                return self.reject(
+                return self.reject_unauthenticated(
                     now,
                     tx,
                     &msg,

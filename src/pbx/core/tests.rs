@@ -3960,3 +3960,42 @@ fn a_100_trying_is_enough_for_a_cancel_and_shutdown_cancels_every_fork() {
         "{out:?}"
     );
 }
+
+/// An INVITE refused before anyone is authenticated gets one answer, not
+/// eleven: over UDP a stateful final answer would be repeated until
+/// acknowledged, towards whatever source the datagram claimed.
+#[test]
+fn an_unauthenticated_invite_refused_gets_one_answer_only() {
+    let invite = |extra: &str| String::from_utf8(request("INVITE", extra).to_vec()).unwrap();
+    let cases = [
+        // An extension Parley does not support.
+        (invite("Require: foo\r\n"), 420),
+        // No Contact: no dialog could be formed.
+        (invite(""), 400),
+        // A From that names no extension.
+        (
+            invite("Contact: <sip:x@192.0.2.1>\r\n").replace("<sip:x@y>", "<sip:y>"),
+            400,
+        ),
+    ];
+    for (text, status) in cases {
+        let mut h = Harness::new(cfg());
+        let victim = udp_from("192.0.2.1:5060");
+        let out = h.send_flows(victim, Bytes::from(text.clone()));
+        assert_eq!(statuses_to(&out, victim), [status], "{text}");
+        let later = h.advance(Duration::from_secs(40));
+        assert!(later.is_empty(), "{text}: {later:?}");
+    }
+    // In a dialog nobody knows: 481, once.
+    let mut h = Harness::new(cfg());
+    let victim = udp_from("192.0.2.1:5060");
+    let text = String::from_utf8(request("INVITE", "").to_vec())
+        .unwrap()
+        .replace(
+            "To: <sip:100@parley.test>",
+            "To: <sip:100@parley.test>;tag=9",
+        );
+    let out = h.send_flows(victim, Bytes::from(text));
+    assert_eq!(statuses_to(&out, victim), [481]);
+    assert!(h.advance(Duration::from_secs(40)).is_empty());
+}
