@@ -88,9 +88,20 @@ impl Driver {
         let udp_local = udp.as_ref().and_then(|u| u.local_addr().ok());
 
         loop {
+            // Timers first, whatever else is ready: a flood on one input
+            // must not hold back retransmissions and timeouts.
+            if self
+                .core
+                .poll_timeout()
+                .is_some_and(|d| d <= Instant::now())
+            {
+                self.core.handle_timeout(Instant::now());
+                self.flush(&mut conns, udp.as_deref(), udp_local).await;
+            }
             let deadline = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            // Not biased: any input that is always ready (a flood) would
+            // starve the ones after it.
             tokio::select! {
-                biased;
                 _ = self.shutdown.changed() => break,
                 n = self.inbound.recv_many(&mut batch, STREAM_BATCH) => {
                     if n == 0 {
@@ -247,7 +258,13 @@ impl Driver {
             }
         }
         if let Some(sock) = udp {
-            udp_batch::send_all(sock, &datagrams).await;
+            let dropped = udp_batch::send_all(sock, &datagrams).await;
+            if dropped > 0 {
+                tracing::warn!(
+                    dropped,
+                    "UDP send buffer full; datagrams dropped (SIP retransmits)"
+                );
+            }
         }
         datagrams.clear();
         self.datagrams = datagrams;

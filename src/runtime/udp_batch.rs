@@ -24,19 +24,27 @@ pub const RECV_BATCH: usize = 16;
 /// oversized datagram shows as too long instead of silently cut.
 const RECV_SLOT: usize = MAX_MESSAGE_BYTES + 1;
 
-/// Sends every datagram, waiting for socket space when the kernel's send
-/// buffer is full. Datagrams the kernel refuses (an unreachable address,
-/// say) are dropped with a debug log: UDP is best effort, and SIP
-/// retransmits.
-pub async fn send_all(sock: &UdpSocket, items: &[(Bytes, SocketAddr)]) {
+/// How long sending waits, in all, for socket space when the kernel's
+/// send buffer is full (a saturated uplink). The caller is the one task
+/// that runs all signaling, so it must not wait on one socket for long.
+const MAX_SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Sends every datagram, waiting up to [`MAX_SEND_WAIT`] for socket space
+/// when the kernel's send buffer is full; what still does not fit is
+/// dropped and counted in the return value. Datagrams the kernel refuses
+/// (an unreachable address, say) are dropped with a debug log: UDP is best
+/// effort, and SIP retransmits.
+pub async fn send_all(sock: &UdpSocket, items: &[(Bytes, SocketAddr)]) -> usize {
     let mut sent = 0;
+    let deadline = tokio::time::Instant::now() + MAX_SEND_WAIT;
     while sent < items.len() {
         let chunk = &items[sent..items.len().min(sent + BATCH)];
         match sock.try_io(Interest::WRITABLE, || send_batch(sock, chunk)) {
             Ok(n) => sent += n.max(1),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if sock.writable().await.is_err() {
-                    return;
+                match tokio::time::timeout_at(deadline, sock.writable()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => return items.len() - sent,
                 }
             }
             Err(e) => {
@@ -46,6 +54,7 @@ pub async fn send_all(sock: &UdpSocket, items: &[(Bytes, SocketAddr)]) {
             }
         }
     }
+    0
 }
 
 /// One `sendmmsg` call; returns how many datagrams the kernel took.
