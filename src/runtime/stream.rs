@@ -193,11 +193,18 @@ fn tune(tcp: &TcpStream, keepalive: Duration) {
     // Probes on a quiet connection keep the phone's NAT mapping open, and
     // a phone that stops answering them is found and its connection (with
     // its registrations) closed.
+    let interval = (keepalive / 5).max(Duration::from_secs(1));
     let ka = TcpKeepalive::new()
         .with_time(keepalive)
-        .with_interval((keepalive / 5).max(Duration::from_secs(1)))
+        .with_interval(interval)
         .with_retries(KEEPALIVE_PROBES);
     let _ = SockRef::from(tcp).set_tcp_keepalive(&ka);
+    // Linux stops keep-alive probes while sent data waits for its ACK: a
+    // phone whose NAT dropped the connection just as Parley sent it an
+    // INVITE would hold its binding for the retransmission limit (about
+    // 15 minutes), every call to it lost. Unacknowledged data gives up as
+    // soon as probes would have.
+    let _ = SockRef::from(tcp).set_tcp_user_timeout(Some(keepalive + interval * KEEPALIVE_PROBES));
 }
 
 /// A byte stream whose socket can be waited on without reading.
@@ -452,4 +459,27 @@ async fn drain_frames<C: Conn>(
 /// The address a listener really bound (port 0 resolved).
 pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {
     listener.local_addr().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection Parley accepts probes a quiet peer, and gives up on
+    /// unacknowledged data as soon as those probes would have.
+    #[tokio::test]
+    async fn accepted_connections_give_up_on_a_silent_peer_in_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        tune(&server, Duration::from_secs(25));
+        let sock = SockRef::from(&server);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(25));
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(25 + 5 * 3))
+        );
+    }
 }
