@@ -41,6 +41,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Room made in the read buffer before each read.
 const READ_RESERVE: usize = 4096;
+/// Most bytes read ahead of the framer: one largest message and a read's
+/// worth more. A peer that pipelines faster than Parley answers waits in
+/// the kernel's buffer (TCP flow control), not in Parley's memory.
+const MAX_READ_AHEAD: usize = crate::sip::message::limits::MAX_MESSAGE_BYTES + READ_RESERVE;
 const UNFRAMEABLE: &str = "unframeable data";
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -268,15 +272,22 @@ enum ReadOutcome {
     Empty,
 }
 
-/// Reads whatever is available now into `pending`, without waiting.
+/// Reads whatever is available now into `pending`, without waiting, up
+/// to [`MAX_READ_AHEAD`] bytes held.
 fn read_available<C: Conn>(conn: &mut C, pending: &mut BytesMut) -> io::Result<ReadOutcome> {
     let waker = std::task::Waker::noop();
     let mut cx = Context::from_waker(waker);
     let mut got = false;
     loop {
-        pending.reserve(READ_RESERVE);
+        let room = MAX_READ_AHEAD.saturating_sub(pending.len());
+        if room == 0 {
+            // More may wait: the caller frames this and reads again.
+            return Ok(ReadOutcome::Data);
+        }
+        pending.reserve(READ_RESERVE.min(room));
         let spare = pending.spare_capacity_mut();
-        let mut buf = ReadBuf::uninit(spare);
+        let take = spare.len().min(room);
+        let mut buf = ReadBuf::uninit(&mut spare[..take]);
         match Pin::new(&mut *conn).poll_read(&mut cx, &mut buf) {
             Poll::Ready(Ok(())) => {
                 let n = buf.filled().len();
@@ -423,6 +434,10 @@ async fn drain_frames<C: Conn>(
     loop {
         match framer.next_frame(pending) {
             Ok(Some(Frame::Message(bytes))) => {
+                // A copy of its own: the core may keep a message for a
+                // call's whole life, and a view would keep the whole read
+                // buffer it came in alive with it.
+                let bytes = Bytes::copy_from_slice(&bytes);
                 while shared.in_flight.load(Ordering::Acquire) >= MAX_IN_FLIGHT {
                     send_queued(shared, conn).await?;
                     if shared.closed.load(Ordering::Acquire) {
@@ -481,5 +496,34 @@ mod tests {
             sock.tcp_user_timeout().unwrap(),
             Some(Duration::from_secs(25 + 5 * 3))
         );
+    }
+
+    /// A peer that sends far more than Parley has framed is read only so
+    /// far ahead; the rest waits in the kernel.
+    #[tokio::test]
+    async fn reading_stops_a_message_ahead_of_the_framer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let burst = vec![b'x'; 1 << 20];
+        let writer = tokio::spawn(async move {
+            let _ = client.write_all(&burst).await;
+            client
+        });
+        let mut conn = Plain(server);
+        let mut pending = BytesMut::new();
+        let mut reads = 0;
+        while pending.len() < MAX_READ_AHEAD && reads < 1000 {
+            conn.tcp().readable().await.unwrap();
+            let _ = read_available(&mut conn, &mut pending).unwrap();
+            reads += 1;
+        }
+        assert_eq!(pending.len(), MAX_READ_AHEAD);
+        // Full: a further read takes nothing.
+        let held = pending.len();
+        let _ = read_available(&mut conn, &mut pending).unwrap();
+        assert_eq!(pending.len(), held);
+        writer.abort();
     }
 }
