@@ -355,6 +355,7 @@ impl Core {
         while let Some(input) = self.tx.poll_input() {
             self.handle_tu_input(now, input);
         }
+        self.calls_flow_closed(now, flow);
     }
 
     /// A stream whose framing broke (it will be closed): answer what can
@@ -684,6 +685,9 @@ impl Core {
                 }
             }
             let udp = b.flow.transport == Transport::Udp;
+            if !c.change.is_removal() && !udp {
+                self.calls_follow_registration(&b.aor, b.flow);
+            }
             let was_udp = c
                 .previous_flow
                 .is_some_and(|f| f.transport == Transport::Udp);

@@ -213,6 +213,9 @@ struct Call {
     /// Parley put an offer in a 200 to this side; the answer is in its ACK.
     /// (Per side: both may have an offerless re-INVITE answered at once.)
     offer_in_ok: [bool; 2],
+    /// Per side: the TCP/TLS connection its phone was reached on closed,
+    /// and the phone has not been heard from on another one yet.
+    flow_lost: [bool; 2],
     /// The device whose early media (18x with SDP) the caller hears.
     early: Option<usize>,
     /// Legs reported quiet while the call was on hold, with when their
@@ -876,6 +879,7 @@ impl Core {
             sent_to_caller: None,
             refresh_seq: None,
             offer_in_ok: [false; 2],
+            flow_lost: [false; 2],
             early: None,
             held_quiet: SmallVec::new(),
             configured_at: SmallVec::new(),
@@ -1427,6 +1431,7 @@ impl Core {
             self.reject(now, tx, msg, flow, 500, "CSeq Out Of Order");
             return true;
         }
+        self.follow_phone(idx, side, flow);
         match msg.method() {
             Some(Method::Bye) => {
                 self.reject(now, tx, msg, flow, 200, "OK");
@@ -1453,6 +1458,98 @@ impl Core {
             }
         }
         true
+    }
+
+    /// The phone of `side` was heard from on `flow`. Parley reaches it
+    /// there from now on when that is the same phone on a new connection
+    /// or NAT mapping: its old connection closed (it reconnected), or the
+    /// same transport from the same address (a NAT that rebound a port).
+    fn follow_phone(&mut self, idx: usize, side: Side, flow: Flow) {
+        let call = &mut self.calls.calls[idx];
+        let Some(current) = (match side {
+            Side::Caller => Some(&mut call.caller_flow),
+            Side::Callee => call.winner.map(|w| &mut call.branches[w].flow),
+        }) else {
+            return;
+        };
+        if *current == flow || current.transport != flow.transport {
+            return;
+        }
+        let lost = call.flow_lost[side.index()];
+        if lost || current.remote.ip() == flow.remote.ip() {
+            tracing::info!(call_ref = %call.call_ref, ?side, from = %current, to = %flow, "a phone in a call is now reached on another flow");
+            *current = flow;
+            call.flow_lost[side.index()] = false;
+        }
+    }
+
+    /// A TCP/TLS connection closed. A caller still ringing its callee is
+    /// gone with it: the devices are cancelled. A phone in an answered
+    /// call may come back on a new connection (its media goes on
+    /// meanwhile): the call waits for it, by a request in the dialog or a
+    /// registration from the same address.
+    pub(super) fn calls_flow_closed(&mut self, now: Instant, flow: Flow) {
+        if flow.transport == Transport::Udp {
+            return;
+        }
+        let ringing: Vec<usize> = self
+            .calls
+            .calls
+            .iter()
+            .filter(|(_, c)| c.state == State::Ringing && c.caller_flow == flow)
+            .map(|(idx, _)| idx)
+            .collect();
+        for idx in ringing {
+            tracing::info!(call_ref = %self.calls.calls[idx].call_ref, "the caller's connection closed while it rang; cancelling");
+            self.end_ringing_call(
+                now,
+                idx,
+                (487, "Request Terminated"),
+                Outcome::Cancelled,
+                Some(EndedBy::Caller),
+            );
+        }
+        for (_, call) in self.calls.calls.iter_mut() {
+            if call.state != State::Answered {
+                continue;
+            }
+            let winner = call.winner.map(|w| call.branches[w].flow);
+            for (side, side_flow) in [
+                (Side::Caller, Some(call.caller_flow)),
+                (Side::Callee, winner),
+            ] {
+                if side_flow == Some(flow) {
+                    tracing::info!(call_ref = %call.call_ref, ?side, %flow, "a phone's connection closed during a call; waiting for it to come back");
+                    call.flow_lost[side.index()] = true;
+                }
+            }
+        }
+    }
+
+    /// A phone of `extension` registered on `flow`: a call side of that
+    /// extension whose connection closed, reached before from the same
+    /// address over the same transport, is reached there now.
+    pub(super) fn calls_follow_registration(&mut self, extension: &str, flow: Flow) {
+        let mut moved = Vec::new();
+        for (idx, call) in self.calls.calls.iter() {
+            let winner = call.winner.map(|w| call.branches[w].flow);
+            for (side, who, side_flow) in [
+                (Side::Caller, &call.caller, Some(call.caller_flow)),
+                (Side::Callee, &call.callee, winner),
+            ] {
+                let Some(old) = side_flow else { continue };
+                if call.flow_lost[side.index()]
+                    && who.as_str() == extension
+                    && old.transport == flow.transport
+                    && old.remote.ip() == flow.remote.ip()
+                {
+                    moved.push((idx, side));
+                }
+            }
+        }
+        for (idx, side) in moved {
+            self.follow_phone(idx, side, flow);
+        }
     }
 
     /// An ACK for the 200 Parley sent the caller.

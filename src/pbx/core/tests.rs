@@ -3999,3 +3999,91 @@ fn an_unauthenticated_invite_refused_gets_one_answer_only() {
     assert_eq!(statuses_to(&out, victim), [481]);
     assert!(h.advance(Duration::from_secs(40)).is_empty());
 }
+
+/// Two TLS phones (101 calling, 100 called), both required to use SRTP.
+fn tls_call_setup() -> (CallSetup, Flow) {
+    let mut h = Harness::new(cfg());
+    let now = h.now;
+    h.core.set_directory(
+        now,
+        Directory::new([
+            ext("100", "pw100", EncryptionPolicy::Required),
+            ext("101", "pw101", EncryptionPolicy::Required),
+        ]),
+    );
+    let media = FakeMedia::default();
+    h.core.set_media(Box::new(media.clone()));
+    let soft = tls_from("203.0.113.7:40001", 8);
+    let mut ua = phone("100", "pw100", soft);
+    h.registers(&mut ua, soft);
+    let mut caller = phone("101", "pw101", tls_from("198.51.100.9:40000", 7));
+    h.registers(&mut caller, tls_from("198.51.100.9:40000", 7));
+    (srtp_caller_setup(h, media, soft), soft)
+}
+
+/// The caller's TLS connection closes while it rings: the ringing devices
+/// are cancelled and the call ends, rather than ringing for nobody.
+#[test]
+fn a_caller_whose_connection_closes_while_ringing_is_cancelled() {
+    let (mut s, soft) = tls_call_setup();
+    let invite = s.dial_invite("100");
+    s.h.send_flows(soft, reply(&invite, 180, "Ringing", None));
+    let caller_flow = s.caller.flow;
+    let now = s.h.now;
+    s.h.core.handle_flow_closed(now, caller_flow);
+    let out = s.h.drain_flows();
+    assert_eq!(requests_to(&out, soft, Method::Cancel).len(), 1, "{out:?}");
+    assert_eq!(s.h.core.call_count(), 0);
+    s.h.advance(Duration::from_secs(3));
+    let record = s.h.calls.last().unwrap();
+    assert_eq!(record.outcome, Outcome::Cancelled);
+}
+
+/// A phone in a call whose TLS connection closes comes back on a new one
+/// (from the same address, as after a NAT or Wi-Fi hiccup) and registers
+/// again: the call's requests to it go on the new connection. A request
+/// in the dialog on a new connection does the same.
+#[test]
+fn a_phone_that_reconnects_during_a_call_is_reached_on_its_new_connection() {
+    for by_registration in [true, false] {
+        let (mut s, soft) = tls_call_setup();
+        let invite = s.dial_invite("100");
+        let out = s.h.send_flows(
+            soft,
+            reply(&invite, 200, "OK", Some(&srtp_offer("203.0.113.7", 6000))),
+        );
+        let caller_flow = s.caller.flow;
+        let ok = caller_ok(&out, caller_flow);
+        s.h.send_flows(caller_flow, s.caller.in_dialog("ACK", &ok));
+
+        let now = s.h.now;
+        s.h.core.handle_flow_closed(now, soft);
+        assert_eq!(s.h.core.call_count(), 1, "the call waits for the phone");
+        let again = tls_from("203.0.113.7:40777", 9);
+        if by_registration {
+            let mut ua = phone("100", "pw100", again);
+            s.h.registers(&mut ua, again);
+        } else {
+            let info = callee_in_dialog(
+                &invite,
+                again,
+                "INFO",
+                2,
+                Some(("application/dtmf-relay", "Signal=1\r\nDuration=100\r\n")),
+            );
+            let out = s.h.send_flows(again, info);
+            assert_eq!(
+                requests_to(&out, caller_flow, Method::Info).len(),
+                1,
+                "{out:?}"
+            );
+        }
+        let out = s.h.send_flows(caller_flow, s.caller.in_dialog("BYE", &ok));
+        assert_eq!(
+            requests_to(&out, again, Method::Bye).len(),
+            1,
+            "by_registration={by_registration}: {out:?}"
+        );
+        assert!(requests_to(&out, soft, Method::Bye).is_empty());
+    }
+}
