@@ -79,6 +79,7 @@ pub struct SipSection {
     pub nonce_lifetime_secs: Option<u64>,
     pub md5_only_user_agents: Option<Vec<String>>,
     pub max_connections: Option<u32>,
+    pub max_connections_per_source: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -152,6 +153,8 @@ pub struct Config {
     /// (OPTIONS on UDP, TCP keep-alive probes on TCP/TLS); zero: never.
     pub keepalive: Duration,
     pub max_connections: usize,
+    /// TCP + TLS connections from one IPv4 address or IPv6 /64.
+    pub max_connections_per_source: usize,
     pub nonce_lifetime_secs: u64,
     /// How long a call rings before the caller gets 480.
     pub ring_timeout: Duration,
@@ -296,6 +299,13 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let max_connections_per_source = f.sip.max_connections_per_source.unwrap_or(1_000) as usize;
+        if max_connections_per_source == 0 {
+            return Err(ConfigError::new(
+                "sip.max_connections_per_source",
+                "must be at least 1",
+            ));
+        }
         let md5_only_user_agents = f
             .sip
             .md5_only_user_agents
@@ -407,6 +417,7 @@ impl Config {
             idle_timeout,
             keepalive,
             max_connections,
+            max_connections_per_source,
             nonce_lifetime_secs,
             ring_timeout,
             media_timeout,

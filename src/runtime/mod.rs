@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
@@ -99,7 +99,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     resolver.spawn_watcher(config.cert_reload_interval);
 
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-    let conn_limit = Arc::new(Semaphore::new(config.max_connections));
+    let conn_limit =
+        stream::ConnLimits::new(config.max_connections, config.max_connections_per_source);
     let mut listening: HashMap<&'static str, SocketAddr> = HashMap::new();
 
     let udp = match config.sip_udp {

@@ -7,9 +7,9 @@
 //! soon as it is drained, and takes outbound messages from a queue that
 //! allocates nothing while empty.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 
 use super::driver::Inbound;
@@ -116,13 +116,80 @@ impl ConnShared {
     }
 }
 
+/// How many TCP/TLS connections may be open: in all, and from one source
+/// (an IPv4 address, or an IPv6 /64, which one host usually has whole).
+/// The per-source bound keeps one host from taking every slot, while an
+/// office of phones behind one NAT still fits.
+pub struct ConnLimits {
+    total: Arc<Semaphore>,
+    per_source: usize,
+    by_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A connection's place in [`ConnLimits`], given back when it ends.
+pub struct ConnPermit {
+    limits: Arc<ConnLimits>,
+    source: IpAddr,
+    _total: OwnedSemaphorePermit,
+}
+
+impl ConnLimits {
+    pub fn new(total: usize, per_source: usize) -> Arc<ConnLimits> {
+        Arc::new(ConnLimits {
+            total: Arc::new(Semaphore::new(total)),
+            per_source,
+            by_source: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for a connection from `ip`, if one is free.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnPermit> {
+        let source = source_key(ip);
+        let mut counts = self.by_source.lock().expect("source counts");
+        let count = counts.entry(source).or_insert(0);
+        if *count >= self.per_source {
+            return None;
+        }
+        let total = self.total.clone().try_acquire_owned().ok()?;
+        *count += 1;
+        Some(ConnPermit {
+            limits: self.clone(),
+            source,
+            _total: total,
+        })
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        let mut counts = self.limits.by_source.lock().expect("source counts");
+        if let Some(count) = counts.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// What connections are counted by: an IPv4 address, an IPv6 /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Accepts connections until the process ends. `tls` is `None` for TCP.
 pub async fn accept_loop(
     listener: TcpListener,
     transport: Transport,
     tls: Option<TlsAcceptor>,
     inbound: mpsc::Sender<Inbound>,
-    limit: Arc<Semaphore>,
+    limits: Arc<ConnLimits>,
     keepalive: Duration,
 ) {
     let local = match listener.local_addr() {
@@ -142,8 +209,8 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "connection limit reached; refusing connection");
+        let Some(permit) = limits.admit(remote.ip()) else {
+            tracing::warn!(%remote, "connection limit reached (in all or from this source); refusing connection");
             drop(tcp);
             continue;
         };
@@ -340,7 +407,6 @@ async fn run<C: Conn>(
         // the socket no longer shows), then the frames in it.
         let read = match read_available(&mut conn, &mut pending) {
             Ok(ReadOutcome::Data) => {
-                shared.activity.store(uptime_millis(), Ordering::Relaxed);
                 if let Err(why) = drain_frames(
                     &mut framer,
                     &mut pending,
@@ -434,6 +500,10 @@ async fn drain_frames<C: Conn>(
     loop {
         match framer.next_frame(pending) {
             Ok(Some(Frame::Message(bytes))) => {
+                // Only a whole message counts as activity: a peer that
+                // only pings, or trickles bytes that never make a message,
+                // is reaped once idle unless a registration pins it.
+                shared.activity.store(uptime_millis(), Ordering::Relaxed);
                 // A copy of its own: the core may keep a message for a
                 // call's whole life, and a view would keep the whole read
                 // buffer it came in alive with it.
@@ -496,6 +566,37 @@ mod tests {
             sock.tcp_user_timeout().unwrap(),
             Some(Duration::from_secs(25 + 5 * 3))
         );
+    }
+
+    /// One source (an IPv4 address, an IPv6 /64) gets at most its share
+    /// of connections, others still get in, and a closed connection gives
+    /// its place back.
+    #[test]
+    fn connections_are_limited_per_source_and_in_all() {
+        let limits = ConnLimits::new(5, 2);
+        let v4: IpAddr = "203.0.113.5".parse().unwrap();
+        let a = limits.admit(v4).unwrap();
+        let _b = limits.admit(v4).unwrap();
+        assert!(limits.admit(v4).is_none(), "a third from one address");
+        // The same host through an IPv4-mapped address counts the same.
+        assert!(
+            limits
+                .admit("::ffff:203.0.113.5".parse().unwrap())
+                .is_none()
+        );
+        // Another address of the same IPv6 /64 counts with the first.
+        let _c = limits.admit("2001:db8:1:2::10".parse().unwrap()).unwrap();
+        let _d = limits.admit("2001:db8:1:2::99".parse().unwrap()).unwrap();
+        assert!(
+            limits
+                .admit("2001:db8:1:2:ffff::1".parse().unwrap())
+                .is_none()
+        );
+        let _e = limits.admit("198.51.100.1".parse().unwrap()).unwrap();
+        // Five in all: nobody else gets in.
+        assert!(limits.admit("198.51.100.2".parse().unwrap()).is_none());
+        drop(a);
+        assert!(limits.admit(v4).is_some(), "a place given back");
     }
 
     /// A peer that sends far more than Parley has framed is read only so

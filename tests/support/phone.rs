@@ -117,6 +117,14 @@ impl Phone {
         })
     }
 
+    /// Sends on a stream; false once the server has closed it.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> bool {
+        match &mut self.link {
+            Link::Stream(s, _, _) => s.write_all(bytes).await.is_ok() && s.flush().await.is_ok(),
+            Link::Udp(..) => panic!("try_send is for streams"),
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         match &mut self.link {
             Link::Udp(s, server) => {
