@@ -197,8 +197,9 @@ impl Lockout {
     }
 }
 
-/// What a source is counted by: an IPv4 address, or an IPv6 /64.
-fn source_key(ip: IpAddr) -> IpAddr {
+/// What a source is counted by: an IPv4 address, or an IPv6 /64 (which
+/// one host usually has whole). Lockout and connection limits share it.
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let prefix = u128::from(v6) & !((1u128 << 64) - 1);

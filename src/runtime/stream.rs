@@ -144,7 +144,7 @@ impl ConnLimits {
 
     /// A place for a connection from `ip`, if one is free.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnPermit> {
-        let source = source_key(ip);
+        let source = crate::pbx::lockout::source_key(ip);
         let mut counts = self.by_source.lock().expect("source counts");
         let count = counts.entry(source).or_insert(0);
         if *count >= self.per_source {
@@ -169,17 +169,6 @@ impl Drop for ConnPermit {
                 counts.remove(&self.source);
             }
         }
-    }
-}
-
-/// What connections are counted by: an IPv4 address, an IPv6 /64.
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(bits.into())
-        }
-        v4 => v4,
     }
 }
 

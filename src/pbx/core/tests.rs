@@ -3126,21 +3126,7 @@ fn a_reinvite_answered_481_by_the_other_side_ends_the_call() {
 /// callee, offered the suite it already uses, keeps its own.
 #[test]
 fn a_phone_that_changes_suite_gets_a_new_key() {
-    let mut h = Harness::new(cfg());
-    let now = h.now;
-    h.core.set_directory(
-        now,
-        Directory::new([
-            ext("100", "pw100", EncryptionPolicy::Required),
-            ext("101", "pw101", EncryptionPolicy::Required),
-        ]),
-    );
-    let media = FakeMedia::default();
-    h.core.set_media(Box::new(media.clone()));
-    let soft = tls_from("203.0.113.7:40001", 8);
-    let mut ua = phone("100", "pw100", soft);
-    h.registers(&mut ua, soft);
-    let mut s = srtp_caller_setup(h, media, soft);
+    let (mut s, soft) = tls_call_setup();
     let caller_flow = s.caller.flow;
     let invite = s.dial_invite("100");
     let out = s.h.send_flows(
