@@ -212,7 +212,8 @@ struct Call {
     refresh_seq: Option<u32>,
     /// Parley put an offer in a 200 to this side; the answer is in its ACK.
     /// (Per side: both may have an offerless re-INVITE answered at once.)
-    offer_in_ok: [bool; 2],
+    /// The CSeq of that 200's re-INVITE: only its ACK carries the answer.
+    offer_in_ok: [Option<u32>; 2],
     /// Per side: the TCP/TLS connection its phone was reached on closed,
     /// and the phone has not been heard from on another one yet.
     flow_lost: [bool; 2],
@@ -878,7 +879,7 @@ impl Core {
             session: None,
             sent_to_caller: None,
             refresh_seq: None,
-            offer_in_ok: [false; 2],
+            offer_in_ok: [None; 2],
             flow_lost: [false; 2],
             early: None,
             held_quiet: SmallVec::new(),

@@ -4073,3 +4073,39 @@ fn a_phone_that_reconnects_during_a_call_is_reached_on_its_new_connection() {
         assert!(requests_to(&out, soft, Method::Bye).is_empty());
     }
 }
+
+/// The answer to Parley's offer in a 200 comes in that 200's ACK only: a
+/// late copy of an earlier ACK (over UDP) neither counts as the answer nor
+/// keeps the real one from counting.
+#[test]
+fn only_the_ack_of_the_200_with_the_offer_carries_the_answer() {
+    let mut s = call_setup();
+    let (_invite, ok) = established_call(&mut s);
+    let out =
+        s.h.send_flows(s.caller.flow, s.caller.in_dialog("INVITE", &ok));
+    let ok2 = response_sent(&out, s.caller.flow, 200);
+    let before = s.media.configured.lock().unwrap().len();
+    // The first ACK again (its CSeq is the first INVITE's), no body.
+    s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    let ack = String::from_utf8(
+        s.caller
+            .in_dialog_with(
+                "ACK",
+                &ok2,
+                Some(("application/sdp", &sdp_offer("192.168.1.20", 4100))),
+            )
+            .to_vec(),
+    )
+    .unwrap()
+    .replace(
+        &format!("CSeq: {} ACK", ok.cseq().unwrap().seq),
+        &format!("CSeq: {} ACK", ok2.cseq().unwrap().seq),
+    );
+    s.h.send_flows(s.caller.flow, Bytes::from(ack));
+    let configured = s.media.configured.lock().unwrap();
+    assert_eq!(configured.len(), before + 1);
+    assert_eq!(
+        configured.last().unwrap().1.remote_rtp.map(|a| a.port()),
+        Some(4100)
+    );
+}

@@ -594,7 +594,7 @@ impl Core {
         }
         let ok = match (is_invite, repeated) {
             (true, Some(sdp)) => {
-                self.calls.calls[idx].offer_in_ok[side.index()] = true;
+                self.calls.calls[idx].offer_in_ok[side.index()] = msg.cseq().map(|c| c.seq);
                 b.finish_with_body(Some("application/sdp"), &sdp.to_bytes())
             }
             _ => b.finish(),
@@ -612,9 +612,12 @@ impl Core {
     /// 200 (offerless re-INVITE): its leg follows the answer.
     pub(super) fn answer_in_ack(&mut self, now: Instant, idx: usize, side: Side, ack: &Message) {
         let call = &mut self.calls.calls[idx];
-        if !std::mem::take(&mut call.offer_in_ok[side.index()]) {
+        // A late copy of an earlier ACK is not the answer.
+        let seq = ack.cseq().map(|c| c.seq);
+        if seq.is_none() || call.offer_in_ok[side.index()] != seq {
             return;
         }
+        call.offer_in_ok[side.index()] = None;
         if ack.body().is_empty() {
             return;
         }
