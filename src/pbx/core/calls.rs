@@ -103,9 +103,11 @@ struct Branch {
     media_refusal: Option<String>,
     /// The device sent a provisional response (100 included).
     heard_from: bool,
-    /// To tags of further dialogs the winning device's INVITE made, each
-    /// hung up once.
-    extra_dialogs: Vec<String>,
+    /// To tags of dialogs this fork's INVITE made that Parley hung up, each
+    /// with one BYE: a device that answered too late, or whose media was
+    /// refused, and further dialogs (other To tags) of any fork, the
+    /// winner's included (RFC 3261 §13.2.2.4).
+    hung_up_dialogs: Vec<String>,
     /// The fork was cancelled before the device sent any provisional
     /// response: its CANCEL goes out with the first one (RFC 3261 §9.1
     /// forbids it earlier, since it could overtake a lost INVITE that
@@ -288,7 +290,8 @@ struct ByeAfterAck {
 struct LateFork {
     request: Message,
     flow: Flow,
-    bye_sent: bool,
+    /// To tags of its dialogs Parley hung up (each gets one BYE).
+    hung_up: Vec<String>,
     /// Its CANCEL still waits for a provisional response.
     cancel_deferred: bool,
     /// When the INVITE transaction is surely over (64·T1 after the end).
@@ -316,21 +319,16 @@ fn cancel_for(invite: &Message) -> Bytes {
 }
 
 /// Watches fork `b`, which is over, for a 2xx until `until` (when its
-/// INVITE transaction surely is); `bye_sent` when the device was already
-/// hung up. Beyond [`MAX_LATE_FORKS`] a fork is not watched.
-fn watch_late_fork(
-    late_forks: &mut HashMap<ClientTxId, LateFork>,
-    b: &Branch,
-    bye_sent: bool,
-    until: Instant,
-) {
+/// INVITE transaction surely is). Beyond [`MAX_LATE_FORKS`] a fork is not
+/// watched.
+fn watch_late_fork(late_forks: &mut HashMap<ClientTxId, LateFork>, b: &Branch, until: Instant) {
     if late_forks.len() < MAX_LATE_FORKS {
         late_forks.insert(
             b.tx,
             LateFork {
                 request: b.request.clone(),
                 flow: b.flow,
-                bye_sent,
+                hung_up: b.hung_up_dialogs.clone(),
                 cancel_deferred: b.cancel_deferred,
                 until,
             },
@@ -820,7 +818,7 @@ impl Core {
                     state: BranchState::Calling,
                     media_refusal: None,
                     heard_from: false,
-                    extra_dialogs: Vec::new(),
+                    hung_up_dialogs: Vec::new(),
                     cancel_deferred: false,
                 }),
                 Err(e) => {
@@ -1149,8 +1147,36 @@ impl Core {
         } = &mut self.calls;
         let branch = &mut calls[idx].branches[bi];
         branch.media_refusal = Some(e.to_string());
-        watch_late_fork(late_forks, branch, true, until);
+        branch.hung_up_dialogs.push(dialog.remote_tag.clone());
+        watch_late_fork(late_forks, branch, until);
         self.fork_failed(now, idx, bi, status);
+    }
+
+    /// Sends BYE on the dialog with To tag `tag` that fork `bi`'s INVITE
+    /// made, unless it had one already.
+    fn hang_up_fork_dialog(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        bi: usize,
+        dialog: &mut Dialog,
+        tag: String,
+    ) {
+        let call = &mut self.calls.calls[idx];
+        let branch = &mut call.branches[bi];
+        if branch.hung_up_dialogs.contains(&tag) || branch.hung_up_dialogs.len() >= MAX_FORKS {
+            return;
+        }
+        tracing::info!(call_ref = %call.call_ref, "a device answered a fork that is over; hanging it up");
+        branch.hung_up_dialogs.push(tag);
+        let flow = branch.flow;
+        let via = self.via(&flow, &branch_id());
+        let bye = dialog
+            .request("BYE", &via, None)
+            .finish_with_body(None, b"");
+        if let Ok(c) = self.tx.send_request(now, flow, bye) {
+            self.calls.by_branch.insert(c, (idx, bi));
+        }
     }
 
     fn fork_failed(&mut self, now: Instant, idx: usize, bi: usize, status: u16) {
@@ -1212,47 +1238,32 @@ impl Core {
         self.transmit(flow, ack);
         let call = &self.calls.calls[idx];
         let branch = &call.branches[bi];
+        let tag = dialog.remote_tag.clone();
         if call.winner == Some(bi) {
             // A retransmitted 2xx (the device missed the ACK) is
             // acknowledged again, and nothing more. A 2xx with another To
             // tag is a second dialog (a forking proxy behind the binding,
             // two phones answering): acknowledged and hung up (RFC 3261
             // §13.2.2.4), once.
-            let tag = msg.to().and_then(|t| t.tag()).unwrap_or("").to_string();
             let same = call
                 .callee_dialog
                 .as_ref()
                 .is_some_and(|d| d.remote_tag == tag);
-            let call = &mut self.calls.calls[idx];
-            if !same && !call.branches[bi].extra_dialogs.contains(&tag) {
-                tracing::info!(call_ref = %call.call_ref, "a second dialog answered the winning device's INVITE; hanging it up");
-                if call.branches[bi].extra_dialogs.len() < MAX_FORKS {
-                    call.branches[bi].extra_dialogs.push(tag);
-                }
-                let via = self.via(&flow, &branch_id());
-                let bye = dialog
-                    .request("BYE", &via, None)
-                    .finish_with_body(None, b"");
-                let _ = self.tx.send_request(now, flow, bye);
+            if !same {
+                self.hang_up_fork_dialog(now, idx, bi, &mut dialog, tag);
             }
             return;
         }
         if branch.state == BranchState::HungUp {
-            // A retransmitted 2xx (the device missed the ACK): acknowledged
-            // again, and nothing more.
-            return;
+            // A retransmitted 2xx (the device missed the ACK) is
+            // acknowledged again, and nothing more; another dialog of the
+            // same fork is hung up too.
+            return self.hang_up_fork_dialog(now, idx, bi, &mut dialog, tag);
         }
         if call.state != State::Ringing || call.winner.is_some() {
             // A second device answered too late: it gets ACK and BYE (once).
-            let via = self.via(&flow, &branch_id());
-            let bye = dialog
-                .request("BYE", &via, None)
-                .finish_with_body(None, b"");
-            if let Ok(c) = self.tx.send_request(now, flow, bye) {
-                self.calls.by_branch.insert(c, (idx, bi));
-            }
             self.calls.calls[idx].branches[bi].state = BranchState::HungUp;
-            return;
+            return self.hang_up_fork_dialog(now, idx, bi, &mut dialog, tag);
         }
         let tls = flow.transport == Transport::Tls;
         let answer = match read_phone_sdp(msg.body(), tls, branch.security, Some(&branch.offer)) {
@@ -1699,7 +1710,7 @@ impl Core {
             let hung_up = b.state == BranchState::HungUp;
             if open || hung_up {
                 let until = now + self.cfg.timers.t1x64();
-                watch_late_fork(&mut self.calls.late_forks, b, hung_up, until);
+                watch_late_fork(&mut self.calls.late_forks, b, until);
             }
         }
         let unix_ms = |t: Instant| self.clock.unix(t).as_millis() as i64;
@@ -1902,9 +1913,10 @@ impl Core {
         self.transmit(flow, ack);
         let via = self.via(&flow, &branch_id());
         if let Some(late) = self.calls.late_forks.get_mut(&ctx)
-            && !late.bye_sent
+            && !late.hung_up.contains(&dialog.remote_tag)
+            && late.hung_up.len() < MAX_FORKS
         {
-            late.bye_sent = true;
+            late.hung_up.push(dialog.remote_tag.clone());
             let bye = dialog
                 .request("BYE", &via, None)
                 .finish_with_body(None, b"");

@@ -4109,3 +4109,53 @@ fn only_the_ack_of_the_200_with_the_offer_carries_the_answer() {
         Some(4100)
     );
 }
+
+/// A fork that lost can make more than one dialog too (a forking proxy
+/// behind the binding): each 2xx with a new To tag gets ACK and one BYE,
+/// while the call lasts and after it ended.
+#[test]
+fn every_dialog_of_a_losing_fork_is_hung_up_once() {
+    for after_the_end in [false, true] {
+        let mut s = call_setup();
+        let soft = add_callee_device(&mut s, "192.168.1.31:5064");
+        let out = s.dial("102");
+        let desk_invite = invite_to(&out, s.callee_flow);
+        let soft_invite = invite_to(&out, soft);
+        s.h.send_flows(s.callee_flow, reply(&desk_invite, 180, "Ringing", None));
+        let soft_ok = reply_as(
+            &soft_invite,
+            200,
+            "OK",
+            Some(&sdp_offer("192.168.1.31", 7000)),
+            "softtag",
+            SOFT_CONTACT,
+        );
+        let out = s.h.send_flows(soft, soft_ok);
+        let ok = caller_ok(&out, s.caller.flow);
+        s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+        if after_the_end {
+            s.h.send_flows(s.caller.flow, s.caller.in_dialog("BYE", &ok));
+            assert_eq!(s.h.core.call_count(), 0);
+        }
+        // The desk fork (cancelled) answers anyway, from two devices.
+        for (tag, round) in [("deska", 0), ("deska", 1), ("deskb", 2)] {
+            let answer = reply_as(
+                &desk_invite,
+                200,
+                "OK",
+                Some(&sdp_offer("192.168.1.30", 6000)),
+                tag,
+                "<sip:102@192.168.1.30:5062>",
+            );
+            let out = s.h.send_flows(s.callee_flow, answer);
+            let acks = requests_to(&out, s.callee_flow, Method::Ack);
+            assert_eq!(acks.len(), 1, "{after_the_end} {round}: {out:?}");
+            let byes = requests_to(&out, s.callee_flow, Method::Bye);
+            let want = usize::from(round != 1);
+            assert_eq!(byes.len(), want, "{after_the_end} {round}: {out:?}");
+            if let Some(bye) = byes.first() {
+                assert_eq!(bye.to().unwrap().tag(), Some(tag));
+            }
+        }
+    }
+}
