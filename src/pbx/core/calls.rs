@@ -145,6 +145,9 @@ struct Reinvite {
     /// What Parley offered the other side, and under which CSeq.
     sent: SessionDescription,
     sent_seq: u32,
+    /// Its sender cancelled it (and has its 487): the other side's answer,
+    /// when it comes, is undone rather than passed on.
+    cancelled: bool,
 }
 
 /// Parley's re-INVITE to one side with the description that side had
@@ -303,7 +306,7 @@ const MAX_LATE_FORKS: usize = MAX_CALLS;
 
 /// A CANCEL for `invite` (RFC 3261 §9.1: its Request-URI, top Via,
 /// Call-ID, From, To and CSeq number).
-fn cancel_for(invite: &Message) -> Bytes {
+pub(super) fn cancel_for(invite: &Message) -> Bytes {
     let mut b = MessageBuilder::request("CANCEL", invite.request_uri());
     for (name, value) in [
         (HeaderName::Via, invite.header(HeaderName::Via)),
@@ -313,7 +316,8 @@ fn cancel_for(invite: &Message) -> Bytes {
     ] {
         b.header(name, value.unwrap_or(""));
     }
-    b.header(HeaderName::CSeq, "1 CANCEL");
+    let seq = invite.cseq().map_or(1, |c| c.seq);
+    b.header_fmt(HeaderName::CSeq, format_args!("{seq} CANCEL"));
     b.header(HeaderName::MaxForwards, MAX_FORWARDS);
     b.finish_with_body(None, b"")
 }
@@ -1376,7 +1380,8 @@ impl Core {
         let Some(&idx) = self.calls.by_invite.get(&invite) else {
             // The INVITE already has its final answer: the CANCEL changes
             // nothing, but is answered (RFC 3261 §9.2).
-            return self.reject(now, tx, &msg, flow, 200, "OK");
+            self.reject(now, tx, &msg, flow, 200, "OK");
+            return self.cancel_reinvite(now, invite);
         };
         self.reject(now, tx, &msg, flow, 200, "OK");
         let call = &self.calls.calls[idx];
@@ -1390,6 +1395,30 @@ impl Core {
             Outcome::Cancelled,
             Some(EndedBy::Caller),
         );
+    }
+
+    /// A CANCEL for a re-INVITE Parley passed on and has not answered yet:
+    /// the re-INVITE gets 487 (RFC 3261 §9.2), and whatever the other side
+    /// answers is undone when it comes (see `reinvite_response`).
+    fn cancel_reinvite(&mut self, now: Instant, invite: ServerTxId) {
+        if !self.tx.server_is_pending(invite) {
+            return;
+        }
+        let Some((_, call)) = self
+            .calls
+            .calls
+            .iter_mut()
+            .find(|(_, c)| c.reinvite.as_ref().is_some_and(|r| r.tx == invite))
+        else {
+            return;
+        };
+        let Some(r) = call.reinvite.as_mut() else {
+            return;
+        };
+        r.cancelled = true;
+        let (request, flow) = (r.request.clone(), r.flow);
+        let b = self.response_builder(&request, flow, 487, "Request Terminated");
+        self.respond(now, invite, 487, b.finish());
     }
 
     /// Ends a call that is still ringing: the caller's INVITE gets
@@ -2207,6 +2236,7 @@ impl Core {
                     offer,
                     sent,
                     sent_seq,
+                    cancelled: false,
                 });
                 if method == Method::Invite {
                     let b = self.response_builder(msg, flow, 100, "Trying");
@@ -2227,6 +2257,9 @@ impl Core {
         let Some(r) = self.calls.calls[idx].reinvite.take() else {
             return;
         };
+        if status >= 300 && r.cancelled {
+            return;
+        }
         if status >= 300 {
             // The other side refused: so does Parley, with its status.
             let reason = msg.reason().to_string();
@@ -2263,6 +2296,11 @@ impl Core {
         }
         if r.from == Side::Callee {
             self.session_refreshed_by_parley(now, idx, &msg);
+        }
+        if r.cancelled {
+            // The sender kept its session; the other side took the new
+            // offer: it is offered what it had before.
+            return self.restore_side(now, idx, r.from.other());
         }
 
         let call = &self.calls.calls[idx];

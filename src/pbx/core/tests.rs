@@ -4159,3 +4159,46 @@ fn every_dialog_of_a_losing_fork_is_hung_up_once() {
         }
     }
 }
+
+/// RFC 3261 §9.2: a CANCEL for a re-INVITE still waiting on the other side
+/// gets 200 and the re-INVITE 487. The other side's answer, when it comes,
+/// is acknowledged and undone (offered its previous session again); the
+/// caller hears nothing more of it.
+#[test]
+fn a_cancelled_reinvite_gets_487_and_the_other_side_is_restored() {
+    let mut s = call_setup();
+    let (_invite, ok) = established_call(&mut s);
+    let hold = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=sendonly");
+    let reinvite = caller_reinvite_bytes(&mut s, &ok, &hold);
+    let parsed = Message::parse(reinvite.clone(), Framing::Datagram).unwrap();
+    let out = s.h.send_flows(s.caller.flow, reinvite);
+    let relayed = requests_to(&out, s.callee_flow, Method::Invite).remove(0);
+
+    let out =
+        s.h.send_flows(s.caller.flow, super::calls::cancel_for(&parsed));
+    let answers = answers_to(&out, s.caller.flow);
+    assert!(
+        answers.contains(&(200, "OK".to_string(), Method::Cancel)),
+        "{out:?}"
+    );
+    assert!(
+        answers.contains(&(487, "Request Terminated".to_string(), Method::Invite)),
+        "{out:?}"
+    );
+
+    // The callee took the hold offer anyway.
+    let agreed = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=recvonly");
+    let out =
+        s.h.send_flows(s.callee_flow, reply(&relayed, 200, "OK", Some(&agreed)));
+    assert_eq!(
+        requests_to(&out, s.callee_flow, Method::Ack).len(),
+        1,
+        "{out:?}"
+    );
+    let restore = requests_to(&out, s.callee_flow, Method::Invite);
+    assert_eq!(restore.len(), 1, "{out:?}");
+    let sdp = SessionDescription::parse(restore[0].body()).unwrap();
+    assert_eq!(sdp.media_direction(0), Direction::SendRecv);
+    assert!(out.iter().all(|(f, _)| *f == s.callee_flow), "{out:?}");
+    assert_eq!(s.h.core.call_count(), 1);
+}
