@@ -291,6 +291,7 @@ fn call_history_is_listed_newest_first() {
         wrong_source: 0,
         sent_packets: 4000,
         sent_bytes: 728_000,
+        srtp_refused: 0,
         remote_fraction_lost: Some(0.0),
         remote_jitter_ms: Some(2.0),
         mos_received: Some(4.41),

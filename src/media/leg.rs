@@ -338,10 +338,14 @@ impl Leg {
             self.sending.no_destination += 1;
             return None;
         };
-        let len = match (&mut self.tx, kind) {
-            (Some(ctx), Kind::Rtp) => ctx.protect_rtp(buf, len).ok()?,
-            (Some(ctx), Kind::Rtcp) => ctx.protect_rtcp(buf, len).ok()?,
-            (None, _) => len,
+        let protected = match (&mut self.tx, kind) {
+            (Some(ctx), Kind::Rtp) => ctx.protect_rtp(buf, len),
+            (Some(ctx), Kind::Rtcp) => ctx.protect_rtcp(buf, len),
+            (None, _) => Ok(len),
+        };
+        let Ok(len) = protected else {
+            self.sending.srtp_refused += 1;
+            return None;
         };
         match kind {
             Kind::Rtp => {

@@ -73,6 +73,9 @@ pub struct LegReport {
     pub wrong_source: u64,
     pub sent_packets: u64,
     pub sent_bytes: u64,
+    /// Packets for the phone that SRTP would not protect (see
+    /// `stats::Sending::srtp_refused`).
+    pub srtp_refused: u64,
     /// Loss the phone reported in its last RTCP report on what Parley sent.
     pub remote_fraction_lost: Option<f64>,
     pub remote_jitter_ms: Option<f64>,
@@ -113,6 +116,7 @@ impl LegReport {
             wrong_source: r.wrong_source,
             sent_packets: leg.sending.packets,
             sent_bytes: leg.sending.bytes,
+            srtp_refused: leg.sending.srtp_refused,
             remote_fraction_lost: leg.remote_report.map(|rr| rr.fraction_lost),
             remote_jitter_ms,
             mos_received: (r.packets > 0).then(|| stats::mos(loss, jitter_ms, 0.0)),

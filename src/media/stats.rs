@@ -165,6 +165,9 @@ pub struct Sending {
     pub no_destination: u64,
     /// Sends the kernel refused.
     pub send_errors: u64,
+    /// Packets SRTP would not protect: a duplicate of one already sent,
+    /// or a new SSRC past what one key may carry (see `srtp::context`).
+    pub srtp_refused: u64,
 }
 
 /// Interarrival jitter beyond this is not a network's doing but a phone's

@@ -793,3 +793,25 @@ fn duplicates_in_one_stream_do_not_cancel_loss_in_the_next() {
     }
     assert_eq!(r.lost(), 5);
 }
+
+/// A packet SRTP will not protect for the phone (here a duplicate, which
+/// would reuse keystream) is dropped and counted, not lost silently.
+#[test]
+fn packets_srtp_refuses_to_send_are_counted() {
+    let now = Instant::now();
+    let b_addr: SocketAddr = "192.0.2.20:50000".parse().unwrap();
+    let mut leg_b = Leg::new(LegId(2), now);
+    leg_b.configure(
+        srtp_media(b_addr, &MasterKey::generate(), &MasterKey::generate()),
+        now,
+    );
+    let plain = rtp(7, 1, &[0; 160]);
+    for round in 0..2 {
+        let mut buf = plain.clone();
+        buf.resize(plain.len() + crate::srtp::MAX_SRTP_OVERHEAD, 0);
+        let sent = leg_b.prepare_send(Kind::Rtp, &mut buf, plain.len());
+        assert_eq!(sent.is_some(), round == 0);
+    }
+    assert_eq!(leg_b.sending.srtp_refused, 1);
+    assert_eq!(LegReport::of(&leg_b, 0).srtp_refused, 1);
+}

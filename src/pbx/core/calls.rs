@@ -129,6 +129,8 @@ const RELAYED: usize = usize::MAX - 2;
 const SESSION_REFRESH: usize = usize::MAX - 3;
 /// The `by_branch` slot of Parley's re-INVITE restoring one side.
 const REPAIR: usize = usize::MAX - 4;
+/// SRTP refusals on one leg beyond which a call's end logs a warning.
+const REFUSED_WORTH_A_WARNING: u64 = 50;
 /// Why a call ends when a side cannot be given a session Parley carries.
 const RENEGOTIATION_FAILED: &str = "Media Renegotiation Failed";
 
@@ -2014,6 +2016,14 @@ impl Core {
         else {
             return;
         };
+        // Duplicates are a few; many more mean SSRCs past what one key
+        // may carry, which left that phone without audio from some stream.
+        if report.srtp_refused > REFUSED_WORTH_A_WARNING {
+            tracing::warn!(
+                call_ref = %p.record.call_ref, leg = %report.id, refused = report.srtp_refused,
+                "packets for a phone were not sent: SRTP refused them (duplicates, or too many SSRCs under one key)"
+            );
+        }
         if p.caller_leg == report.id {
             p.record.caller_leg.media = Some(report);
         } else if let Some(leg) = &mut p.record.callee_leg {

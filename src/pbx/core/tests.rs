@@ -1155,6 +1155,7 @@ fn report(id: u64, packets: u64) -> LegReport {
         wrong_source: 0,
         sent_packets: packets,
         sent_bytes: packets * 172,
+        srtp_refused: 0,
         remote_fraction_lost: None,
         remote_jitter_ms: None,
         mos_received: Some(4.4),
