@@ -90,15 +90,14 @@ impl Driver {
         loop {
             // Timers first, whatever else is ready: a flood on one input
             // must not hold back retransmissions and timeouts.
-            if self
-                .core
-                .poll_timeout()
-                .is_some_and(|d| d <= Instant::now())
-            {
-                self.core.handle_timeout(Instant::now());
+            let mut due = self.core.poll_timeout();
+            let now = Instant::now();
+            if due.is_some_and(|d| d <= now) {
+                self.core.handle_timeout(now);
                 self.flush(&mut conns, udp.as_deref(), udp_local).await;
+                due = self.core.poll_timeout();
             }
-            let deadline = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            let deadline = due.map(tokio::time::Instant::from_std);
             // Not biased: any input that is always ready (a flood) would
             // starve the ones after it.
             tokio::select! {

@@ -235,6 +235,21 @@ struct Call {
 }
 
 impl Call {
+    /// Where `side`'s phone is reached (the callee's once one answered).
+    fn flow_of(&self, side: Side) -> Option<Flow> {
+        match side {
+            Side::Caller => Some(self.caller_flow),
+            Side::Callee => self.winner.map(|w| self.branches[w].flow),
+        }
+    }
+
+    fn flow_of_mut(&mut self, side: Side) -> Option<&mut Flow> {
+        match side {
+            Side::Caller => Some(&mut self.caller_flow),
+            Side::Callee => self.winner.map(|w| &mut self.branches[w].flow),
+        }
+    }
+
     /// Whether either phone's latest description holds the media (any
     /// direction but sendrecv).
     fn on_hold(&self) -> bool {
@@ -1368,10 +1383,24 @@ impl Core {
         let branch = &self.calls.calls[idx].branches[bi];
         let (flow, invite_tx) = (branch.flow, branch.tx);
         let cancel = cancel_for(&branch.request);
-        if let Ok(c) = self.tx.send_request(now, flow, cancel) {
+        if let Some(c) = self.cancel_invite(now, invite_tx, flow, cancel) {
             self.calls.by_branch.insert(c, (idx, bi));
         }
+    }
+
+    /// Sends `cancel` for the INVITE of client transaction `invite_tx`,
+    /// which from now on gives up 64·T1 after (RFC 3261 §9.1); returns the
+    /// CANCEL's own transaction.
+    fn cancel_invite(
+        &mut self,
+        now: Instant,
+        invite_tx: ClientTxId,
+        flow: Flow,
+        cancel: Bytes,
+    ) -> Option<ClientTxId> {
+        let sent = self.tx.send_request(now, flow, cancel).ok();
         self.tx.cancelling(now, invite_tx);
+        sent
     }
 
     /// CANCEL from the caller while it rings.
@@ -1509,19 +1538,16 @@ impl Core {
     /// same transport from the same address (a NAT that rebound a port).
     fn follow_phone(&mut self, idx: usize, side: Side, flow: Flow) {
         let call = &mut self.calls.calls[idx];
-        let Some(current) = (match side {
-            Side::Caller => Some(&mut call.caller_flow),
-            Side::Callee => call.winner.map(|w| &mut call.branches[w].flow),
-        }) else {
+        let lost = call.flow_lost[side.index()];
+        let Some(current) = call.flow_of_mut(side) else {
             return;
         };
         if *current == flow || current.transport != flow.transport {
             return;
         }
-        let lost = call.flow_lost[side.index()];
         if lost || current.remote.ip() == flow.remote.ip() {
-            tracing::info!(call_ref = %call.call_ref, ?side, from = %current, to = %flow, "a phone in a call is now reached on another flow");
-            *current = flow;
+            let from = std::mem::replace(current, flow);
+            tracing::info!(call_ref = %call.call_ref, ?side, %from, to = %flow, "a phone in a call is now reached on another flow");
             call.flow_lost[side.index()] = false;
         }
     }
@@ -1556,12 +1582,8 @@ impl Core {
             if call.state != State::Answered {
                 continue;
             }
-            let winner = call.winner.map(|w| call.branches[w].flow);
-            for (side, side_flow) in [
-                (Side::Caller, Some(call.caller_flow)),
-                (Side::Callee, winner),
-            ] {
-                if side_flow == Some(flow) {
+            for side in [Side::Caller, Side::Callee] {
+                if call.flow_of(side) == Some(flow) {
                     tracing::info!(call_ref = %call.call_ref, ?side, %flow, "a phone's connection closed during a call; waiting for it to come back");
                     call.flow_lost[side.index()] = true;
                 }
@@ -1575,12 +1597,10 @@ impl Core {
     pub(super) fn calls_follow_registration(&mut self, extension: &str, flow: Flow) {
         let mut moved = Vec::new();
         for (idx, call) in self.calls.calls.iter() {
-            let winner = call.winner.map(|w| call.branches[w].flow);
-            for (side, who, side_flow) in [
-                (Side::Caller, &call.caller, Some(call.caller_flow)),
-                (Side::Callee, &call.callee, winner),
-            ] {
-                let Some(old) = side_flow else { continue };
+            for (side, who) in [(Side::Caller, &call.caller), (Side::Callee, &call.callee)] {
+                let Some(old) = call.flow_of(side) else {
+                    continue;
+                };
                 if call.flow_lost[side.index()]
                     && who.as_str() == extension
                     && old.transport == flow.transport
@@ -1638,12 +1658,7 @@ impl Core {
     }
 
     fn hang_up_other_side(&mut self, now: Instant, idx: usize, ended: Side) {
-        let call = &self.calls.calls[idx];
-        let flow = match ended {
-            Side::Caller => call.winner.map(|w| call.branches[w].flow),
-            Side::Callee => Some(call.caller_flow),
-        };
-        let Some(flow) = flow else {
+        let Some(flow) = self.calls.calls[idx].flow_of(ended.other()) else {
             return;
         };
         let via = self.via(&flow, &branch_id());
@@ -1831,8 +1846,7 @@ impl Core {
             })
             .collect();
         for (ctx, flow, cancel) in deferred {
-            let _ = self.tx.send_request(now, flow, cancel);
-            self.tx.cancelling(now, ctx);
+            self.cancel_invite(now, ctx, flow, cancel);
         }
         for p in std::mem::take(&mut self.calls.pending) {
             self.out
@@ -1919,8 +1933,7 @@ impl Core {
         if status < 200 {
             if late.cancel_deferred {
                 let (flow, cancel) = (late.flow, cancel_for(&late.request));
-                let _ = self.tx.send_request(now, flow, cancel);
-                self.tx.cancelling(now, ctx);
+                self.cancel_invite(now, ctx, flow, cancel);
                 // Its INVITE may now be answered up to 64·T1 from here.
                 let until = now + self.cfg.timers.t1x64();
                 if let Some(late) = self.calls.late_forks.get_mut(&ctx) {
@@ -2060,10 +2073,7 @@ impl Core {
                 },
                 _ => continue,
             };
-            let flow = match side {
-                Side::Caller => Some(call.caller_flow),
-                Side::Callee => call.winner.map(|w| call.branches[w].flow),
-            };
+            let flow = call.flow_of(side);
             let dialog = match side {
                 Side::Caller => call.caller_dialog.as_mut(),
                 Side::Callee => call.callee_dialog.as_mut(),

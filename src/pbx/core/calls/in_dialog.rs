@@ -59,26 +59,35 @@ pub(super) fn session_timer_request(msg: &Message) -> Result<Option<SessionTimer
     let Some(value) = msg.header(HeaderName::SessionExpires) else {
         return Ok(None);
     };
-    let mut parts = value.split(';');
-    let Ok(asked) = parts.next().unwrap_or("").trim().parse::<u32>() else {
+    let (asked, refresher) = session_expires(value);
+    let Some(asked) = asked else {
         // Unreadable: treated as absent, the call goes on without a timer.
         return Ok(None);
     };
     if asked < MIN_SESSION_EXPIRES {
         return Err(MIN_SESSION_EXPIRES);
     }
-    let refresher = parts
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("refresher"))
-        .map(|(_, v)| v.trim().to_ascii_lowercase());
     // RFC 4028 §9: the refresher asked for is kept; without one, a caller
     // that supports timers refreshes, and one that does not cannot.
-    let caller_refreshes = caller_supports && refresher.as_deref() != Some("uas");
+    let caller_refreshes =
+        caller_supports && !refresher.is_some_and(|r| r.eq_ignore_ascii_case("uas"));
     Ok(Some(SessionTimerRequest {
         interval: asked.min(MAX_SESSION_EXPIRES),
         caller_refreshes,
         caller_supports,
     }))
+}
+
+/// A Session-Expires value's interval (`None` when unreadable) and its
+/// `refresher` parameter.
+fn session_expires(value: &str) -> (Option<u32>, Option<&str>) {
+    let mut parts = value.split(';');
+    let interval = parts.next().unwrap_or("").trim().parse::<u32>().ok();
+    let refresher = parts
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("refresher"))
+        .map(|(_, v)| v.trim());
+    (interval, refresher)
 }
 
 impl SessionTimerRequest {
@@ -165,16 +174,12 @@ impl Core {
                 call.session = None;
                 return;
             };
-            let mut parts = value.split(';');
-            if let Ok(interval) = parts.next().unwrap_or("").trim().parse::<u32>() {
+            let (interval, refresher) = session_expires(value);
+            if let Some(interval) = interval {
                 timer.request.interval = interval.clamp(MIN_SESSION_EXPIRES, MAX_SESSION_EXPIRES);
             }
             // Parley sent the request: "uas" names the caller.
-            if let Some(who) = parts
-                .filter_map(|p| p.split_once('='))
-                .find(|(k, _)| k.trim().eq_ignore_ascii_case("refresher"))
-                .map(|(_, v)| v.trim())
-            {
+            if let Some(who) = refresher {
                 timer.request.caller_refreshes = who.eq_ignore_ascii_case("uas");
             }
         }
@@ -467,12 +472,14 @@ impl Core {
             self.session_refreshed_by_parley(now, idx, msg);
             let via = self.via(&flow, &branch_id());
             let call = &mut self.calls.calls[idx];
-            // A 2xx to a re-INVITE refreshes the target too (RFC 3261
-            // §12.2.1.2).
+            let seq = call.refresh_seq.take();
             if let Some(d) = call.caller_dialog.as_mut() {
+                // A 2xx to a re-INVITE refreshes the target too (RFC 3261
+                // §12.2.1.2).
                 d.refresh_target(msg);
-            }
-            if let (Some(seq), Some(d)) = (call.refresh_seq.take(), call.caller_dialog.as_mut()) {
+                let Some(seq) = seq else {
+                    return;
+                };
                 let ack = d.ack(seq, &via, None);
                 self.remember_ack(now, ctx, flow, ack.clone());
                 self.transmit(flow, ack);
@@ -664,10 +671,7 @@ impl Core {
     /// The flow of the side opposite `from`, once the call is answered.
     fn other_flow(&self, idx: usize, from: Side) -> Option<Flow> {
         let call = &self.calls.calls[idx];
-        let w = call.winner?;
-        Some(match from {
-            Side::Caller => call.branches[w].flow,
-            Side::Callee => call.caller_flow,
-        })
+        call.winner?;
+        call.flow_of(from.other())
     }
 }
