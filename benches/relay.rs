@@ -245,6 +245,7 @@ fn engine_phones(calls: usize, local: IpAddr, port: LegPort) -> (Vec<Phone>, Med
                         trusted_ips: Default::default(),
                         clock_rate: 8000,
                         telephone_event_pt: None,
+                        local_ip: None,
                     },
                 )
                 .unwrap();

@@ -3,11 +3,13 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use parley::sip::digest::Algorithm;
 use parley::sip::message::HeaderName;
 use parley::sip::ua::RegisterOutcome;
+use support::netns::{LoopbackNs, in_netns};
 use support::phone::Phone;
 use support::{DOMAIN, Parley, wait_until};
 
@@ -287,4 +289,45 @@ async fn registers_over_ipv6() {
         contacts.iter().all(|c| c.contains("[::1]:")),
         "{contacts:?}"
     );
+}
+
+/// On a host with several addresses, a server bound to all of them must
+/// answer a phone from the address the phone reached, and reach the phone
+/// from it later: a phone, or the NAT in front of it, drops datagrams from
+/// any other. (In a namespace of the test's own, whose only interface is
+/// loopback, 127.0.0.2 is such a second address.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_all_addresses_answers_from_the_one_reached() {
+    let ns = LoopbackNs::new();
+    // Loopback outside the LAN networks, so the phone counts as remote
+    // and gets Parley's own keep-alives.
+    let p = Parley::start_in(
+        Some(&ns.name),
+        "0.0.0.0",
+        "[sip]\nkeepalive_secs = 5\n[security]\nlan_networks = [\"10.0.0.0/8\"]\n",
+    );
+    p.add_extension("100", "password100", "off");
+    let reached = SocketAddr::new("127.0.0.2".parse().unwrap(), p.udp.port());
+    let sock = in_netns(&ns.name, || {
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap()
+    });
+    let mut phone = Phone::udp_on(sock, reached, "100", "password100");
+
+    let req = phone.options("all-addresses");
+    assert_eq!(phone.request(req).await.status(), Some(200));
+    assert_eq!(phone.last_from, Some(reached));
+    let (o, resp) = phone.register().await;
+    assert!(registered(&o), "{}", resp.reason());
+    assert_eq!(phone.last_from, Some(reached));
+
+    // Parley's keep-alive to the registered phone: from the same address,
+    // which its Via names too.
+    let ping = phone
+        .recv_within(Duration::from_secs(15))
+        .await
+        .expect("a keep-alive");
+    assert_eq!(ping.method_str(), "OPTIONS");
+    assert_eq!(phone.last_from, Some(reached));
+    let sent_by = ping.top_via().unwrap().sent_by.to_owned();
+    assert_eq!(sent_by, reached.to_string());
 }

@@ -3,7 +3,7 @@
 //! `sendmmsg` sends those bound for the shared port from where they lie.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 
 use socket2::{SockAddr, SockAddrStorage};
@@ -93,6 +93,194 @@ pub(crate) fn sender(name: &libc::sockaddr_storage, len: libc::socklen_t) -> Opt
     .as_socket()
 }
 
+/// Room for one packet-info control message, IPv4 or IPv6, aligned as a
+/// `cmsghdr` must be.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub(crate) struct PktInfoSpace([u8; PKTINFO_SPACE]);
+
+/// `CMSG_SPACE` of an `in6_pktinfo` is 40 bytes, of an `in_pktinfo` 32.
+const PKTINFO_SPACE: usize = 64;
+
+impl PktInfoSpace {
+    pub(crate) const fn new() -> Self {
+        PktInfoSpace([0; PKTINFO_SPACE])
+    }
+}
+
+/// Asks the kernel to tell, with every datagram received on `fd`, the
+/// local address it was sent to. A socket bound to all addresses needs
+/// it to answer from that address: on a host with several, the routing
+/// table may pick another, which a phone or its NAT does not accept.
+pub(crate) fn enable_pktinfo(fd: RawFd, ipv6: bool) -> io::Result<()> {
+    let (level, name) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and a live c_int of the stated size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Points a receive header at `space` for the datagram's packet info.
+pub(crate) fn expect_pktinfo(hdr: &mut libc::msghdr, space: &mut PktInfoSpace) {
+    hdr.msg_control = space.0.as_mut_ptr().cast();
+    hdr.msg_controllen = PKTINFO_SPACE as _;
+}
+
+/// The local address a received datagram was sent to, from the packet
+/// info in its header's control messages; `None` without one, for a
+/// multicast destination (no address to answer from), and for a
+/// link-local one (which needs its interface too). An IPv4 address
+/// that reached an IPv6 socket comes back as IPv4.
+// `msg_controllen` is a `size_t` on glibc and a `socklen_t` on musl.
+#[allow(clippy::unnecessary_cast)]
+pub(crate) fn received_on(hdr: &libc::msghdr) -> Option<IpAddr> {
+    if hdr.msg_control.is_null()
+        || (hdr.msg_controllen as usize) < std::mem::size_of::<libc::cmsghdr>()
+    {
+        return None;
+    }
+    // SAFETY: the kernel filled `msg_controllen` bytes of control messages
+    // in the buffer `msg_control` points at; the CMSG macros stay inside it.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(hdr) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null header from CMSG_FIRSTHDR/NXTHDR lies inside
+        // the control buffer, with its data `cmsg_len` bytes long.
+        let c = unsafe { &*cmsg };
+        let data = unsafe { libc::CMSG_DATA(cmsg) };
+        if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO {
+            // SAFETY: IP_PKTINFO data is an in_pktinfo (read unaligned).
+            let info: libc::in_pktinfo = unsafe { std::ptr::read_unaligned(data.cast()) };
+            // ipi_spec_dst: the local address, unicast even when the
+            // datagram was broadcast.
+            return Some(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
+                info.ipi_spec_dst.s_addr,
+            ))));
+        }
+        if c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_PKTINFO {
+            // SAFETY: IPV6_PKTINFO data is an in6_pktinfo (read unaligned).
+            let info: libc::in6_pktinfo = unsafe { std::ptr::read_unaligned(data.cast()) };
+            let ip = std::net::Ipv6Addr::from(info.ipi6_addr.s6_addr);
+            // A link-local address needs its interface to send from,
+            // which the flow does not keep: let routing choose there.
+            if ip.is_multicast() || ip.segments()[0] & 0xffc0 == 0xfe80 {
+                return None;
+            }
+            return Some(ip.to_canonical());
+        }
+        // SAFETY: as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(hdr, cmsg) };
+    }
+    None
+}
+
+/// Makes a send header carry `source` as the address to send from, in
+/// `space`, for a socket of the family of `to` (an IPv6 socket takes an
+/// IPv4 source as a mapped address). False, and nothing set, when the
+/// two cannot go together (an IPv6 source towards an IPv4 peer).
+pub(crate) fn send_from(
+    hdr: &mut libc::msghdr,
+    space: &mut PktInfoSpace,
+    source: IpAddr,
+    to: &SocketAddr,
+) -> bool {
+    space.0 = [0; PKTINFO_SPACE];
+    let (level, kind, len) = match (to, source) {
+        (SocketAddr::V4(_), IpAddr::V4(_)) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            std::mem::size_of::<libc::in_pktinfo>(),
+        ),
+        (SocketAddr::V6(_), _) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            std::mem::size_of::<libc::in6_pktinfo>(),
+        ),
+        (SocketAddr::V4(_), IpAddr::V6(_)) => return false,
+    };
+    // SAFETY: CMSG_SPACE of a pktinfo is a small constant within the buffer.
+    let space_len = unsafe { libc::CMSG_SPACE(len as u32) } as usize;
+    debug_assert!(space_len <= PKTINFO_SPACE);
+    hdr.msg_control = space.0.as_mut_ptr().cast();
+    hdr.msg_controllen = space_len as _;
+    // SAFETY: the header points at `space`, large enough for one control
+    // message of `len` bytes; CMSG_FIRSTHDR is then non-null.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(hdr);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(len as u32) as _;
+        let data = libc::CMSG_DATA(cmsg);
+        match source {
+            IpAddr::V4(v4) if level == libc::IPPROTO_IP => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(v4).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(data.cast(), info);
+            }
+            _ => {
+                let v6 = match source {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(data.cast(), info);
+            }
+        }
+    }
+    true
+}
+
+/// Sends one datagram from `fd` to `to`, from `source` when given.
+pub(crate) fn send_one(
+    fd: RawFd,
+    data: &[u8],
+    to: &SocketAddr,
+    source: Option<IpAddr>,
+) -> io::Result<()> {
+    let addr = SockAddr::from(*to);
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut msg = send_header(&mut iov, &addr);
+    let mut space = PktInfoSpace::new();
+    if let Some(source) = source {
+        send_from(&mut msg.msg_hdr, &mut space, source, to);
+    }
+    // SAFETY: the header points at `addr`, `iov` (and `data`) and
+    // `space`, all alive for the call; the kernel only reads them.
+    if unsafe { libc::sendmsg(fd, &msg.msg_hdr, 0) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// `recvmmsg` headers, one per buffer in `iovs`, each with room for the
 /// sender's address in `names`. They point into both arrays: use them
 /// before either moves.
@@ -133,29 +321,45 @@ pub(crate) fn send_header(iov: &mut libc::iovec, to: &SockAddr) -> libc::mmsghdr
 /// many bytes, to where, and for which leg (to count a failed send).
 pub(crate) struct Outbox {
     items: Vec<(usize, usize, SockAddr, usize)>,
+    /// Per queued datagram, the address to send from (see [`send_from`]).
+    sources: [Option<IpAddr>; BATCH],
+    controls: Box<[PktInfoSpace; BATCH]>,
 }
 
 impl Outbox {
     pub(crate) fn new() -> Self {
         Outbox {
             items: Vec::with_capacity(BATCH),
+            sources: [None; BATCH],
+            controls: Box::new([PktInfoSpace::new(); BATCH]),
         }
     }
 
-    /// Queues buffer `buf` of the current batch; never grows past
-    /// [`BATCH`], one entry per received datagram.
-    pub(crate) fn push(&mut self, buf: usize, len: usize, to: SocketAddr, slot: usize) {
+    /// Queues buffer `buf` of the current batch, to leave from `source`
+    /// when given; never grows past [`BATCH`], one entry per received
+    /// datagram.
+    pub(crate) fn push(
+        &mut self,
+        buf: usize,
+        len: usize,
+        to: SocketAddr,
+        source: Option<IpAddr>,
+        slot: usize,
+    ) {
         debug_assert!(self.items.len() < BATCH);
+        self.sources[self.items.len()] = source;
         self.items.push((buf, len, SockAddr::from(to), slot));
     }
 
     /// Sends everything queued with as few `sendmmsg` calls as the kernel
-    /// allows; calls `failed` with the leg slot of each datagram it refused.
+    /// allows; calls `failed` with the leg slot of each datagram it
+    /// refused, and whether it was for its source address (then it went
+    /// again from the address the routing table picks).
     pub(crate) fn flush(
         &mut self,
         fd: RawFd,
         bufs: &[PacketBuf; BATCH],
-        mut failed: impl FnMut(usize),
+        mut failed: impl FnMut(usize, bool),
     ) {
         let count = self.items.len();
         if count == 0 {
@@ -173,6 +377,9 @@ impl Outbox {
                 iov_len: *len,
             };
             msgs[i] = send_header(&mut iovs[i], to);
+            if let (Some(source), Some(dest)) = (self.sources[i], to.as_socket()) {
+                send_from(&mut msgs[i].msg_hdr, &mut self.controls[i], source, &dest);
+            }
         }
         let mut sent = 0;
         while sent < count {
@@ -193,7 +400,14 @@ impl Outbox {
                 // full): drop it, as UDP would, and go on with the rest.
                 let err = io::Error::last_os_error();
                 tracing::trace!(error = %err, "media send refused");
-                failed(self.items[sent].3);
+                let (buf, len, to, slot) = &self.items[sent];
+                // Sent without its source, it goes: the host lacks the
+                // source (the error then depends on its routes).
+                let for_source = self.sources[sent].is_some()
+                    && to
+                        .as_socket()
+                        .is_some_and(|to| send_one(fd, &bufs[*buf][..*len], &to, None).is_ok());
+                failed(*slot, for_source);
                 sent += 1;
             }
         }

@@ -77,6 +77,12 @@ pub struct LegMedia {
     /// packets repeat the event's start timestamp, so they are counted
     /// but kept out of the jitter estimate.
     pub telephone_event_pt: Option<u8>,
+    /// The address Parley's SDP gave the phone for its media. Where the
+    /// media sockets are bound to all addresses, packets to the phone
+    /// leave from it (when the host has it; a public address behind a
+    /// 1:1 NAT it has not), since a phone or its NAT may drop media from
+    /// any other.
+    pub local_ip: Option<IpAddr>,
 }
 
 /// Why a received packet was not relayed.

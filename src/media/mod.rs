@@ -12,7 +12,7 @@ mod leg;
 mod relay;
 pub mod stats;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -25,7 +25,10 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-pub(crate) use batch::{recv_headers, send_header, sender};
+pub(crate) use batch::{
+    PktInfoSpace, enable_pktinfo, expect_pktinfo, received_on, recv_headers, send_from,
+    send_header, sender,
+};
 pub use leg::{Kind, LegId, LegKeys, LegMedia, demux};
 use relay::{Command, Relay, SharedPort, Sockets, Waker};
 

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -19,7 +19,7 @@ use slab::Slab;
 use smallvec::SmallVec;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::batch::{BATCH, Batch, Outbox};
+use super::batch::{self, BATCH, Batch, Outbox};
 use super::leg::{Kind, Leg, LegId, LegMedia, demux};
 use super::{LegReport, MediaEvent};
 use crate::srtp::MAX_SRTP_OVERHEAD;
@@ -122,6 +122,11 @@ struct Slot {
     /// Its sockets (own or shared) are IPv6 dual-stack: IPv4 peers need
     /// mapped addresses.
     dual_stack: bool,
+    /// Its sockets are bound to all addresses.
+    wildcard: bool,
+    /// Where its packets leave from, on a wildcard socket: the leg's
+    /// `LegMedia::local_ip`, until the host turns out not to have it.
+    source: Option<IpAddr>,
     /// On the shared pair: the source each shared socket knows it by.
     sources: [Option<SocketAddr>; 2],
     /// On the shared pair: SSRCs its phone sent that authenticated.
@@ -148,7 +153,6 @@ enum Hint {
 pub(crate) struct SharedPort {
     /// RTP (and multiplexed RTCP), then RTCP.
     sockets: [UdpSocket; 2],
-    dual_stack: bool,
     /// Latched sources, per socket.
     by_source: [HashMap<SocketAddr, usize>; 2],
     /// Legs by the SSRCs their phones sent.
@@ -168,10 +172,8 @@ pub(crate) struct SharedPort {
 
 impl SharedPort {
     pub(crate) fn new(rtp: UdpSocket, rtcp: UdpSocket) -> Self {
-        let dual_stack = rtp.local_addr().is_ok_and(|a| a.is_ipv6());
         SharedPort {
             sockets: [rtp, rtcp],
-            dual_stack,
             by_source: [HashMap::new(), HashMap::new()],
             by_ssrc: HashMap::new(),
             expecting: Vec::new(),
@@ -370,9 +372,13 @@ impl Relay {
                 ..
             } = &mut self.shared;
             for (socket, outbox) in sockets.iter().zip(outboxes.iter_mut()) {
-                outbox.flush(socket.as_raw_fd(), &batch.bufs, |slot| {
+                outbox.flush(socket.as_raw_fd(), &batch.bufs, |slot, for_source| {
                     if let Some(s) = self.slots.get_mut(slot) {
-                        s.leg.sending.send_errors += 1;
+                        if for_source {
+                            source_refused(s);
+                        } else {
+                            s.leg.sending.send_errors += 1;
+                        }
                     }
                 });
             }
@@ -470,18 +476,22 @@ impl Relay {
                 Ok(Command::Add { id, sockets }) => {
                     let entry = self.slots.vacant_entry();
                     let key = entry.key();
-                    let (dual_stack, fds) = match &sockets {
+                    let (bound, fds) = match &sockets {
                         Sockets::Own { rtp, rtcp } => (
-                            rtp.local_addr().is_ok_and(|a| a.is_ipv6()),
+                            rtp.local_addr().ok(),
                             Some((rtp.as_raw_fd(), rtcp.as_raw_fd())),
                         ),
-                        Sockets::Shared => (self.shared.dual_stack, None),
+                        Sockets::Shared => (self.shared.sockets[0].local_addr().ok(), None),
                     };
+                    let dual_stack = bound.is_some_and(|a| a.is_ipv6());
+                    let wildcard = bound.is_some_and(|a| a.ip().is_unspecified());
                     entry.insert(Slot {
                         leg: Leg::new(id, now),
                         sockets,
                         peer: None,
                         dual_stack,
+                        wildcard,
+                        source: None,
                         sources: [None; 2],
                         ssrcs: SmallVec::new(),
                         expecting: false,
@@ -506,6 +516,9 @@ impl Relay {
                         continue;
                     };
                     let s = &mut self.slots[key];
+                    s.source = media
+                        .local_ip
+                        .filter(|ip| s.wildcard && !ip.is_unspecified());
                     s.leg.configure(media, now);
                     // A new offer or answer may come with a new address or
                     // SSRC: let a packet from a new source find the leg.
@@ -829,17 +842,34 @@ fn forward(
     };
     let dest = if p.dual_stack { mapped(dest) } else { dest };
     let k = usize::from(kind == Kind::Rtcp && !p.leg.rtcp_mux());
-    let sent = match (&p.sockets, batch) {
-        (Sockets::Own { rtp, rtcp }, _) => [rtp, rtcp][k].send_to(&buf[..len], dest).is_ok(),
+    let fd = match (&p.sockets, batch) {
+        (Sockets::Own { rtp, rtcp }, _) => [rtp, rtcp][k].as_raw_fd(),
         (Sockets::Shared, Some(i)) => {
-            outboxes[k].push(i, len, dest, peer);
-            true
+            outboxes[k].push(i, len, dest, p.source, peer);
+            return;
         }
-        (Sockets::Shared, None) => shared_sockets[k].send_to(&buf[..len], dest).is_ok(),
+        (Sockets::Shared, None) => shared_sockets[k].as_raw_fd(),
     };
-    if !sent {
+    let mut sent = batch::send_one(fd, &buf[..len], &dest, p.source);
+    if sent.is_err() && p.source.is_some() {
+        // Sent without its source, it goes: the host lacks the source
+        // (the error then depends on its routes).
+        sent = batch::send_one(fd, &buf[..len], &dest, None);
+        if sent.is_ok() {
+            source_refused(p);
+        }
+    }
+    if sent.is_err() {
         p.leg.sending.send_errors += 1;
     }
+}
+
+/// The host does not have the address a leg's packets were to leave from
+/// (a public address behind a 1:1 NAT, say): from now on they leave from
+/// the one the routing table picks.
+fn source_refused(s: &mut Slot) {
+    tracing::debug!(leg = %s.leg.id, source = ?s.source, "media cannot leave from this address here; sending from the routed one");
+    s.source = None;
 }
 
 /// IPv4-mapped IPv6 sources as plain IPv4, so addresses compare as signaled.

@@ -39,6 +39,7 @@ fn srtp_media(remote: SocketAddr, phone_key: &MasterKey, parley_key: &MasterKey)
         trusted_ips: smallvec![],
         clock_rate: 8000,
         telephone_event_pt: None,
+        local_ip: None,
     }
 }
 
@@ -114,6 +115,7 @@ fn plain_muxed(phone: Option<SocketAddr>) -> LegMedia {
         trusted_ips: phone.map(|p| p.ip()).into_iter().collect(),
         clock_rate: 8000,
         telephone_event_pt: None,
+        local_ip: None,
     }
 }
 
@@ -131,6 +133,7 @@ fn plain_leg_accepts_only_trusted_sources() {
             trusted_ips: smallvec![desk.ip()],
             clock_rate: 8000,
             telephone_event_pt: None,
+            local_ip: None,
         },
         now,
     );
@@ -814,4 +817,107 @@ fn packets_srtp_refuses_to_send_are_counted() {
     }
     assert_eq!(leg_b.sending.srtp_refused, 1);
     assert_eq!(LegReport::of(&leg_b, 0).srtp_refused, 1);
+}
+
+/// Runs `f` on a thread of its own in a new network namespace (root
+/// needed) whose loopback is up: sockets `f` makes stay there, so a
+/// socket bound to all addresses is reachable from loopback only.
+pub(crate) fn in_own_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: plain system calls on this thread's own namespace and
+        // on a live, zeroed ifreq naming "lo".
+        unsafe {
+            assert_eq!(
+                libc::unshare(libc::CLONE_NEWNET),
+                0,
+                "a network namespace of its own (needs root): {}",
+                io::Error::last_os_error()
+            );
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            assert!(fd >= 0);
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+                *d = *s as libc::c_char;
+            }
+            assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req), 0);
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req), 0);
+            libc::close(fd);
+        }
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// On media sockets bound to all addresses, packets to a phone leave from
+/// the address Parley's SDP gave that phone: a phone, or its NAT, may drop
+/// media from any other. An address the host does not have (a public one
+/// behind a 1:1 NAT) falls back to the one routing picks, losing nothing.
+#[test]
+fn media_leaves_from_the_address_each_leg_was_given() {
+    for (port, lo) in [(LegPort::Own, 41_300), (LegPort::Shared, 41_400)] {
+        // All in the namespace: the engine binds a leg's own ports when
+        // the leg is opened, in the namespace of the thread that opens it.
+        in_own_netns(move || relay_from_given_addresses(port, lo));
+    }
+}
+
+fn relay_from_given_addresses(port: LegPort, lo: u16) {
+    let (engine, _events) = MediaEngine::start(MediaConfig {
+        bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ports: lo..=lo + 99,
+        inactivity: Duration::from_secs(30),
+    })
+    .unwrap();
+    let phone = || {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    };
+    let (phone_a, phone_b) = (phone(), phone());
+    let (a_key, b_key) = (MasterKey::generate(), MasterKey::generate());
+    let (parley_a, parley_b) = (MasterKey::generate(), MasterKey::generate());
+    // Leg A was given an address this host lacks; leg B 127.0.0.3.
+    let given_a: IpAddr = "192.0.2.1".parse().unwrap();
+    let given_b: IpAddr = "127.0.0.3".parse().unwrap();
+    let mut legs = Vec::new();
+    for (phone, key, parley, given) in [
+        (&phone_a, &a_key, &parley_a, given_a),
+        (&phone_b, &b_key, &parley_b, given_b),
+    ] {
+        let leg = engine.open_leg(port).unwrap();
+        let mut media = srtp_media(phone.local_addr().unwrap(), key, parley);
+        media.local_ip = Some(given);
+        engine.configure(leg.id, media).unwrap();
+        legs.push(leg);
+    }
+    engine.bridge(legs[0].id, legs[1].id).unwrap();
+    let mut a_tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &a_key);
+    let mut b_tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &b_key);
+    let mut a_rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &parley_a);
+    let mut b_rx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &parley_b);
+    let to_a = SocketAddr::new("127.0.0.2".parse().unwrap(), legs[0].port);
+    let to_b = SocketAddr::new(given_b, legs[1].port);
+    let mut buf = [0u8; 2048];
+    for seq in 0..5u16 {
+        let payload = [seq as u8; 160];
+        phone_a
+            .send_to(&protect(&mut a_tx, &rtp(seq, 0xA, &payload)), to_a)
+            .unwrap();
+        let (n, from) = phone_b.recv_from(&mut buf).unwrap();
+        assert_eq!(from, to_b, "{port:?}: from the address B was given");
+        b_rx.unprotect_rtp(&mut buf[..n]).unwrap();
+
+        phone_b
+            .send_to(&protect(&mut b_tx, &rtp(seq, 0xB, &payload)), to_b)
+            .unwrap();
+        let (n, from) = phone_a.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            from,
+            SocketAddr::new(LOCAL, legs[0].port),
+            "{port:?}: from the routed address"
+        );
+        a_rx.unprotect_rtp(&mut buf[..n]).unwrap();
+    }
 }

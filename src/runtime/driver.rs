@@ -72,7 +72,7 @@ pub struct Driver {
     pub idle_timeout: Duration,
     /// Datagrams gathered while flushing, sent in one batch (kept to reuse
     /// its allocation).
-    pub datagrams: Vec<(Bytes, SocketAddr)>,
+    pub datagrams: Vec<udp_batch::Datagram>,
 }
 
 impl Driver {
@@ -126,11 +126,15 @@ impl Driver {
                                 }
                             };
                             for i in 0..n {
-                                let (data, from) = recv.get(i);
+                                let (data, from, to) = recv.get(i);
                                 let Some(from) = from.filter(|_| data.len() <= MAX_MESSAGE_BYTES) else {
                                     continue;
                                 };
                                 let bytes = Bytes::copy_from_slice(data);
+                                // The address the datagram reached, where the
+                                // socket is bound to all of them: answers and
+                                // later requests to this peer leave from it.
+                                let local = to.map_or(local, |ip| SocketAddr::new(ip, local.port()));
                                 self.core.handle_message(now, Flow::udp(local, from), bytes);
                             }
                             // Until WouldBlock, which clears the socket's
@@ -216,10 +220,24 @@ impl Driver {
             match out {
                 Output::Transmit(t) => match t.flow.transport {
                     Transport::Udp => {
-                        if Some(t.flow.local) != udp_local {
+                        let Some(bound) = udp_local else { continue };
+                        let same_socket = t.flow.local.port() == bound.port()
+                            && (bound.ip().is_unspecified() || t.flow.local.ip() == bound.ip());
+                        if !same_socket {
                             tracing::debug!(flow = %t.flow, "UDP flow on a socket no longer open; sending from the current one");
                         }
-                        datagrams.push((t.bytes, t.flow.remote));
+                        // On a socket bound to all addresses the flow's own
+                        // address is the source; one bound to a single
+                        // address has no other.
+                        let from = (same_socket
+                            && bound.ip().is_unspecified()
+                            && !t.flow.local.ip().is_unspecified())
+                        .then_some(t.flow.local.ip());
+                        datagrams.push(udp_batch::Datagram {
+                            bytes: t.bytes,
+                            to: t.flow.remote,
+                            from,
+                        });
                     }
                     Transport::Tcp | Transport::Tls => {
                         let Some(conn) = conns.get(&t.flow.conn) else {

@@ -360,6 +360,11 @@ impl MediaControl for EngineControl {
 }
 
 fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    UdpSocket::from_std(open_udp(addr)?)
+}
+
+/// The SIP UDP socket, before the runtime takes it.
+fn open_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // [::] takes IPv4 peers too, as ::ffff:a.b.c.d.
@@ -375,7 +380,13 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let _ = sock.set_send_buffer_size(4 << 20);
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
+    if addr.ip().is_unspecified() {
+        use std::os::fd::AsRawFd;
+        // Bound to all addresses: learn which one each datagram reached,
+        // to answer from it (see `udp_batch::Datagram`).
+        crate::media::enable_pktinfo(sock.as_raw_fd(), addr.is_ipv6())?;
+    }
+    Ok(sock.into())
 }
 
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -127,6 +127,35 @@ impl Drop for NatLab {
     }
 }
 
+/// A network namespace with nothing but its loopback: a server bound to
+/// all addresses there is reachable from that loopback only, and every
+/// 127.0.0.0/8 address is one of the host's.
+pub struct LoopbackNs {
+    pub name: String,
+}
+
+impl LoopbackNs {
+    pub fn new() -> LoopbackNs {
+        super::require_tool("ip");
+        let name = format!(
+            "parley-lo-{:x}{}",
+            std::process::id() & 0xffff,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        LoopbackNs { name }
+    }
+}
+
+impl Drop for LoopbackNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
 /// Runs `f` on a thread inside network namespace `ns`: sockets it opens
 /// live there (and stay there when handed back).
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {

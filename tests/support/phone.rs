@@ -31,6 +31,8 @@ pub struct Phone {
     pub reg: Registration,
     /// Certificates the server presented (TLS only), leaf first.
     pub peer_certs: Vec<CertificateDer<'static>>,
+    /// Where the last UDP message came from.
+    pub last_from: Option<SocketAddr>,
 }
 
 /// A rustls client config trusting exactly the CA in `ca_pem`.
@@ -58,12 +60,25 @@ impl Phone {
         }
         .parse()
         .unwrap();
-        let sock = UdpSocket::bind(any).await.unwrap();
+        let sock = std::net::UdpSocket::bind(any).unwrap();
+        Phone::udp_on(sock, server, user, password)
+    }
+
+    /// A UDP phone on a socket the test made (in a network namespace, say).
+    pub fn udp_on(
+        sock: std::net::UdpSocket,
+        server: SocketAddr,
+        user: &str,
+        password: &str,
+    ) -> Phone {
+        sock.set_nonblocking(true).unwrap();
+        let sock = UdpSocket::from_std(sock).unwrap();
         let local = sock.local_addr().unwrap();
         Phone {
             reg: Registration::new(user, password, super::DOMAIN, Transport::Udp, local),
             link: Link::Udp(sock, server),
             peer_certs: vec![],
+            last_from: None,
         }
     }
 
@@ -74,6 +89,7 @@ impl Phone {
             reg: Registration::new(user, password, super::DOMAIN, Transport::Tcp, local),
             link: Link::Stream(Box::new(tcp), StreamFramer::new(), BytesMut::new()),
             peer_certs: vec![],
+            last_from: None,
         }
     }
 
@@ -114,6 +130,7 @@ impl Phone {
             reg: Registration::new(user, password, super::DOMAIN, Transport::Tls, local),
             link: Link::Stream(Box::new(tls), StreamFramer::new(), BytesMut::new()),
             peer_certs,
+            last_from: None,
         })
     }
 
@@ -153,7 +170,8 @@ impl Phone {
         match &mut self.link {
             Link::Udp(s, _) => {
                 let mut buf = vec![0u8; 65_536];
-                let (n, _) = s.recv_from(&mut buf).await.ok()?;
+                let (n, from) = s.recv_from(&mut buf).await.ok()?;
+                self.last_from = Some(from);
                 Message::parse(Bytes::copy_from_slice(&buf[..n]), Framing::Datagram).ok()
             }
             Link::Stream(s, framer, pending) => loop {

@@ -2147,6 +2147,7 @@ fn leg_media(phone: &PhoneMedia, local: &LocalMedia, flow: Flow, answer: &PhoneM
         trusted_ips: trusted,
         clock_rate: answer.clock_rate(),
         telephone_event_pt: answer.telephone_event_pt(),
+        local_ip: Some(local.addr),
     }
 }
 
