@@ -20,6 +20,12 @@
 //! The legs are on the shared port, as SRTP legs of real calls are;
 //! `--own-ports` gives every leg a port pair of its own instead (how plain
 //! RTP legs are served), to compare the two paths.
+//!
+//! `--all-addresses` binds the relay to 0.0.0.0, as `parley serve` does by
+//! default, so every packet leaves with the address its leg was given
+//! (`IP_PKTINFO`). Run it in a network namespace of its own, so no port
+//! opens beyond loopback: `unshare -n sh -c 'ip link set lo up; cargo bench
+//! --bench relay -- --all-addresses'`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -77,6 +83,7 @@ fn main() {
     let load_cpu: usize = arg(&args, "--load-cpu", 1);
     let busy_poll = !args.iter().any(|a| a == "--sleeping-phones");
     let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let all_addresses = args.iter().any(|a| a == "--all-addresses");
 
     let port = if args.iter().any(|a| a == "--own-ports") {
         LegPort::Own
@@ -84,7 +91,7 @@ fn main() {
         LegPort::Shared
     };
     // Keeps the relay running while the phones talk.
-    let (mut phones, _engine) = engine_phones(calls, local, port);
+    let (mut phones, _engine) = engine_phones(calls, local, port, all_addresses);
     // The thread names itself once it runs; give it a moment.
     let deadline = Instant::now() + Duration::from_secs(2);
     let tid = loop {
@@ -215,9 +222,18 @@ fn main() {
 }
 
 /// Phones talking through Parley's relay.
-fn engine_phones(calls: usize, local: IpAddr, port: LegPort) -> (Vec<Phone>, MediaEngine) {
+fn engine_phones(
+    calls: usize,
+    local: IpAddr,
+    port: LegPort,
+    all_addresses: bool,
+) -> (Vec<Phone>, MediaEngine) {
     let (engine, _events) = MediaEngine::start(MediaConfig {
-        bind_ip: local,
+        bind_ip: if all_addresses {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            local
+        },
         ports: 30_000..=39_999,
         inactivity: Duration::from_secs(3600),
     })
@@ -245,7 +261,7 @@ fn engine_phones(calls: usize, local: IpAddr, port: LegPort) -> (Vec<Phone>, Med
                         trusted_ips: Default::default(),
                         clock_rate: 8000,
                         telephone_event_pt: None,
-                        local_ip: None,
+                        local_ip: Some(local),
                     },
                 )
                 .unwrap();

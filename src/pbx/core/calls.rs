@@ -1908,7 +1908,26 @@ impl Core {
     }
 
     /// Hands a leg its media and notes when, restarting its quiet clock.
-    pub(super) fn configure_leg(&mut self, now: Instant, idx: usize, leg: LegId, media: LegMedia) {
+    pub(super) fn configure_leg(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        leg: LegId,
+        mut media: LegMedia,
+    ) {
+        // Where the routing table already picks the leg's address towards
+        // every host its phone's media may come from (a host with one
+        // address: nearly always), packets need not name it: that spares
+        // the relay a control message on every packet.
+        if let Some(ip) = media.local_ip
+            && !media.trusted_ips.is_empty()
+            && media
+                .trusted_ips
+                .iter()
+                .all(|t| self.routes.source_for(*t) == Some(ip))
+        {
+            media.local_ip = None;
+        }
         let call = &mut self.calls.calls[idx];
         call.held_quiet.retain(|(l, _)| *l != leg);
         call.configured_at.retain(|(l, _)| *l != leg);

@@ -1761,6 +1761,24 @@ fn lan_phones_get_the_lan_address_and_remote_phones_the_public_one() {
             .contains("@192.168.1.5:5060")
     );
     assert_eq!(sdp_address(answer), "192.168.1.5");
+    // Media to the softphone must leave from the public address its SDP
+    // names, which the routing table would not pick; towards the desk
+    // phone it would, so its packets need not say.
+    let configured = s.media.configured.lock().unwrap().clone();
+    let local_ip_towards = |host: &str| {
+        let host: std::net::IpAddr = host.parse().unwrap();
+        configured
+            .iter()
+            .rev()
+            .find(|(_, m)| m.remote_rtp.is_some_and(|a| a.ip() == host))
+            .map(|(_, m)| m.local_ip)
+            .expect("a leg towards that host")
+    };
+    assert_eq!(
+        local_ip_towards("198.51.100.7"),
+        Some("203.0.113.10".parse().unwrap())
+    );
+    assert_eq!(local_ip_towards("192.168.1.20"), None);
 }
 
 // ---- in-dialog requests ---------------------------------------------------
