@@ -152,6 +152,16 @@ struct Reinvite {
     cancelled: bool,
 }
 
+/// A re-INVITE or UPDATE from the callee that came before the caller
+/// acknowledged Parley's 200: Parley may not start one towards the caller
+/// yet (RFC 3261 §14.1), so it waits, and is passed on with the ACK.
+struct HeldReinvite {
+    method: Method,
+    tx: ServerTxId,
+    request: Message,
+    flow: Flow,
+}
+
 /// Parley's re-INVITE to one side with the description that side had
 /// before an exchange that left it with one Parley does not carry.
 struct Repair {
@@ -206,6 +216,7 @@ struct Call {
     callee_media: Option<PhoneMedia>,
     ringing_sent: bool,
     reinvite: Option<Reinvite>,
+    held: Option<HeldReinvite>,
     /// Parley's own offer restoring one side's session after a failed
     /// re-INVITE exchange (see `restore_side`).
     repair: Option<Repair>,
@@ -904,6 +915,7 @@ impl Core {
             held_quiet: SmallVec::new(),
             configured_at: SmallVec::new(),
             reinvite: None,
+            held: None,
             repair: None,
         });
     }
@@ -1428,26 +1440,31 @@ impl Core {
         );
     }
 
-    /// A CANCEL for a re-INVITE Parley passed on and has not answered yet:
-    /// the re-INVITE gets 487 (RFC 3261 §9.2), and whatever the other side
-    /// answers is undone when it comes (see `reinvite_response`).
+    /// A CANCEL for a re-INVITE Parley has not answered yet: it gets 487
+    /// (RFC 3261 §9.2). One passed on has whatever the other side answers
+    /// undone when it comes (see `reinvite_response`); one still held for
+    /// the caller's ACK is dropped.
     fn cancel_reinvite(&mut self, now: Instant, invite: ServerTxId) {
         if !self.tx.server_is_pending(invite) {
             return;
         }
-        let Some((_, call)) = self
-            .calls
-            .calls
-            .iter_mut()
-            .find(|(_, c)| c.reinvite.as_ref().is_some_and(|r| r.tx == invite))
-        else {
+        let Some((_, call)) = self.calls.calls.iter_mut().find(|(_, c)| {
+            c.reinvite.as_ref().is_some_and(|r| r.tx == invite)
+                || c.held.as_ref().is_some_and(|h| h.tx == invite)
+        }) else {
             return;
         };
-        let Some(r) = call.reinvite.as_mut() else {
-            return;
+        let (request, flow) = match (call.reinvite.as_mut(), &call.held) {
+            (Some(r), _) if r.tx == invite => {
+                r.cancelled = true;
+                (r.request.clone(), r.flow)
+            }
+            // Still waiting for the caller's ACK: it is simply dropped.
+            _ => match call.held.take() {
+                Some(h) => (h.request, h.flow),
+                None => return,
+            },
         };
-        r.cancelled = true;
-        let (request, flow) = (r.request.clone(), r.flow);
         let b = self.response_builder(&request, flow, 487, "Request Terminated");
         self.respond(now, invite, 487, b.finish());
     }
@@ -1625,6 +1642,14 @@ impl Core {
         if let Some(&(idx, side)) = self.calls.by_dialog.get(&key) {
             tracing::debug!(call_ref = %self.calls.calls[idx].call_ref, ?side, "acknowledged");
             self.answer_in_ack(now, idx, side, msg);
+            // The callee's re-INVITE that waited for this ACK goes on now.
+            if let Some(call) = self.calls.calls.get_mut(idx)
+                && !self.tx.server_awaits_ack(call.invite_tx)
+                && let Some(h) = call.held.take()
+                && self.tx.server_is_pending(h.tx)
+            {
+                self.reinvite(now, idx, Side::Callee, h.method, h.tx, &h.request, h.flow);
+            }
         } else {
             self.send_bye_after_ack(now, |b| b.dialog == key);
         }
@@ -1731,6 +1756,9 @@ impl Core {
         self.ack_answers_after_the_end(now, &mut call, &own_invites);
         if let Some(r) = call.reinvite.take() {
             unanswered.push((r.tx, r.request, r.flow));
+        }
+        if let Some(h) = call.held.take() {
+            unanswered.push((h.tx, h.request, h.flow));
         }
         // Requests still waiting on the other side (a re-INVITE, an INFO)
         // when a BYE crossed them get their final answer (RFC 3261
@@ -2193,9 +2221,23 @@ impl Core {
             return self.reject(now, tx, msg, flow, 491, "Request Pending");
         }
         // Nor is one started towards a caller that has not acknowledged
-        // the 200 yet (§14.1): the callee tries again a moment later.
+        // the 200 yet (§14.1): the callee's waits for the ACK (an ACK is
+        // an RTT away; a 491 would cost the callee seconds).
         if from == Side::Callee && self.tx.server_awaits_ack(call.invite_tx) {
-            return self.reject(now, tx, msg, flow, 491, "Request Pending");
+            if call.held.is_some() {
+                return self.reject(now, tx, msg, flow, 491, "Request Pending");
+            }
+            if method == Method::Invite {
+                let b = self.response_builder(msg, flow, 100, "Trying");
+                self.respond(now, tx, 100, b.finish());
+            }
+            self.calls.calls[idx].held = Some(HeldReinvite {
+                method,
+                tx,
+                request: msg.clone(),
+                flow,
+            });
+            return;
         }
         let Some(w) = call.winner else {
             return self.reject(now, tx, msg, flow, 491, "Request Pending");

@@ -3642,7 +3642,8 @@ fn a_fork_is_cancelled_only_after_its_device_responded() {
 /// RFC 3261 §15 and §14.1: until the caller acknowledges Parley's 200, its
 /// dialog gets no BYE and no re-INVITE. A callee hanging up at once has
 /// the caller's BYE wait for the ACK, or for the 200 to be given up on; a
-/// callee re-INVITE meanwhile gets 491 and is tried again later.
+/// callee re-INVITE meanwhile waits too, and gets 487 when the call ends
+/// first.
 #[test]
 fn the_caller_gets_no_bye_or_reinvite_before_it_acknowledges_the_answer() {
     for caller_acks in [true, false] {
@@ -3659,14 +3660,16 @@ fn the_caller_gets_no_bye_or_reinvite_before_it_acknowledges_the_answer() {
                 Some(("application/sdp", &offer)),
             ),
         );
-        assert_eq!(statuses_to(&out, s.callee_flow), [491], "{out:?}");
+        assert_eq!(statuses_to(&out, s.callee_flow), [100], "{out:?}");
         assert!(requests_to(&out, s.caller.flow, Method::Invite).is_empty());
 
         let out = s.h.send_flows(
             s.callee_flow,
             callee_in_dialog(&invite, s.callee_flow, "BYE", 3, None),
         );
-        assert_eq!(statuses_to(&out, s.callee_flow), [200]);
+        let mut answers = statuses_to(&out, s.callee_flow);
+        answers.sort();
+        assert_eq!(answers, [200, 487], "{out:?}");
         assert!(
             requests_to(&out, s.caller.flow, Method::Bye).is_empty(),
             "BYE before the caller's ACK: {out:?}"
@@ -3687,6 +3690,96 @@ fn the_caller_gets_no_bye_or_reinvite_before_it_acknowledges_the_answer() {
             s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
         assert!(requests_to(&out, s.caller.flow, Method::Bye).is_empty());
     }
+}
+
+/// A callee re-INVITE or UPDATE that comes before the caller's ACK waits
+/// for it (RFC 3261 §14.1), then goes to the caller as any other; a second
+/// one meanwhile gets 491, and a CANCEL ends a waiting one with 487.
+#[test]
+fn a_callee_reinvite_before_the_callers_ack_waits_for_it() {
+    for method in ["INVITE", "UPDATE"] {
+        let mut s = call_setup();
+        let (invite, ok) = answered_call_with_invite(&mut s);
+        let hold = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
+        let held = callee_in_dialog(
+            &invite,
+            s.callee_flow,
+            method,
+            2,
+            Some(("application/sdp", &hold)),
+        );
+        let out = s.h.send_flows(s.callee_flow, held);
+        let trying: &[u16] = if method == "INVITE" { &[100] } else { &[] };
+        assert_eq!(statuses_to(&out, s.callee_flow), trying, "{out:?}");
+        assert!(out.iter().all(|(f, _)| *f != s.caller.flow), "{out:?}");
+        let second = callee_in_dialog(
+            &invite,
+            s.callee_flow,
+            method,
+            3,
+            Some(("application/sdp", &hold)),
+        );
+        let out = s.h.send_flows(s.callee_flow, second);
+        assert_eq!(statuses_to(&out, s.callee_flow), [491], "{out:?}");
+
+        // The ACK comes: the held offer goes to the caller, and its answer
+        // back to the callee.
+        let out =
+            s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+        let m = if method == "INVITE" {
+            Method::Invite
+        } else {
+            Method::Update
+        };
+        let relayed = requests_to(&out, s.caller.flow, m);
+        assert_eq!(relayed.len(), 1, "{method}: {out:?}");
+        let offer = SessionDescription::parse(relayed[0].body()).unwrap();
+        assert_eq!(offer.media_direction(0), Direction::SendOnly);
+        let agreed = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly");
+        let out = s.h.send_flows(
+            s.caller.flow,
+            caller_answer(&relayed[0], 200, "OK", Some(&agreed)),
+        );
+        let answered = out
+            .iter()
+            .find(|(f, m)| *f == s.callee_flow && m.status() == Some(200))
+            .map(|(_, m)| m.clone())
+            .expect("the callee's offer answered");
+        assert_eq!(answered.cseq().unwrap().seq, 2);
+        let answer = SessionDescription::parse(answered.body()).unwrap();
+        assert_eq!(answer.media_direction(0), Direction::RecvOnly);
+        assert_eq!(s.h.core.call_count(), 1);
+    }
+
+    // A held re-INVITE the callee cancels: 487, and nothing reaches the
+    // caller when it acknowledges.
+    let mut s = call_setup();
+    let (invite, ok) = answered_call_with_invite(&mut s);
+    let hold = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
+    let held = callee_in_dialog(
+        &invite,
+        s.callee_flow,
+        "INVITE",
+        2,
+        Some(("application/sdp", &hold)),
+    );
+    let parsed = Message::parse(held.clone(), Framing::Datagram).unwrap();
+    s.h.send_flows(s.callee_flow, held);
+    let out =
+        s.h.send_flows(s.callee_flow, super::calls::cancel_for(&parsed));
+    let answers = answers_to(&out, s.callee_flow);
+    assert!(
+        answers.contains(&(200, "OK".to_string(), Method::Cancel)),
+        "{out:?}"
+    );
+    assert!(
+        answers.contains(&(487, "Request Terminated".to_string(), Method::Invite)),
+        "{out:?}"
+    );
+    let out =
+        s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
+    assert!(requests_to(&out, s.caller.flow, Method::Invite).is_empty());
+    assert_eq!(s.h.core.call_count(), 1);
 }
 
 /// RFC 4028 §7.4, §7.2 and §10: a re-INVITE Parley passes to the caller
