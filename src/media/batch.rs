@@ -93,14 +93,15 @@ pub(crate) fn sender(name: &libc::sockaddr_storage, len: libc::socklen_t) -> Opt
     .as_socket()
 }
 
-/// Room for one packet-info control message, IPv4 or IPv6, aligned as a
-/// `cmsghdr` must be.
+/// Room for the packet-info control messages of one datagram, aligned as
+/// a `cmsghdr` must be: an IPv4 datagram on an IPv6 socket comes with both
+/// kinds.
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
 pub(crate) struct PktInfoSpace([u8; PKTINFO_SPACE]);
 
 /// `CMSG_SPACE` of an `in6_pktinfo` is 40 bytes, of an `in_pktinfo` 32.
-const PKTINFO_SPACE: usize = 64;
+const PKTINFO_SPACE: usize = 96;
 
 impl PktInfoSpace {
     pub(crate) const fn new() -> Self {
@@ -112,28 +113,42 @@ impl PktInfoSpace {
 /// local address it was sent to. A socket bound to all addresses needs
 /// it to answer from that address: on a host with several, the routing
 /// table may pick another, which a phone or its NAT does not accept.
+/// An IPv6 socket gets `IP_PKTINFO` too: for IPv4 datagrams, whose
+/// `IPV6_PKTINFO` holds the header's destination (a broadcast, say) where
+/// `IP_PKTINFO` also has the local unicast address.
 pub(crate) fn enable_pktinfo(fd: RawFd, ipv6: bool) -> io::Result<()> {
-    let (level, name) = if ipv6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
-    } else {
-        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    let set = |level, name| {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and a live c_int of the stated size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     };
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and a live c_int of the stated size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
+    if ipv6 {
+        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)?;
     }
+    set(libc::IPPROTO_IP, libc::IP_PKTINFO)
+}
+
+/// Whether a send refused with `e` may have been refused for the source
+/// address it named: the host does not have it (IPv4 finds no route from
+/// it, IPv6 calls it invalid). Other failures (a full buffer) are not.
+pub(crate) fn maybe_source_refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH)
+    )
 }
 
 /// Points a receive header at `space` for the datagram's packet info.
@@ -143,10 +158,11 @@ pub(crate) fn expect_pktinfo(hdr: &mut libc::msghdr, space: &mut PktInfoSpace) {
 }
 
 /// The local address a received datagram was sent to, from the packet
-/// info in its header's control messages; `None` without one, for a
-/// multicast destination (no address to answer from), and for a
-/// link-local one (which needs its interface too). An IPv4 address
-/// that reached an IPv6 socket comes back as IPv4.
+/// info in its header's control messages: for IPv4 the local unicast
+/// address `IP_PKTINFO` names (also for a broadcast); for IPv6 the
+/// destination, except a multicast one (no address to answer from) or a
+/// link-local one (which needs its interface too). `None` without any.
+/// An IPv4 address that reached an IPv6 socket comes back as IPv4.
 // `msg_controllen` is a `size_t` on glibc and a `socklen_t` on musl.
 #[allow(clippy::unnecessary_cast)]
 pub(crate) fn received_on(hdr: &libc::msghdr) -> Option<IpAddr> {
@@ -155,6 +171,7 @@ pub(crate) fn received_on(hdr: &libc::msghdr) -> Option<IpAddr> {
     {
         return None;
     }
+    let mut v6 = None;
     // SAFETY: the kernel filled `msg_controllen` bytes of control messages
     // in the buffer `msg_control` points at; the CMSG macros stay inside it.
     let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(hdr) };
@@ -163,30 +180,40 @@ pub(crate) fn received_on(hdr: &libc::msghdr) -> Option<IpAddr> {
         // the control buffer, with its data `cmsg_len` bytes long.
         let c = unsafe { &*cmsg };
         let data = unsafe { libc::CMSG_DATA(cmsg) };
-        if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO {
-            // SAFETY: IP_PKTINFO data is an in_pktinfo (read unaligned).
+        let holds = |size: usize| {
+            // SAFETY: CMSG_LEN only computes a length.
+            c.cmsg_len as usize >= unsafe { libc::CMSG_LEN(size as u32) } as usize
+        };
+        if c.cmsg_level == libc::IPPROTO_IP
+            && c.cmsg_type == libc::IP_PKTINFO
+            && holds(std::mem::size_of::<libc::in_pktinfo>())
+        {
+            // SAFETY: IP_PKTINFO data is an in_pktinfo, long enough
+            // (checked), read unaligned.
             let info: libc::in_pktinfo = unsafe { std::ptr::read_unaligned(data.cast()) };
-            // ipi_spec_dst: the local address, unicast even when the
-            // datagram was broadcast.
             return Some(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
                 info.ipi_spec_dst.s_addr,
             ))));
         }
-        if c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_PKTINFO {
-            // SAFETY: IPV6_PKTINFO data is an in6_pktinfo (read unaligned).
+        if c.cmsg_level == libc::IPPROTO_IPV6
+            && c.cmsg_type == libc::IPV6_PKTINFO
+            && holds(std::mem::size_of::<libc::in6_pktinfo>())
+        {
+            // SAFETY: IPV6_PKTINFO data is an in6_pktinfo, long enough
+            // (checked), read unaligned.
             let info: libc::in6_pktinfo = unsafe { std::ptr::read_unaligned(data.cast()) };
-            let ip = std::net::Ipv6Addr::from(info.ipi6_addr.s6_addr);
-            // A link-local address needs its interface to send from,
-            // which the flow does not keep: let routing choose there.
-            if ip.is_multicast() || ip.segments()[0] & 0xffc0 == 0xfe80 {
-                return None;
-            }
-            return Some(ip.to_canonical());
+            v6 = Some(std::net::Ipv6Addr::from(info.ipi6_addr.s6_addr));
         }
         // SAFETY: as above.
         cmsg = unsafe { libc::CMSG_NXTHDR(hdr, cmsg) };
     }
-    None
+    // Only an IPv6 datagram gets here with an address (an IPv4 one also
+    // has IP_PKTINFO).
+    let ip = v6?;
+    if ip.is_multicast() || ip.segments()[0] & 0xffc0 == 0xfe80 {
+        return None;
+    }
+    Some(ip.to_canonical())
 }
 
 /// Makes a send header carry `source` as the address to send from, in
@@ -402,8 +429,9 @@ impl Outbox {
                 tracing::trace!(error = %err, "media send refused");
                 let (buf, len, to, slot) = &self.items[sent];
                 // Sent without its source, it goes: the host lacks the
-                // source (the error then depends on its routes).
+                // source.
                 let for_source = self.sources[sent].is_some()
+                    && maybe_source_refused(&err)
                     && to
                         .as_socket()
                         .is_some_and(|to| send_one(fd, &bufs[*buf][..*len], &to, None).is_ok());

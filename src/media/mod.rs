@@ -26,8 +26,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub(crate) use batch::{
-    PktInfoSpace, enable_pktinfo, expect_pktinfo, received_on, recv_headers, send_from,
-    send_header, sender,
+    PktInfoSpace, enable_pktinfo, expect_pktinfo, maybe_source_refused, received_on, recv_headers,
+    send_from, send_header, sender,
 };
 pub use leg::{Kind, LegId, LegKeys, LegMedia, demux};
 use relay::{Command, Relay, SharedPort, Sockets, Waker};

@@ -851,9 +851,11 @@ fn forward(
         (Sockets::Shared, None) => shared_sockets[k].as_raw_fd(),
     };
     let mut sent = batch::send_one(fd, &buf[..len], &dest, p.source);
-    if sent.is_err() && p.source.is_some() {
-        // Sent without its source, it goes: the host lacks the source
-        // (the error then depends on its routes).
+    if p.source.is_some()
+        && let Err(e) = &sent
+        && batch::maybe_source_refused(e)
+    {
+        // Sent without its source, it goes: the host lacks the source.
         sent = batch::send_one(fd, &buf[..len], &dest, None);
         if sent.is_ok() {
             source_refused(p);

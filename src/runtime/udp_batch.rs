@@ -63,6 +63,7 @@ pub async fn send_all(sock: &UdpSocket, items: &[Datagram]) -> usize {
             Err(e) => {
                 let first = &chunk[..1];
                 let again = first[0].from.is_some()
+                    && crate::media::maybe_source_refused(&e)
                     && sock
                         .try_io(Interest::WRITABLE, || send_batch(sock, first, false))
                         .is_ok();

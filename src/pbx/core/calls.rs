@@ -1944,9 +1944,13 @@ impl Core {
         mut media: LegMedia,
     ) {
         // Where the routing table already picks the leg's address towards
-        // every host its phone's media may come from (a host with one
-        // address: nearly always), packets need not name it: that spares
-        // the relay a control message on every packet.
+        // every host signaling names for the phone (its SDP address, and
+        // where its requests come from), packets need not name it: that
+        // spares the relay a control message on every packet. On a host
+        // with one address that is every leg. An SRTP leg may latch a
+        // source elsewhere (media from another host than signaling), where
+        // a host with several addresses could route differently; phones
+        // send media from where their signaling or SDP says.
         if let Some(ip) = media.local_ip
             && !media.trusted_ips.is_empty()
             && media
@@ -2215,18 +2219,32 @@ impl Core {
         flow: Flow,
     ) {
         let call = &self.calls.calls[idx];
-        // One offer at a time in the caller's dialog: Parley's own refresh
-        // re-INVITE is one too (RFC 3261 §14.2).
-        if call.reinvite.is_some() || call.refresh_seq.is_some() || call.repair.is_some() {
+        // A phone's second offer while its first is unanswered: 500 with
+        // Retry-After (RFC 3261 §14.2, RFC 3311 §5.2).
+        if call.reinvite.as_ref().is_some_and(|r| r.from == from)
+            || (from == Side::Callee && call.held.is_some())
+        {
+            let mut b = self.response_builder(msg, flow, 500, "Previous Offer Pending");
+            b.header_fmt(
+                HeaderName::RetryAfter,
+                format_args!("{}", rand::random::<u32>() % 11),
+            );
+            return self.respond(now, tx, 500, b.finish());
+        }
+        // One offer at a time in the call, whichever side made it: Parley's
+        // own refresh re-INVITE is one too; crossing offers get 491 (RFC
+        // 3261 §14.2).
+        if call.reinvite.is_some()
+            || call.refresh_seq.is_some()
+            || call.repair.is_some()
+            || call.held.is_some()
+        {
             return self.reject(now, tx, msg, flow, 491, "Request Pending");
         }
         // Nor is one started towards a caller that has not acknowledged
         // the 200 yet (§14.1): the callee's waits for the ACK (an ACK is
         // an RTT away; a 491 would cost the callee seconds).
         if from == Side::Callee && self.tx.server_awaits_ack(call.invite_tx) {
-            if call.held.is_some() {
-                return self.reject(now, tx, msg, flow, 491, "Request Pending");
-            }
             if method == Method::Invite {
                 let b = self.response_builder(msg, flow, 100, "Trying");
                 self.respond(now, tx, 100, b.finish());

@@ -3694,7 +3694,8 @@ fn the_caller_gets_no_bye_or_reinvite_before_it_acknowledges_the_answer() {
 
 /// A callee re-INVITE or UPDATE that comes before the caller's ACK waits
 /// for it (RFC 3261 §14.1), then goes to the caller as any other; a second
-/// one meanwhile gets 491, and a CANCEL ends a waiting one with 487.
+/// one meanwhile gets 500 with Retry-After (§14.2), and a CANCEL ends a
+/// waiting one with 487.
 #[test]
 fn a_callee_reinvite_before_the_callers_ack_waits_for_it() {
     for method in ["INVITE", "UPDATE"] {
@@ -3720,7 +3721,14 @@ fn a_callee_reinvite_before_the_callers_ack_waits_for_it() {
             Some(("application/sdp", &hold)),
         );
         let out = s.h.send_flows(s.callee_flow, second);
-        assert_eq!(statuses_to(&out, s.callee_flow), [491], "{out:?}");
+        assert_eq!(statuses_to(&out, s.callee_flow), [500], "{out:?}");
+        let retry = out
+            .iter()
+            .find_map(|(_, m)| m.header(HeaderName::RetryAfter))
+            .expect("Retry-After")
+            .parse::<u32>()
+            .unwrap();
+        assert!(retry <= 10);
 
         // The ACK comes: the held offer goes to the caller, and its answer
         // back to the callee.
@@ -3735,6 +3743,17 @@ fn a_callee_reinvite_before_the_callers_ack_waits_for_it() {
         assert_eq!(relayed.len(), 1, "{method}: {out:?}");
         let offer = SessionDescription::parse(relayed[0].body()).unwrap();
         assert_eq!(offer.media_direction(0), Direction::SendOnly);
+        // Passed on and unanswered: a further offer from the callee is
+        // still a second one.
+        let third = callee_in_dialog(
+            &invite,
+            s.callee_flow,
+            method,
+            4,
+            Some(("application/sdp", &hold)),
+        );
+        let out = s.h.send_flows(s.callee_flow, third);
+        assert_eq!(statuses_to(&out, s.callee_flow), [500], "{out:?}");
         let agreed = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly");
         let out = s.h.send_flows(
             s.caller.flow,
@@ -3765,6 +3784,10 @@ fn a_callee_reinvite_before_the_callers_ack_waits_for_it() {
     );
     let parsed = Message::parse(held.clone(), Framing::Datagram).unwrap();
     s.h.send_flows(s.callee_flow, held);
+    // A caller whose ACK was lost offers meanwhile: the offers cross, 491.
+    let crossing = caller_reinvite_bytes(&mut s, &ok, &hold);
+    let out = s.h.send_flows(s.caller.flow, crossing);
+    assert_eq!(statuses_to(&out, s.caller.flow), [491], "{out:?}");
     let out =
         s.h.send_flows(s.callee_flow, super::calls::cancel_for(&parsed));
     let answers = answers_to(&out, s.callee_flow);
