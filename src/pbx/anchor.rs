@@ -335,6 +335,36 @@ pub fn offer_for_branch(
     sdp
 }
 
+/// `a=rtpmap` of format `f` as compared: encoding name (any case), clock
+/// rate, channels (1 when not given); `None` for a static type without one.
+fn codec_of(m: &MediaDescription, f: &str) -> Option<(String, String, String)> {
+    let map = m.rtpmap(f)?;
+    let mut parts = map.split('/').map(str::trim);
+    let name = parts.next().unwrap_or("").to_ascii_lowercase();
+    let rate = parts.next().unwrap_or("").to_string();
+    let channels = parts.next().unwrap_or("1").to_string();
+    Some((name, rate, channels))
+}
+
+/// Whether format `f` is the same codec in the offer and the answer. A
+/// static type may go without `a=rtpmap` on either side (RFC 3551 says
+/// what it is); a dynamic one names its codec on both.
+fn same_codec(offer: &MediaDescription, answer: &MediaDescription, f: &str) -> bool {
+    match (codec_of(offer, f), codec_of(answer, f)) {
+        (Some(a), Some(b)) => a == b,
+        _ => f.parse::<u8>().is_ok_and(|pt| pt < 96),
+    }
+}
+
+/// Whether format `f` of `m` carries voice: not RFC 4733 events, not
+/// comfort noise (RFC 3389, static type 13).
+fn carries_voice(m: &MediaDescription, f: &str) -> bool {
+    match codec_of(m, f) {
+        Some((name, _, _)) => name != "telephone-event" && name != "cn",
+        None => f != "13",
+    }
+}
+
 /// The answer Parley gives the caller once a callee answered: the callee's
 /// codecs (a subset of the caller's) and direction, Parley's address, and
 /// Parley's key for the caller's leg under the caller's crypto tag.
@@ -345,13 +375,16 @@ pub fn answer_for_caller(
 ) -> Result<SessionDescription, AnchorError> {
     let offer = caller.audio();
     let answer = callee.audio();
+    // Formats both list under the same number for the same codec (the
+    // relay passes payload type numbers through unchanged).
     let formats: Vec<String> = answer
         .formats
         .iter()
-        .filter(|f| offer.formats.contains(f))
+        .filter(|f| offer.formats.contains(f) && same_codec(offer, answer, f))
         .cloned()
         .collect();
-    if formats.is_empty() {
+    // Events or comfort noise alone carry no voice.
+    if !formats.iter().any(|f| carries_voice(answer, f)) {
         return Err(AnchorError::NoCommonCodec);
     }
     let mut attributes = codec_attributes(answer, &formats);
@@ -364,7 +397,14 @@ pub fn answer_for_caller(
     if caller.rtcp_mux {
         attributes.push(Attribute::flag("rtcp-mux"));
     }
-    attributes.push(Attribute::flag(callee.direction().name()));
+    // What the callee does, within what the offer allows (RFC 3264
+    // §6.1): a phone answering a hold with sendrecv does not make
+    // Parley's answer to a sendonly offer sendrecv.
+    let offered = caller.direction();
+    let direction = callee
+        .direction()
+        .restricted(offered.receives(), offered.sends());
+    attributes.push(Attribute::flag(direction.name()));
     let mut sdp = session(local);
     // One m= line per offered one, in order; only the audio one is live.
     for (i, m) in caller.sdp.media.iter().enumerate() {
@@ -670,6 +710,59 @@ mod tests {
         assert!(answer.media[1].attribute("crypto").is_none());
         let secure = read_phone_sdp(offer.as_bytes(), true, MediaSecurity::Srtp, None).unwrap();
         assert_eq!((secure.audio, secure.is_srtp()), (0, true));
+    }
+
+    /// RFC 3264 §6.1: the answer's codecs are the offer's, by number and
+    /// by what the number names; an answer with only events has no voice;
+    /// the answer's direction stays within what the offer allows.
+    #[test]
+    fn answers_keep_the_offers_codecs_and_direction() {
+        let body = |m: &str| {
+            format!("v=0\r\no=- 5 5 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\n{m}")
+        };
+        let caller = read_phone_sdp(
+            body(
+                "m=audio 4000 RTP/AVP 0 96 101\r\na=rtpmap:96 opus/48000/2\r\n\
+                 a=rtpmap:101 telephone-event/8000\r\na=sendonly\r\n",
+            )
+            .as_bytes(),
+            false,
+            MediaSecurity::Plain,
+            None,
+        )
+        .unwrap();
+        let to_callee =
+            offer_for_branch(&caller, MediaSecurity::Plain, &local(20_000), OFFERED_SUITE);
+        let callee = |m: &str| {
+            read_phone_sdp(
+                body(m).as_bytes(),
+                false,
+                MediaSecurity::Plain,
+                Some(&to_callee),
+            )
+            .unwrap()
+        };
+        // 96 is another codec in the answer; 101 alone carries no voice.
+        let renumbered = callee(
+            "m=audio 6000 RTP/AVP 96 101\r\na=rtpmap:96 speex/8000\r\n\
+             a=rtpmap:101 telephone-event/8000\r\n",
+        );
+        assert_eq!(
+            answer_for_caller(&caller, &renumbered, &local(1)).unwrap_err(),
+            AnchorError::NoCommonCodec
+        );
+        // Names compare in any case; opus's channels count.
+        let same = callee(
+            "m=audio 6000 RTP/AVP 96 101\r\na=rtpmap:96 OPUS/48000/2\r\n\
+             a=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n",
+        );
+        let answer = answer_for_caller(&caller, &same, &local(1)).unwrap();
+        assert_eq!(answer.media[0].formats, ["96", "101"]);
+        // A hold (sendonly) answered sendrecv: Parley answers recvonly.
+        assert_eq!(answer.media_direction(0), Direction::RecvOnly);
+        let static_only = callee("m=audio 6000 RTP/AVP 0\r\n");
+        let answer = answer_for_caller(&caller, &static_only, &local(1)).unwrap();
+        assert_eq!(answer.media[0].formats, ["0"]);
     }
 
     #[test]

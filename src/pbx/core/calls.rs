@@ -2287,10 +2287,13 @@ impl Core {
         };
         let via = self.via(&y_flow, &branch_id());
         let call = &mut self.calls.calls[idx];
-        // The caller's session may hold more streams than the audio one.
-        let caller_session = match from {
+        // The session Parley has with the other side may hold more streams
+        // than the audio one (the caller offered video; the callee's own
+        // re-offer added some): a new offer keeps every m= line (RFC 3264
+        // §8).
+        let previous_session = match from {
             Side::Callee => call.sent_to_caller.clone(),
-            Side::Caller => None,
+            Side::Caller => Some(call.branches[w].offer.clone()),
         };
         let timer = call.session.filter(|_| from == Side::Callee);
         let (y_local, y_dialog) = match from {
@@ -2302,7 +2305,7 @@ impl Core {
         };
         y_local.version += 1;
         let sent = offer_for_branch(&offer, y_security, y_local, y_suite);
-        let sent = match caller_session {
+        let sent = match previous_session {
             Some(previous) => in_layout_of(sent, &previous),
             None => sent,
         };

@@ -2653,6 +2653,49 @@ fn a_reinvite_from_the_callee_is_relayed_to_the_caller_and_answered() {
     assert_eq!(s.h.calls.last().unwrap().ended_by, Some(EndedBy::Callee));
 }
 
+/// RFC 3264 §8: once the callee's own re-offer added a stream (video,
+/// which Parley declines), every later offer to the callee keeps that
+/// m= line, declined, or the callee refuses it.
+#[test]
+fn offers_to_the_callee_keep_the_streams_its_session_has() {
+    let mut s = call_setup();
+    let (invite, ok) = established_call(&mut s);
+    let with_video = format!(
+        "{}m=video 6002 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n",
+        sdp_offer("192.168.1.30", 6000)
+    );
+    let out = callee_reinvites(&mut s, &invite, 2, &with_video);
+    let relayed = requests_to(&out, s.caller.flow, Method::Invite).remove(0);
+    let agreed = sdp_offer("192.168.1.20", 4000);
+    let out = s.h.send_flows(
+        s.caller.flow,
+        caller_answer(&relayed, 200, "OK", Some(&agreed)),
+    );
+    let to_callee = caller_ok(&out, s.callee_flow);
+    let answer = SessionDescription::parse(to_callee.body()).unwrap();
+    let layout: Vec<(&str, bool)> = answer
+        .media
+        .iter()
+        .map(|m| (m.media.as_str(), m.port != 0))
+        .collect();
+    assert_eq!(layout, [("audio", true), ("video", false)]);
+
+    // The caller holds: the callee's offer has both lines again.
+    let hold = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=sendonly");
+    let reinvite = caller_reinvite_bytes(&mut s, &ok, &hold);
+    let out = s.h.send_flows(s.caller.flow, reinvite);
+    let to_callee = requests_to(&out, s.callee_flow, Method::Invite);
+    assert_eq!(to_callee.len(), 1, "{out:?}");
+    let offer = SessionDescription::parse(to_callee[0].body()).unwrap();
+    let layout: Vec<(&str, bool)> = offer
+        .media
+        .iter()
+        .map(|m| (m.media.as_str(), m.port != 0))
+        .collect();
+    assert_eq!(layout, [("audio", true), ("video", false)]);
+    assert_eq!(offer.media_direction(0), Direction::SendOnly);
+}
+
 #[test]
 fn a_reinvite_changing_the_codec_reaches_the_other_side_with_that_codec() {
     let mut s = call_setup();
