@@ -5,7 +5,10 @@
 //!
 //! Server transactions absorb request retransmissions and repeat the last
 //! response; client transactions retransmit over UDP until answered. Over
-//! TCP and TLS nothing is retransmitted and the wait states last zero time.
+//! TCP and TLS nothing is retransmitted and the wait states last zero time,
+//! except a 2xx to an INVITE: its ACK is end to end, and a hop beyond the
+//! phone's connection may be UDP, so it goes out again until the ACK comes
+//! whatever the transport (RFC 3261 §13.3.1.4).
 //!
 //! State is bounded: at most [`MAX_SERVER_TRANSACTIONS`] server
 //! transactions exist. When the table is full, the oldest transaction that
@@ -123,9 +126,9 @@ struct ServerTx {
     generations: [u32; 2],
     /// Timer G's current interval.
     interval: Duration,
-    /// An INVITE's dialog-level key (Call-ID, CSeq number, From tag), which
-    /// the ACK of a 2xx shares (it has a branch of its own). Taken out once
-    /// that ACK arrived.
+    /// The dialog-level key of an INVITE's 2xx (Call-ID, CSeq number, From
+    /// and To tags), which the ACK of that 2xx shares (it has a branch of
+    /// its own). Set when the 2xx is sent; taken out once its ACK arrived.
     ack_key: Option<TxKey>,
 }
 
@@ -281,11 +284,6 @@ impl TransactionLayer {
         }
         let uid = self.uid();
         let invite = method == Method::Invite;
-        let ack_key = if invite {
-            self.keys.ack_key(&msg)
-        } else {
-            None
-        };
         let idx = self.server.insert(ServerTx {
             uid,
             key,
@@ -299,7 +297,7 @@ impl TransactionLayer {
             last_response: None,
             generations: [0; 2],
             interval: self.config.t1,
-            ack_key,
+            ack_key: None,
         });
         self.server_index.insert(key, idx);
         Ok(Some(TuInput::Request {
@@ -435,13 +433,21 @@ impl TransactionLayer {
             ServerState::Accepted => {
                 // The UAS core's job in RFC 3261 §13.3.1.4, done here where
                 // the timers are: the 2xx goes out again at T1, 2·T1, ...
-                // up to T2 over UDP until its ACK arrives; with no ACK by
-                // 64·T1 the TU hears of it (and hangs up).
-                if !reliable {
-                    let t1 = self.config.t1;
-                    self.arm(now, Side::Server, id.idx, TimerKind::G, t1);
-                }
-                if let Some(key) = self.server[id.idx].ack_key {
+                // up to T2, over any transport (a UDP hop may lie beyond
+                // the phone's connection), until its ACK arrives; with no
+                // ACK by 64·T1 the TU hears of it (and hangs up).
+                let t1 = self.config.t1;
+                self.arm(now, Side::Server, id.idx, TimerKind::G, t1);
+                // Keyed with the 2xx's To tag: the ACK of another answer
+                // to a copy of the same INVITE (a 482 to a merged request)
+                // shares the rest.
+                let key = self.server[id.idx]
+                    .last_response
+                    .clone()
+                    .and_then(|b| Message::parse(b, super::message::Framing::Datagram).ok())
+                    .and_then(|m| self.keys.ack_key(&m));
+                self.server[id.idx].ack_key = key;
+                if let Some(key) = key {
                     self.awaiting_ack.insert(key, id.idx);
                 }
                 let l = self.config.t1x64();
@@ -899,14 +905,15 @@ impl KeyMaker {
         Some(h.finish())
     }
 
-    /// What an INVITE and the ACK of its 2xx share (RFC 3261 §13.2.2.4,
-    /// §17.1.1.3): Call-ID, CSeq number and From tag.
+    /// What a 2xx to an INVITE and the ACK of that 2xx share (RFC 3261
+    /// §13.2.2.4, §17.1.1.3): Call-ID, CSeq number, From and To tags.
     fn ack_key(&self, msg: &Message) -> Option<TxKey> {
         let mut h = self.hasher();
         h.field(b"2xx-ack");
         h.field(msg.call_id()?.as_bytes());
         h.field(&msg.cseq()?.seq.to_be_bytes());
         h.field(msg.from()?.tag().unwrap_or("").as_bytes());
+        h.field(msg.to()?.tag().unwrap_or("").as_bytes());
         Some(h.finish())
     }
 
