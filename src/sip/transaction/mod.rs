@@ -12,9 +12,12 @@
 //!
 //! State is bounded: at most [`MAX_SERVER_TRANSACTIONS`] server
 //! transactions exist. When the table is full, the oldest transaction that
-//! has already sent its final response (and only waits to absorb
-//! retransmissions) is dropped early; if none can be dropped, the layer
-//! refuses the new request and the caller answers `503`.
+//! has already sent a final response other than an INVITE's 2xx is
+//! dropped early, non-INVITE ones first (an INVITE's may still be repeating
+//! its final response until the ACK); a retransmission of its request then
+//! reaches the core again as a new one and is answered again. If none can
+//! be dropped, the layer refuses the new request and the caller answers
+//! `503`.
 
 #[cfg(test)]
 mod tests;
