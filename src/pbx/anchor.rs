@@ -165,7 +165,23 @@ pub fn read_phone_sdp(
                     .iter()
                     .position(|m| usable(&m) && (!want_plain || !m.is_srtp_profile()))
             };
-            match (!tls).then(|| pick(true)).flatten().or_else(|| pick(false)) {
+            // Over TLS, where keys count, the first line whose keys Parley
+            // can use, else a plain one: an offer may list a stream as
+            // RTP/AVP first and RTP/SAVP after it, or RTP/SAVP with keys
+            // Parley refuses (an MKI) before a plain fallback.
+            let keyed = || {
+                sdp.media
+                    .iter()
+                    .position(|m| usable(&m) && m.crypto().any(|c| c.usable().is_ok()))
+            };
+            let choice = if !tls {
+                pick(true)
+            } else if security == MediaSecurity::Plain {
+                None
+            } else {
+                keyed().or_else(|| pick(true))
+            };
+            match choice.or_else(|| pick(false)) {
                 Some(i) => i,
                 // DTLS-SRTP (UDP/TLS/RTP/SAVP) and anything else Parley
                 // cannot carry: refused, not answered as plain RTP.
@@ -710,6 +726,37 @@ mod tests {
         assert!(answer.media[1].attribute("crypto").is_none());
         let secure = read_phone_sdp(offer.as_bytes(), true, MediaSecurity::Srtp, None).unwrap();
         assert_eq!((secure.audio, secure.is_srtp()), (0, true));
+    }
+
+    /// An offer carrying one stream twice: over TLS the line with keys
+    /// Parley can use is taken, wherever it is, else a plain one.
+    #[test]
+    fn of_two_audio_lines_the_usable_one_is_taken() {
+        let offer = |lines: &str| {
+            format!(
+                "v=0\r\no=- 1 1 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\n{lines}"
+            )
+        };
+        let plain_then_keyed = offer(&format!(
+            "m=audio 4000 RTP/AVP 0\r\nm=audio 4002 RTP/SAVP 0\r\n\
+             a=crypto:1 AES_CM_128_HMAC_SHA1_80 {KEY_A}\r\n"
+        ));
+        let read = |body: &str, security| read_phone_sdp(body.as_bytes(), true, security, None);
+        let m = read(&plain_then_keyed, MediaSecurity::Srtp).unwrap();
+        assert_eq!((m.audio, m.is_srtp()), (1, true));
+        let m = read(&plain_then_keyed, MediaSecurity::SrtpIfAccepted).unwrap();
+        assert_eq!((m.audio, m.is_srtp()), (1, true));
+        // Keys Parley refuses (an MKI), then a plain fallback.
+        let refused_then_plain = offer(&format!(
+            "m=audio 4002 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 {KEY_A}|1:4\r\n\
+             m=audio 4000 RTP/AVP 0\r\n"
+        ));
+        let m = read(&refused_then_plain, MediaSecurity::SrtpIfAccepted).unwrap();
+        assert_eq!((m.audio, m.is_srtp()), (1, false));
+        assert_eq!(
+            read(&refused_then_plain, MediaSecurity::Srtp).unwrap_err(),
+            AnchorError::SrtpRequired
+        );
     }
 
     /// RFC 3264 §6.1: the answer's codecs are the offer's, by number and
