@@ -1971,11 +1971,12 @@ fn parley_refreshes_when_the_caller_asks_it_to() {
         assert_eq!(refresh.call_id(), Some("call-1@phone"));
         assert_eq!(refresh.to().unwrap().tag(), Some("caller100"));
         assert_eq!(method == Method::Invite, !refresh.body().is_empty());
+        // The caller answers from a new port: its leg follows.
         let answer = reply(
             refresh,
             200,
             "OK",
-            (method == Method::Invite).then_some(&*sdp_offer("192.168.1.20", 4000)),
+            (method == Method::Invite).then_some(&*sdp_offer("192.168.1.20", 4100)),
         );
         let out = s.h.send_flows(s.caller.flow, answer);
         assert_eq!(
@@ -1984,6 +1985,14 @@ fn parley_refreshes_when_the_caller_asks_it_to() {
         );
         assert!(requests_to(&out, s.callee_flow, Method::Invite).is_empty());
         assert_eq!(s.h.core.call_count(), 1);
+        let followed = s
+            .media
+            .configured
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|(_, m)| m.remote_rtp == Some(addr("192.168.1.20:4100")));
+        assert_eq!(followed, method == Method::Invite);
     }
 }
 

@@ -483,10 +483,37 @@ impl Core {
                 let ack = d.ack(seq, &via, None);
                 self.remember_ack(now, ctx, flow, ack.clone());
                 self.transmit(flow, ack);
+                if !msg.body().is_empty() {
+                    self.refresh_answered(now, idx, flow, msg);
+                }
             }
         } else if status == 408 || status == 481 {
             tracing::warn!(call_ref = %self.calls.calls[idx].call_ref, status, "the caller refused a session refresh; ending the call");
             self.end_answered_call(now, idx, "Session Refresh Failed");
+        }
+    }
+
+    /// The caller's answer to the description Parley repeated in a refresh
+    /// re-INVITE: a phone may answer with a new key or address (many make
+    /// a key per answer), which its leg then takes; the old one would fail
+    /// every packet after the refresh. A same key keeps its context.
+    fn refresh_answered(&mut self, now: Instant, idx: usize, flow: Flow, msg: &Message) {
+        let call = &self.calls.calls[idx];
+        let Some(sent) = call.sent_to_caller.as_ref() else {
+            return;
+        };
+        let tls = flow.transport == Transport::Tls;
+        let security = super::kept_security(Some(&call.caller_media));
+        match read_phone_sdp(msg.body(), tls, security, Some(sent)) {
+            Ok(answer) => {
+                let media = leg_media(&answer, &call.caller_local, flow, &answer);
+                let leg = call.caller_leg.id;
+                self.calls.calls[idx].caller_media = answer;
+                self.configure_leg(now, idx, leg, media);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, call_ref = %call.call_ref, "answer to a session refresh refused; the caller's leg keeps its media");
+            }
         }
     }
 
