@@ -3754,25 +3754,22 @@ fn a_callee_reinvite_before_the_callers_ack_waits_for_it() {
         let mut s = call_setup();
         let (invite, ok) = answered_call_with_invite(&mut s);
         let hold = sdp_offer("192.168.1.30", 6000).replace("a=sendrecv", "a=sendonly");
-        let held = callee_in_dialog(
-            &invite,
-            s.callee_flow,
-            method,
-            2,
-            Some(("application/sdp", &hold)),
-        );
-        let out = s.h.send_flows(s.callee_flow, held);
+        let callee_flow = s.callee_flow;
+        // The callee's hold offer, under CSeq `seq`.
+        let offer_at = |seq| {
+            callee_in_dialog(
+                &invite,
+                callee_flow,
+                method,
+                seq,
+                Some(("application/sdp", &hold)),
+            )
+        };
+        let out = s.h.send_flows(callee_flow, offer_at(2));
         let trying: &[u16] = if method == "INVITE" { &[100] } else { &[] };
         assert_eq!(statuses_to(&out, s.callee_flow), trying, "{out:?}");
         assert!(out.iter().all(|(f, _)| *f != s.caller.flow), "{out:?}");
-        let second = callee_in_dialog(
-            &invite,
-            s.callee_flow,
-            method,
-            3,
-            Some(("application/sdp", &hold)),
-        );
-        let out = s.h.send_flows(s.callee_flow, second);
+        let out = s.h.send_flows(callee_flow, offer_at(3));
         assert_eq!(statuses_to(&out, s.callee_flow), [500], "{out:?}");
         let retry = out
             .iter()
@@ -3797,14 +3794,7 @@ fn a_callee_reinvite_before_the_callers_ack_waits_for_it() {
         assert_eq!(offer.media_direction(0), Direction::SendOnly);
         // Passed on and unanswered: a further offer from the callee is
         // still a second one.
-        let third = callee_in_dialog(
-            &invite,
-            s.callee_flow,
-            method,
-            4,
-            Some(("application/sdp", &hold)),
-        );
-        let out = s.h.send_flows(s.callee_flow, third);
+        let out = s.h.send_flows(callee_flow, offer_at(4));
         assert_eq!(statuses_to(&out, s.callee_flow), [500], "{out:?}");
         let agreed = sdp_offer("192.168.1.20", 4000).replace("a=sendrecv", "a=recvonly");
         let out = s.h.send_flows(
