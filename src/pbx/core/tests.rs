@@ -2039,10 +2039,7 @@ fn early_media_reaches_the_caller_before_the_answer() {
 #[test]
 fn an_answer_that_differs_from_the_early_media_gets_a_new_version() {
     let mut s = call_setup();
-    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
-    let out = s.dial("102");
-    let desk_invite = invite_to(&out, s.callee_flow);
-    let soft_invite = invite_to(&out, soft);
+    let (soft, desk_invite, soft_invite) = ring_both_devices(&mut s);
     let pcma_only = sdp_offer("192.168.1.30", 6000).replace("RTP/AVP 0 8", "RTP/AVP 8");
     assert_ne!(pcma_only, sdp_offer("192.168.1.30", 6000));
     let out = s.h.send_flows(
@@ -2054,17 +2051,7 @@ fn an_answer_that_differs_from_the_early_media_gets_a_new_version() {
         .find(|(f, m)| *f == s.caller.flow && m.status() == Some(183))
         .expect("183 to the caller");
     let early = SessionDescription::parse(progress.body()).unwrap();
-    let out = s.h.send_flows(
-        soft,
-        reply_as(
-            &soft_invite,
-            200,
-            "OK",
-            Some(&sdp_offer("192.168.1.31", 7000)),
-            "softtag",
-            SOFT_CONTACT,
-        ),
-    );
+    let out = s.h.send_flows(soft, soft_answers(&soft_invite));
     let ok = caller_ok(&out, s.caller.flow);
     let answer = SessionDescription::parse(ok.body()).unwrap();
     assert_ne!(answer.media[0].formats, early.media[0].formats);
@@ -2082,6 +2069,28 @@ fn add_callee_device(s: &mut CallSetup, remote: &str) -> Flow {
     s.h.registers(&mut soft, flow);
     assert_eq!(s.h.core.registrar().bindings("102").len(), 2);
     flow
+}
+
+/// Registers the softphone of 102 at 192.168.1.31:5064 beside its desk
+/// phone and dials 102: the softphone's flow, and the INVITEs the desk
+/// phone and the softphone got.
+fn ring_both_devices(s: &mut CallSetup) -> (Flow, Message, Message) {
+    let soft = add_callee_device(s, "192.168.1.31:5064");
+    let out = s.dial("102");
+    (soft, invite_to(&out, s.callee_flow), invite_to(&out, soft))
+}
+
+/// The softphone (see `ring_both_devices`) answering `invite` with 200
+/// and its SDP.
+fn soft_answers(invite: &Message) -> Bytes {
+    reply_as(
+        invite,
+        200,
+        "OK",
+        Some(&sdp_offer("192.168.1.31", 7000)),
+        "softtag",
+        SOFT_CONTACT,
+    )
 }
 
 /// The one INVITE Parley sent to `flow`.
@@ -2141,14 +2150,7 @@ fn forked_call_rings_every_device_and_the_first_answer_wins() {
 
     // The softphone answers first: ACK to it, CANCEL to the desk phone,
     // exactly one 200 to the caller.
-    let soft_ok = reply_as(
-        &soft_invite,
-        200,
-        "OK",
-        Some(&sdp_offer("192.168.1.31", 7000)),
-        "softtag",
-        SOFT_CONTACT,
-    );
+    let soft_ok = soft_answers(&soft_invite);
     let out = s.h.send_flows(soft, soft_ok.clone());
     assert_eq!(statuses_to(&out, s.caller.flow), [200]);
     let ok = caller_ok(&out, s.caller.flow);
@@ -2239,10 +2241,7 @@ fn forked_call_rings_every_device_and_the_first_answer_wins() {
 #[test]
 fn every_device_busy_gives_the_caller_one_486() {
     let mut s = call_setup();
-    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
-    let out = s.dial("102");
-    let desk_invite = invite_to(&out, s.callee_flow);
-    let soft_invite = invite_to(&out, soft);
+    let (soft, desk_invite, soft_invite) = ring_both_devices(&mut s);
 
     let out =
         s.h.send_flows(s.callee_flow, reply(&desk_invite, 486, "Busy Here", None));
@@ -2286,10 +2285,7 @@ fn every_device_busy_gives_the_caller_one_486() {
 #[test]
 fn caller_cancel_while_two_devices_ring_cancels_every_fork() {
     let mut s = call_setup();
-    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
-    let out = s.dial("102");
-    let desk_invite = invite_to(&out, s.callee_flow);
-    let soft_invite = invite_to(&out, soft);
+    let (soft, desk_invite, soft_invite) = ring_both_devices(&mut s);
     s.h.send_flows(s.callee_flow, reply(&desk_invite, 180, "Ringing", None));
     s.h.send_flows(
         soft,
@@ -3647,19 +3643,9 @@ fn response_sent(out: &[(Flow, Message)], flow: Flow, status: u16) -> Message {
 fn a_fork_is_cancelled_only_after_its_device_responded() {
     for end_call_first in [false, true] {
         let mut s = call_setup();
-        let soft = add_callee_device(&mut s, "192.168.1.31:5064");
-        let out = s.dial("102");
-        let desk_invite = invite_to(&out, s.callee_flow);
-        let soft_invite = invite_to(&out, soft);
+        let (soft, desk_invite, soft_invite) = ring_both_devices(&mut s);
         // The softphone answers; the desk phone has sent nothing yet.
-        let soft_ok = reply_as(
-            &soft_invite,
-            200,
-            "OK",
-            Some(&sdp_offer("192.168.1.31", 7000)),
-            "softtag",
-            SOFT_CONTACT,
-        );
+        let soft_ok = soft_answers(&soft_invite);
         let out = s.h.send_flows(soft, soft_ok);
         let ok = caller_ok(&out, s.caller.flow);
         assert!(
@@ -4071,19 +4057,9 @@ fn with_header(message: Bytes, line: &str) -> Bytes {
 #[test]
 fn a_100_trying_is_enough_for_a_cancel_and_shutdown_cancels_every_fork() {
     let mut s = call_setup();
-    let soft = add_callee_device(&mut s, "192.168.1.31:5064");
-    let out = s.dial("102");
-    let desk_invite = invite_to(&out, s.callee_flow);
-    let soft_invite = invite_to(&out, soft);
+    let (soft, desk_invite, soft_invite) = ring_both_devices(&mut s);
     s.h.send_flows(s.callee_flow, reply(&desk_invite, 100, "Trying", None));
-    let soft_ok = reply_as(
-        &soft_invite,
-        200,
-        "OK",
-        Some(&sdp_offer("192.168.1.31", 7000)),
-        "softtag",
-        SOFT_CONTACT,
-    );
+    let soft_ok = soft_answers(&soft_invite);
     let out = s.h.send_flows(soft, soft_ok);
     assert_eq!(
         requests_to(&out, s.callee_flow, Method::Cancel).len(),
@@ -4272,19 +4248,9 @@ fn only_the_ack_of_the_200_with_the_offer_carries_the_answer() {
 fn every_dialog_of_a_losing_fork_is_hung_up_once() {
     for after_the_end in [false, true] {
         let mut s = call_setup();
-        let soft = add_callee_device(&mut s, "192.168.1.31:5064");
-        let out = s.dial("102");
-        let desk_invite = invite_to(&out, s.callee_flow);
-        let soft_invite = invite_to(&out, soft);
+        let (soft, desk_invite, soft_invite) = ring_both_devices(&mut s);
         s.h.send_flows(s.callee_flow, reply(&desk_invite, 180, "Ringing", None));
-        let soft_ok = reply_as(
-            &soft_invite,
-            200,
-            "OK",
-            Some(&sdp_offer("192.168.1.31", 7000)),
-            "softtag",
-            SOFT_CONTACT,
-        );
+        let soft_ok = soft_answers(&soft_invite);
         let out = s.h.send_flows(soft, soft_ok);
         let ok = caller_ok(&out, s.caller.flow);
         s.h.send_flows(s.caller.flow, s.caller.in_dialog("ACK", &ok));
