@@ -18,7 +18,8 @@ use super::{
     RELAYED, RENEGOTIATION_FAILED, REPAIR, Repair, SESSION_REFRESH, Side, branch_id, kept_security,
     leg_media,
 };
-use crate::pbx::anchor::read_phone_sdp;
+use crate::pbx::anchor::{PhoneMedia, read_phone_sdp};
+use crate::sdp::SessionDescription;
 use crate::pbx::cdr::{EndedBy, Outcome};
 use crate::pbx::core::{ALLOWED_METHODS, Core};
 use crate::sip::message::{HeaderName, Message, MessageBuilder, Method};
@@ -345,22 +346,38 @@ impl Core {
                 return self.end_answered_call(now, idx, RENEGOTIATION_FAILED);
             }
         };
-        let (leg, local) = match r.side {
-            Side::Caller => (call.caller_leg.id, &call.caller_local),
-            Side::Callee => (call.branches[w].leg.id, &call.branches[w].local),
-        };
-        let media = leg_media(&answer, local, flow, &answer);
+        self.adopt_answer(now, idx, r.side, flow, answer, r.sent);
+    }
+
+    /// A side's answer to an offer Parley made it (`sent`): they become the
+    /// side's media and what Parley last sent it, and its leg follows.
+    fn adopt_answer(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        side: Side,
+        flow: Flow,
+        answer: PhoneMedia,
+        sent: SessionDescription,
+    ) {
         let call = &mut self.calls.calls[idx];
-        match r.side {
+        let (leg, media) = match side {
             Side::Caller => {
+                let media = leg_media(&answer, &call.caller_local, flow, &answer);
                 call.caller_media = answer;
-                call.sent_to_caller = Some(r.sent);
+                call.sent_to_caller = Some(sent);
+                (call.caller_leg.id, media)
             }
             Side::Callee => {
+                let Some(w) = call.winner else {
+                    return;
+                };
+                let media = leg_media(&answer, &call.branches[w].local, flow, &answer);
                 call.callee_media = Some(answer);
-                call.branches[w].offer = r.sent;
+                call.branches[w].offer = sent;
+                (call.branches[w].leg.id, media)
             }
-        }
+        };
         self.configure_leg(now, idx, leg, media);
     }
 
@@ -499,18 +516,13 @@ impl Core {
     /// every packet after the refresh. A same key keeps its context.
     fn refresh_answered(&mut self, now: Instant, idx: usize, flow: Flow, msg: &Message) {
         let call = &self.calls.calls[idx];
-        let Some(sent) = call.sent_to_caller.as_ref() else {
+        let Some(sent) = call.sent_to_caller.clone() else {
             return;
         };
         let tls = flow.transport == Transport::Tls;
         let security = super::kept_security(Some(&call.caller_media));
-        match read_phone_sdp(msg.body(), tls, security, Some(sent)) {
-            Ok(answer) => {
-                let media = leg_media(&answer, &call.caller_local, flow, &answer);
-                let leg = call.caller_leg.id;
-                self.calls.calls[idx].caller_media = answer;
-                self.configure_leg(now, idx, leg, media);
-            }
+        match read_phone_sdp(msg.body(), tls, security, Some(&sent)) {
+            Ok(answer) => self.adopt_answer(now, idx, Side::Caller, flow, answer, sent),
             Err(e) => {
                 tracing::warn!(error = %e, call_ref = %call.call_ref, "answer to a session refresh refused; the caller's leg keeps its media");
             }
