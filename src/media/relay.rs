@@ -153,6 +153,8 @@ enum Hint {
 pub(crate) struct SharedPort {
     /// RTP (and multiplexed RTCP), then RTCP.
     sockets: [UdpSocket; 2],
+    /// Where they are bound.
+    bound: Option<SocketAddr>,
     /// Latched sources, per socket.
     by_source: [HashMap<SocketAddr, usize>; 2],
     /// Legs by the SSRCs their phones sent.
@@ -173,6 +175,7 @@ pub(crate) struct SharedPort {
 impl SharedPort {
     pub(crate) fn new(rtp: UdpSocket, rtcp: UdpSocket) -> Self {
         SharedPort {
+            bound: rtp.local_addr().ok(),
             sockets: [rtp, rtcp],
             by_source: [HashMap::new(), HashMap::new()],
             by_ssrc: HashMap::new(),
@@ -481,7 +484,7 @@ impl Relay {
                             rtp.local_addr().ok(),
                             Some((rtp.as_raw_fd(), rtcp.as_raw_fd())),
                         ),
-                        Sockets::Shared => (self.shared.sockets[0].local_addr().ok(), None),
+                        Sockets::Shared => (self.shared.bound, None),
                     };
                     let dual_stack = bound.is_some_and(|a| a.is_ipv6());
                     let wildcard = bound.is_some_and(|a| a.ip().is_unspecified());

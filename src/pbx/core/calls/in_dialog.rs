@@ -19,9 +19,9 @@ use super::{
     leg_media,
 };
 use crate::pbx::anchor::{PhoneMedia, read_phone_sdp};
-use crate::sdp::SessionDescription;
 use crate::pbx::cdr::{EndedBy, Outcome};
 use crate::pbx::core::{ALLOWED_METHODS, Core};
+use crate::sdp::SessionDescription;
 use crate::sip::message::{HeaderName, Message, MessageBuilder, Method};
 use crate::sip::transaction::{ClientTxId, ServerTxId};
 use crate::sip::transport::{Flow, Transport};
