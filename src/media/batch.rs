@@ -117,28 +117,34 @@ impl PktInfoSpace {
 /// `IPV6_PKTINFO` holds the header's destination (a broadcast, say) where
 /// `IP_PKTINFO` also has the local unicast address.
 pub(crate) fn enable_pktinfo(fd: RawFd, ipv6: bool) -> io::Result<()> {
-    let set = |level, name| {
-        let on: libc::c_int = 1;
-        // SAFETY: a valid socket and a live c_int of the stated size.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
     if ipv6 {
-        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)?;
+        set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
     }
-    set(libc::IPPROTO_IP, libc::IP_PKTINFO)
+    set_int_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+}
+
+/// `setsockopt` of an `int` option, for the ones `socket2` does not have.
+pub(crate) fn set_int_option(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the caller's socket and a live c_int of the stated size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Whether a send refused with `e` may have been refused for the source

@@ -27,7 +27,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 pub(crate) use batch::{
     PktInfoSpace, enable_pktinfo, expect_pktinfo, maybe_source_refused, received_on, recv_headers,
-    send_from, send_header, sender,
+    send_from, send_header, sender, set_int_option,
 };
 pub use leg::{Kind, LegId, LegKeys, LegMedia, demux};
 use relay::{Command, Relay, SharedPort, Sockets, Waker};
@@ -314,16 +314,13 @@ fn bind_shared(config: &MediaConfig) -> io::Result<(SharedPort, u16)> {
 /// process may (`SO_RCVBUFFORCE`); says so when the kernel gave less.
 fn set_receive_buffer(socket: &UdpSocket, bytes: usize) {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a valid socket and a live c_int of the stated size.
-    let forced = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
+    let forced = batch::set_int_option(
+        std::os::fd::AsRawFd::as_raw_fd(socket),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        value,
+    )
+    .is_ok();
     let socket = socket2::SockRef::from(socket);
     if !forced {
         let _ = socket.set_recv_buffer_size(bytes);

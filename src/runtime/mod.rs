@@ -254,17 +254,13 @@ const UDP_RECV_BUFFER: usize = 16 << 20;
 
 fn force_buffer(sock: &Socket, option: libc::c_int, bytes: usize) -> bool {
     use std::os::fd::AsRawFd;
-    let value = bytes as libc::c_int;
-    // SAFETY: a valid socket and a live int of the size passed.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ) == 0
-    }
+    crate::media::set_int_option(
+        sock.as_raw_fd(),
+        libc::SOL_SOCKET,
+        option,
+        bytes as libc::c_int,
+    )
+    .is_ok()
 }
 
 /// The core's handle on the media relay.
