@@ -27,7 +27,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 pub(crate) use batch::{
     PktInfoSpace, enable_pktinfo, expect_pktinfo, maybe_source_refused, received_on, recv_headers,
-    send_from, send_header, sender, set_int_option,
+    send_from, send_header, send_one, sender, set_int_option,
 };
 pub use leg::{Kind, LegId, LegKeys, LegMedia, demux};
 use relay::{Command, Relay, SharedPort, Sockets, Waker};

@@ -12,7 +12,8 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use crate::media::{
-    PktInfoSpace, expect_pktinfo, received_on, recv_headers, send_from, send_header, sender,
+    PktInfoSpace, expect_pktinfo, received_on, recv_headers, send_from, send_header, send_one,
+    sender,
 };
 use crate::sip::message::limits::MAX_MESSAGE_BYTES;
 
@@ -52,7 +53,7 @@ pub async fn send_all(sock: &UdpSocket, items: &[Datagram]) -> usize {
     let deadline = tokio::time::Instant::now() + MAX_SEND_WAIT;
     while sent < items.len() {
         let chunk = &items[sent..items.len().min(sent + BATCH)];
-        match sock.try_io(Interest::WRITABLE, || send_batch(sock, chunk, true)) {
+        match sock.try_io(Interest::WRITABLE, || send_batch(sock, chunk)) {
             Ok(n) => sent += n.max(1),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 match tokio::time::timeout_at(deadline, sock.writable()).await {
@@ -61,16 +62,18 @@ pub async fn send_all(sock: &UdpSocket, items: &[Datagram]) -> usize {
                 }
             }
             Err(e) => {
-                let first = &chunk[..1];
-                let again = first[0].from.is_some()
+                let first = &chunk[0];
+                let again = first.from.is_some()
                     && crate::media::maybe_source_refused(&e)
                     && sock
-                        .try_io(Interest::WRITABLE, || send_batch(sock, first, false))
+                        .try_io(Interest::WRITABLE, || {
+                            send_one(sock.as_raw_fd(), &first.bytes, &first.to, None)
+                        })
                         .is_ok();
                 if again {
-                    tracing::debug!(to = %first[0].to, from = ?first[0].from, "UDP send from that address refused ({e}); sent from the routed one");
+                    tracing::debug!(to = %first.to, from = ?first.from, "UDP send from that address refused ({e}); sent from the routed one");
                 } else {
-                    tracing::debug!(to = %first[0].to, "UDP send failed: {e}");
+                    tracing::debug!(to = %first.to, "UDP send failed: {e}");
                 }
                 // Skip the datagram the kernel refused and go on.
                 sent += 1;
@@ -80,9 +83,9 @@ pub async fn send_all(sock: &UdpSocket, items: &[Datagram]) -> usize {
     0
 }
 
-/// One `sendmmsg` call, each datagram from its own source address when
-/// `with_source`; returns how many datagrams the kernel took.
-fn send_batch(sock: &UdpSocket, items: &[Datagram], with_source: bool) -> io::Result<usize> {
+/// One `sendmmsg` call, each datagram from its own source address where
+/// it has one; returns how many datagrams the kernel took.
+fn send_batch(sock: &UdpSocket, items: &[Datagram]) -> io::Result<usize> {
     let addrs: Vec<SockAddr> = items.iter().map(|d| SockAddr::from(d.to)).collect();
     let mut iovs: Vec<libc::iovec> = items
         .iter()
@@ -97,11 +100,9 @@ fn send_batch(sock: &UdpSocket, items: &[Datagram], with_source: bool) -> io::Re
         .zip(&addrs)
         .map(|(iov, addr)| send_header(iov, addr))
         .collect();
-    if with_source {
-        for ((msg, space), d) in msgs.iter_mut().zip(controls.iter_mut()).zip(items) {
-            if let Some(from) = d.from {
-                send_from(&mut msg.msg_hdr, space, from, &d.to);
-            }
+    for ((msg, space), d) in msgs.iter_mut().zip(controls.iter_mut()).zip(items) {
+        if let Some(from) = d.from {
+            send_from(&mut msg.msg_hdr, space, from, &d.to);
         }
     }
     // SAFETY: every pointer in `msgs` refers to `addrs`, `iovs`, `controls`
