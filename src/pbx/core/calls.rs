@@ -1454,13 +1454,13 @@ impl Core {
         }) else {
             return;
         };
-        let (request, flow) = match (call.reinvite.as_mut(), &call.held) {
-            (Some(r), _) if r.tx == invite => {
+        let (request, flow) = match call.reinvite.as_mut().filter(|r| r.tx == invite) {
+            Some(r) => {
                 r.cancelled = true;
                 (r.request.clone(), r.flow)
             }
             // Still waiting for the caller's ACK: it is simply dropped.
-            _ => match call.held.take() {
+            None => match call.held.take() {
                 Some(h) => (h.request, h.flow),
                 None => return,
             },
