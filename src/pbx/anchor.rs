@@ -116,11 +116,7 @@ impl PhoneMedia {
     /// that is not an event or comfort-noise type.
     pub fn clock_rate(&self) -> u32 {
         self.codecs()
-            .find(|(pt, name, _)| {
-                !name.eq_ignore_ascii_case("telephone-event")
-                    && !name.eq_ignore_ascii_case("CN")
-                    && *pt != 13
-            })
+            .find(|(pt, name, _)| !event_or_noise(name) && *pt != 13)
             .map_or(8000, |(_, _, rate)| rate)
             .max(1)
     }
@@ -376,9 +372,14 @@ fn same_codec(offer: &MediaDescription, answer: &MediaDescription, f: &str) -> b
 /// comfort noise (RFC 3389, static type 13).
 fn carries_voice(m: &MediaDescription, f: &str) -> bool {
     match codec_of(m, f) {
-        Some((name, _, _)) => name != "telephone-event" && name != "cn",
+        Some((name, _, _)) => !event_or_noise(&name),
         None => f != "13",
     }
+}
+
+/// An encoding that carries no voice: RFC 4733 events, comfort noise.
+fn event_or_noise(name: &str) -> bool {
+    name.eq_ignore_ascii_case("telephone-event") || name.eq_ignore_ascii_case("CN")
 }
 
 /// The answer Parley gives the caller once a callee answered: the callee's
